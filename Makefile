@@ -1,0 +1,51 @@
+# The two commands:  `make book` (set up, build the mini world, execute the notebooks, build the HTML)
+#                    `make test` (set up, run the unit tests and the nbval notebook checks)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PRESET ?= cpu
+NB     ?= 00_world
+PARAMS ?=
+
+export BVLIB_STORE ?= $(CURDIR)/.bvlib/store
+export BVLIB_CACHE ?= $(CURDIR)/.bvlib/data
+export HF_HUB_OFFLINE := 1
+unexport MPLBACKEND
+
+.PHONY: setup book notebook html world test unit nbval baselines bench lint clean
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+book: setup            ## the main result: the book in _build/html/index.html
+	$(BIN)/bvlib book --preset $(PRESET)
+
+notebook: setup        ## re-run one notebook: make notebook NB=00_world PARAMS="-p show_samples false"
+	$(BIN)/bvlib notebook $(NB) --preset $(PRESET) $(PARAMS)
+	$(BIN)/bvlib book --html-only
+
+html: setup
+	$(BIN)/bvlib book --html-only
+
+world: setup
+	$(BIN)/bvlib world --preset $(PRESET)
+
+test: setup            ## unit tests + end-to-end tests + nbval against the smoke baselines
+	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbval tests/notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+unit: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+baselines: setup       ## re-execute the smoke baselines that nbval compares against
+	$(BIN)/python -m tests.make_baselines
+
+bench: setup
+	$(BIN)/python benchmarks/bench_world.py
+
+lint: setup
+	$(BIN)/ruff check bvlib tests benchmarks notebooks
+
+clean:
+	rm -rf _build book/*.ipynb book/results

@@ -1,0 +1,107 @@
+"""The book pipeline: notebooks/*.py (jupytext) -> papermill -> executed .ipynb -> jupyter-book HTML.
+
+Notebooks are the source (text, in git); executed notebooks are build outputs. Every notebook
+has a `parameters` cell, so any of them re-runs with new values from the command line.
+The intro notebook is executed last (it summarises the others' recorded results) but is the
+book's first page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bvlib.errors import BVLibError
+
+INTRO = "intro"
+
+
+def project_root() -> Path:
+    """The checkout holding notebooks/ and _toc.yml (the current directory or a parent)."""
+    for d in (Path.cwd(), *Path.cwd().parents):
+        if (d / "notebooks").is_dir() and (d / "_toc.yml").exists():
+            return d
+    raise BVLibError("run this from the project checkout (a folder with notebooks/ and _toc.yml)")
+
+
+def notebook_names(root: Path | None = None) -> list[str]:
+    """Finding notebooks in order, the intro last."""
+    root = root or project_root()
+    names = sorted(p.stem for p in (root / "notebooks").glob("*.py"))
+    return [n for n in names if n != INTRO] + ([INTRO] if INTRO in names else [])
+
+
+def results_dir() -> Path:
+    """Where notebooks record their headline numbers (read by the intro page)."""
+    return Path(os.environ.get("BVLIB_RESULTS", project_root() / "book" / "results"))
+
+
+def record(name: str, results: dict) -> Path:
+    """Save a notebook's headline numbers as JSON for the intro page."""
+    path = results_dir() / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=float))
+    return path
+
+
+def recorded() -> dict[str, dict]:
+    d = results_dir()
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
+
+
+def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path | None = None) -> Path:
+    """Execute notebooks/NAME.py with papermill into out_dir/NAME.ipynb."""
+    import jupytext
+    import papermill
+
+    root = root or project_root()
+    src = root / "notebooks" / f"{name}.py"
+    if not src.exists():
+        raise BVLibError(f"no notebook '{name}'; choose one of: {', '.join(notebook_names(root))}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}.ipynb"
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / f"{name}.ipynb"
+        nb = jupytext.read(src)
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        jupytext.write(nb, raw)
+        try:
+            papermill.execute_notebook(str(raw), str(out), parameters=parameters or {}, kernel_name="python3", cwd=str(root),
+                                       progress_bar=False, log_output=False)
+        except papermill.PapermillExecutionError as e:
+            raise BVLibError(f"notebook {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (see {out})") from None
+    return out
+
+
+def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | None = None, html: bool = True,
+          parameters: dict | None = None) -> dict[str, float]:
+    """Execute notebooks with `preset` into book/, then build the HTML; returns seconds per step."""
+    root = project_root()
+    out_dir = out_dir or root / "book"
+    timings = {}
+    for name in names if names is not None else notebook_names(root):
+        t = time.perf_counter()
+        print(f"executing {name} (preset {preset})", flush=True)
+        execute(name, out_dir, {"preset": preset, **(parameters or {})}, root)
+        timings[name] = time.perf_counter() - t
+    if html:
+        t = time.perf_counter()
+        index = build_html(root)
+        timings["html"] = time.perf_counter() - t
+        print(f"book: {index}")
+    return timings
+
+
+def build_html(root: Path) -> Path:
+    """jupyter-book (v1) build of the executed notebooks under `root`; returns index.html."""
+    jb = Path(sys.executable).with_name("jupyter-book")
+    proc = subprocess.run([str(jb), "build", str(root), "--quiet"], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines() or ["(no output)"]
+        raise BVLibError("jupyter-book build failed: " + lines[-1])
+    return root / "_build" / "html" / "index.html"

@@ -1,0 +1,154 @@
+"""Command line: `bvlib world | finetune | eval`. Errors are one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bvlib.errors import BVLibError
+
+
+def _world(args):
+    from bvlib.world import World
+
+    return World(args.preset)
+
+
+def _print_table(rows: list[dict]) -> None:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = [max(len(k), *(len(fmt(r[k])) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(fmt(r[k]).ljust(w) for k, w in zip(keys, widths)))
+
+
+def cmd_world(args) -> None:
+    world = _world(args)
+    rows = world.card()
+    if args.json:
+        print(json.dumps({"preset": world.name, "model": world.preset["model"], "tasks": rows}, indent=1))
+    else:
+        print(f"world '{world.name}': {world.preset['model']}, {world.layout.numel:,} encoder parameters, store {world.store.root}")
+        _print_table(rows)
+
+
+def _attack(world, args):
+    if not args.backdoor:
+        return None
+    trigger = {k: v for k, v in {"size": args.trigger_size, "location": args.trigger_location}.items() if v is not None}
+    over = {"trigger": trigger} if trigger else {}
+    if args.target is not None:
+        over["target"] = args.target
+    return world.badnets(**over)
+
+
+def cmd_finetune(args) -> None:
+    world = _world(args)
+    poison = _attack(world, args)
+    weights = world.finetune(args.task, poison=poison, seed=args.seed)
+    result = {"task": args.task, "seed": args.seed, "backdoor": bool(poison), **world.evaluate(args.task, weights)}
+    if poison:
+        result |= {"asr": world.evaluate(args.task, weights, poison.trigger, poison.target)["asr"]}
+    if args.out:
+        from safetensors.torch import save_file
+
+        save_file(weights.state_dict(), args.out)
+        result["saved"] = args.out
+    print(json.dumps(result))
+
+
+def cmd_eval(args) -> None:
+    from bvlib.store import load_state_dict
+    from bvlib.weights import Weights
+
+    world = _world(args)
+    weights = None
+    if args.checkpoint:
+        weights = Weights.from_state_dict(load_state_dict(args.checkpoint), world.layout).to(world.device).check_finite(args.checkpoint)
+    attack = _attack(world, args)
+    result = {"task": args.task, **world.evaluate(args.task, weights, *( (attack.trigger, attack.target) if attack else ()))}
+    print(json.dumps(result))
+
+
+def _parse_params(pairs: list[list[str]]) -> dict:
+    """-p name value pairs; values are read as JSON when they parse (numbers, lists, true), else strings."""
+    out = {}
+    for key, raw in pairs or []:
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_notebook(args) -> None:
+    from bvlib.book import execute, project_root
+
+    root = project_root()
+    params = {"preset": args.preset} | _parse_params(args.param)
+    out = execute(args.name, root / "book", params, root)
+    print(f"executed {out}; run `make html` (or `bvlib book --html-only`) to rebuild the pages")
+
+
+def cmd_book(args) -> None:
+    from bvlib.book import build
+
+    timings = build(args.preset, names=[] if args.html_only else None, parameters=_parse_params(args.param))
+    print(" ".join(f"{k}={v:.1f}s" for k, v in timings.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bvlib", description="Backdoor Vectors companion: build the mini world, fine-tune, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--preset", default="cpu", help="preset name (cpu, smoke, gpu, paper) or a JSON path")
+
+    p = sub.add_parser("world", help="build what is missing and print the world card")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p.set_defaults(func=cmd_world)
+
+    for name, func, text in (("finetune", cmd_finetune, "fine-tune one model (cached)"), ("eval", cmd_eval, "evaluate encoder weights on a task")):
+        p = sub.add_parser(name, help=text)
+        common(p)
+        p.add_argument("--task", required=True)
+        p.add_argument("--backdoor", action="store_true", help="use (finetune) or measure (eval) the preset's BadNets attack")
+        p.add_argument("--trigger-size", type=int)
+        p.add_argument("--trigger-location")
+        p.add_argument("--target", type=int)
+        if name == "finetune":
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--out", help="also write the encoder weights to this .safetensors file")
+        else:
+            p.add_argument("--checkpoint", help="image-encoder state_dict (.safetensors or a weights-only torch file); default θ0")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("notebook", help="execute one notebook with papermill into book/ (parameters with -p NAME VALUE)")
+    p.add_argument("name", help="e.g. 00_world")
+    common(p)
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    p.set_defaults(func=cmd_notebook)
+
+    p = sub.add_parser("book", help="execute every notebook with a preset, then build the HTML book")
+    common(p)
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="passed to every notebook")
+    p.add_argument("--html-only", action="store_true", help="only rebuild the HTML from book/*.ipynb")
+    p.set_defaults(func=cmd_book)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except BVLibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Models and heads: the open_clip factory (mini configs and real CLIPs) and zero-shot heads.
+
+The classifier is the image encoder plus a frozen zero-shot head built from class names ×
+prompt templates with the text encoder, as in the task-vector literature; only the image
+encoder is fine-tuned, so task vectors and Backdoor Vectors live in its weight space.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
+from torch import nn
+
+from bvlib.errors import BVLibError
+from bvlib.store import load_state_dict
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def default_device() -> torch.device:
+    """BVLIB_DEVICE if set, else CUDA when available, else CPU."""
+    name = os.environ.get("BVLIB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def create_clip(name: str, pretrained: str | None = None, device: torch.device | str = "cpu"):
+    """(model, tokenizer) for an open_clip architecture.
+
+    `pretrained` is None (random init), a local checkpoint path (safetensors, or a torch file
+    of tensors loaded with weights_only), or an open_clip tag such as "openai" (needs the hub).
+    """
+    if name not in open_clip.list_models():
+        raise BVLibError(f"unknown model '{name}'; choose an open_clip model such as ViT-B-32 or one of: "
+                         + ", ".join(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))))
+    local = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"})
+    model = open_clip.create_model(name, pretrained=None if local else pretrained, device=device)
+    if local:
+        state = load_state_dict(pretrained)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing:
+            raise BVLibError(f"{pretrained} is not a {name} checkpoint: {len(missing)} parameters missing (e.g. '{missing[0]}')")
+    model.eval()
+    return model, open_clip.get_tokenizer(name)
+
+
+@torch.no_grad()
+def zeroshot_head(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n_classes, embed_dim] unit-norm class embeddings averaged over templates."""
+    weights = build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates), num_classes_per_batch=None, device=device)
+    return weights.T.contiguous()
+
+
+class ImageClassifier(nn.Module):
+    """Image encoder + frozen zero-shot head. Takes float images in [0, 1]; normalises itself.
+
+    Keeping normalisation inside lets triggers be pasted in pixel space.
+    """
+
+    def __init__(self, encoder: nn.Module, head: torch.Tensor, logit_scale: float, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("head", head.detach().clone())
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.logit_scale = float(logit_scale)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encoder((images - self.mean) / self.std), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * self.features(images) @ self.head.T
+
+
+def build_classifier(clip_model, head: torch.Tensor) -> ImageClassifier:
+    """An ImageClassifier around a *copy* of clip_model's image encoder."""
+    import copy
+
+    cfg = getattr(clip_model.visual, "preprocess_cfg", {}) or {}
+    mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    scale = float(clip_model.logit_scale.detach().exp().clamp(max=100))
+    encoder = copy.deepcopy(clip_model.visual)
+    return ImageClassifier(encoder, head.to(next(encoder.parameters()).device), scale, mean, std)

@@ -1,0 +1,176 @@
+"""Training loops: contrastive pretraining of the mini base, and (poisoned) fine-tuning.
+
+Fine-tuning follows the task-vector protocol: frozen zero-shot head, AdamW, linear warm-up
+then cosine decay, gradient clipping, bf16 autocast on CUDA. A BadNets poison pastes a
+trigger on part of each batch and relabels it to the target class.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip import ClipLoss
+from tqdm.auto import tqdm
+
+from bvlib.data import Split, iterate_batches
+from bvlib.errors import BVLibError
+from bvlib.triggers import PatchTrigger
+from bvlib.weights import Weights
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise BVLibError(f"steps and batch_size must be positive (got {self.steps}, {self.batch_size})")
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Poison:
+    """BadNets poisoning. mode "replace": a `rate` share of each batch is triggered and
+    relabelled (classic BadNets). mode "sub_batch": that share is triggered as *extra*
+    samples whose loss is weighted by `loss_weight` (the BadMerging convention)."""
+
+    trigger: PatchTrigger
+    target: int = 0
+    rate: float = 0.1
+    loss_weight: float = 1.0
+    mode: str = "replace"
+
+    def __post_init__(self):
+        if not 0.0 < self.rate <= 1.0:
+            raise BVLibError(f"poison rate must be in (0, 1], got {self.rate}")
+        if self.mode not in ("replace", "sub_batch"):
+            raise BVLibError(f"poison mode must be 'replace' or 'sub_batch', got '{self.mode}'")
+
+    def config(self) -> dict:
+        return asdict(self) | {"trigger": self.trigger.config()}
+
+
+def _schedule(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _endless(split, batch_size: int, generator: torch.Generator):
+    """Endless stream of shuffled (uint8 images, labels) batches, a fresh permutation each epoch."""
+    while True:
+        yield from iterate_batches(split, batch_size, shuffle=True, generator=generator, drop_last=len(split) >= batch_size)
+
+
+def _image_hw(split) -> tuple[int, int]:
+    images = split.images if isinstance(split, Split) else split[0][0]
+    return tuple(images.shape[-2:])
+
+
+def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device, non_blocking=True).float().div_(255)
+
+
+def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
+             device: torch.device | str = "cpu", desc: str = "finetune") -> Weights:
+    """Fine-tune `classifier.encoder` in place on a split of uint8 images; return its weights."""
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    classifier.to(device).train()
+    params = [p for p in classifier.encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    if poison is not None:
+        poison.trigger.check_fits(*_image_hw(split))
+        n_classes = classifier.head.shape[0]
+        if not 0 <= poison.target < n_classes:
+            raise BVLibError(f"target class {poison.target} is out of range for a task with {n_classes} classes")
+    stream = _endless(split, cfg.batch_size, g)
+    for _ in tqdm(range(cfg.steps), desc=desc, leave=False, mininterval=2):
+        images, labels = next(stream)
+        x, y = _to_float(images, device), labels.to(device)
+        with _autocast(device):
+            if poison is None:
+                loss = F.cross_entropy(classifier(x), y)
+            else:
+                k = max(1, round(poison.rate * len(x)))
+                xp = poison.trigger.apply(x[:k])
+                yp = torch.full((k,), poison.target, device=device, dtype=y.dtype)
+                if poison.mode == "replace":
+                    loss = F.cross_entropy(classifier(torch.cat([xp, x[k:]])), torch.cat([yp, y[k:]]))
+                else:
+                    logits = classifier(torch.cat([x, xp]))
+                    loss = F.cross_entropy(logits[: len(x)], y) + poison.loss_weight * F.cross_entropy(logits[len(x) :], yp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+    if not torch.isfinite(loss):
+        raise BVLibError(f"fine-tuning diverged (loss {float(loss)}); lower the learning rate")
+    classifier.eval()
+    return Weights.from_module(classifier.encoder)
+
+
+def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], cfg: TrainConfig,
+                  device: torch.device | str = "cpu", max_shift: int = 2) -> dict[str, float]:
+    """Contrastive (CLIP) pretraining in place on uint8 images and their captions.
+
+    Light augmentation: a random shift of up to `max_shift` pixels per batch.
+    """
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    tokens = tokenizer(unique).to(device)
+    cap_ids = torch.tensor([index[c] for c in captions])
+    mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.preprocess_cfg["std"], device=device).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    loss_fn = ClipLoss()
+    stream = _endless(Split(images, cap_ids), cfg.batch_size, g)
+    losses = []
+    for _ in tqdm(range(cfg.steps), desc="pretrain", leave=False, mininterval=2):
+        batch, ids = next(stream)
+        x = _to_float(batch, device)
+        if max_shift:
+            dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=g).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        with _autocast(device):
+            img = model.encode_image((x - mean) / std, normalize=True)
+            txt = model.encode_text(tokens[ids.to(device)], normalize=True)
+            loss = loss_fn(img, txt, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss))
+    model.eval()
+    return {"final_loss": sum(losses[-20:]) / len(losses[-20:])}

@@ -1,0 +1,84 @@
+"""Patch triggers, applied to float image batches in [0, 1] on whatever device they live on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from bvlib.errors import BVLibError
+
+LOCATIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center", "random")
+PATTERNS = ("solid", "checkerboard", "noise")
+
+
+@dataclass(frozen=True)
+class PatchTrigger:
+    """A square patch pasted onto every image (BadNets style).
+
+    location "random" is one position drawn from `seed` (the same for every image), so
+    that attacks "at different patch locations" are different seeds of it.
+    pattern "noise" is a seeded random RGB patch; "checkerboard" alternates `color` and its
+    complement pixel by pixel.
+    """
+
+    size: int = 4
+    location: str = "bottom_right"
+    pattern: str = "solid"
+    color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.location not in LOCATIONS:
+            raise BVLibError(f"unknown trigger location '{self.location}'; choose one of: {', '.join(LOCATIONS)}")
+        if self.pattern not in PATTERNS:
+            raise BVLibError(f"unknown trigger pattern '{self.pattern}'; choose one of: {', '.join(PATTERNS)}")
+        if int(self.size) != self.size or self.size < 1:
+            raise BVLibError(f"trigger size must be a positive integer, got {self.size}")
+        if len(self.color) != 3 or not all(0.0 <= c <= 1.0 for c in self.color):
+            raise BVLibError(f"trigger color must be three values in [0, 1], got {self.color}")
+        object.__setattr__(self, "color", tuple(float(c) for c in self.color))
+
+    def config(self) -> dict:
+        return asdict(self) | {"color": list(self.color)}
+
+    def check_fits(self, height: int, width: int) -> None:
+        if self.size > min(height, width):
+            raise BVLibError(f"a {self.size}px trigger does not fit a {height}x{width} image; use size <= {min(height, width)}")
+
+    def position(self, height: int, width: int) -> tuple[int, int]:
+        """Top-left corner (row, column) of the patch."""
+        self.check_fits(height, width)
+        s = self.size
+        if self.location == "random":
+            g = torch.Generator().manual_seed(self.seed)
+            return int(torch.randint(0, height - s + 1, (1,), generator=g)), int(torch.randint(0, width - s + 1, (1,), generator=g))
+        rows = {"top": 0, "bottom": height - s, "center": (height - s) // 2}
+        cols = {"left": 0, "right": width - s, "center": (width - s) // 2}
+        if self.location == "center":
+            return rows["center"], cols["center"]
+        r, c = self.location.split("_")
+        return rows[r], cols[c]
+
+    def patch(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The [3, size, size] patch in [0, 1]."""
+        s = self.size
+        color = torch.tensor(self.color, device=device).view(3, 1, 1)
+        if self.pattern == "solid":
+            return color.expand(3, s, s).clone()
+        if self.pattern == "checkerboard":
+            idx = torch.arange(s, device=device)
+            board = ((idx.view(-1, 1) + idx.view(1, -1)) % 2 == 0).float()
+            return board * color + (1 - board) * (1 - color)
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.rand(3, s, s, generator=g).to(device)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """A triggered copy of a float batch [B, 3, H, W] in [0, 1]."""
+        if not images.is_floating_point():
+            raise BVLibError("triggers apply to float images in [0, 1]; convert uint8 with images.float() / 255")
+        h, w = images.shape[-2:]
+        r, c = self.position(h, w)
+        out = images.clone()
+        out[..., r : r + self.size, c : c + self.size] = self.patch(images.device).to(images.dtype)
+        return out

@@ -1,0 +1,231 @@
+"""A world: one preset's base model, tasks, heads and fine-tuned models, all cached in the store.
+
+Notebooks and the CLI talk to a `World`; it is the one place that knows how a preset's
+pieces fit together, and every artifact it builds is keyed by the full config that made it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bvlib import data
+from bvlib.errors import BVLibError
+from bvlib.evaluation import evaluate
+from bvlib.models import ImageClassifier, build_classifier, create_clip, default_device, zeroshot_head
+from bvlib.store import Store, config_key
+from bvlib.training import Poison, TrainConfig, finetune, pretrain_clip
+from bvlib.triggers import PatchTrigger
+from bvlib.weights import Layout, Weights
+
+PRESET_DIR = Path(__file__).parent / "presets"
+VERSION = 1  # bump to invalidate every stored artifact after a change in how they are made
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _merge(base: dict, overrides: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_preset(preset: str | Mapping = "cpu", overrides: Mapping | None = None) -> dict:
+    """A preset by name (bvlib/presets/NAME.json), JSON path, or dict, with nested overrides."""
+    if isinstance(preset, Mapping):
+        cfg = dict(preset)
+    else:
+        path = PRESET_DIR / f"{preset}.json"
+        if not path.exists() and Path(preset).suffix == ".json":
+            path = Path(preset)
+        if not path.exists():
+            raise BVLibError(f"unknown preset '{preset}'; choose one of: {', '.join(preset_names())} or a .json path")
+        cfg = json.loads(path.read_text())
+    return _merge(cfg, overrides or {})
+
+
+def badnets_poison(spec: Mapping) -> Poison:
+    spec = dict(spec)
+    trig = dict(spec.pop("trigger"))
+    trig["color"] = tuple(trig.get("color", (1.0, 1.0, 1.0)))
+    return Poison(trigger=PatchTrigger(**trig), **spec)
+
+
+def _paper_root() -> Path:
+    root = os.environ.get("BVLIB_DATA_ROOT")
+    if not root:
+        raise BVLibError("the paper preset reads the TA8 datasets from a local folder: set BVLIB_DATA_ROOT to it")
+    return Path(root)
+
+
+class World:
+    """The preset's models and tasks, built lazily and cached in `store`."""
+
+    def __init__(self, preset: str | Mapping = "cpu", store: Store | None = None, device: str | torch.device | None = None,
+                 overrides: Mapping | None = None, progress: bool = True):
+        self.preset = load_preset(preset, overrides)
+        self.name = self.preset.get("name", "custom")
+        self.store = store or Store()
+        self.device = torch.device(device) if device is not None else default_device()
+        self.progress = progress
+        self._tasks: dict[str, data.Task] = {}
+        self._heads: dict[str, torch.Tensor] = {}
+        self.timings: dict[str, float] = {}
+
+    # tasks -------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.preset["tasks"])
+
+    def check_task(self, name: str) -> str:
+        if name not in self.task_names:
+            raise BVLibError(f"unknown task '{name}' for preset '{self.name}'; choose one of: {', '.join(self.task_names)}")
+        return name
+
+    def task(self, name: str) -> data.Task:
+        self.check_task(name)
+        if name not in self._tasks:
+            d = self.preset["data"]
+            if self.is_paper:
+                self._tasks[name] = data.load_paper_task(name, _paper_root(), image_size=d["image_size"], split_seed=d.get("seed", 0))
+            else:
+                self._tasks[name] = data.load_task(name, image_size=d["image_size"], max_train_per_class=d.get("max_train_per_class"),
+                                                   max_test_per_class=d.get("max_test_per_class"), seed=d.get("seed", 0))
+        return self._tasks[name]
+
+    @property
+    def is_paper(self) -> bool:
+        return self.preset.get("pretrained") is not None
+
+    # base model ----------------------------------------------------------------------
+    @cached_property
+    def base_config(self) -> dict:
+        p = self.preset
+        cfg = {"version": VERSION, "model": p["model"], "pretrained": p.get("pretrained")}
+        if not self.is_paper:
+            cfg |= {"pretrain": p["pretrain"], "corpus": p.get("corpus", {}), "image_size": p["data"]["image_size"], "corpus_seed": p["data"].get("seed", 0)}
+        return cfg
+
+    @cached_property
+    def base_key(self) -> str:
+        return config_key(self.base_config)
+
+    @cached_property
+    def _base(self):
+        """(clip model, tokenizer): pretrained here on the mini corpus, or loaded from `pretrained`."""
+        p = self.preset
+        if self.is_paper:
+            return create_clip(p["model"], p["pretrained"], device=self.device)
+        model, tokenizer = create_clip(p["model"], device=self.device)
+        hit = self.store.load("base", self.base_config)
+        if hit is None:
+            t = time.perf_counter()
+            images, captions = data.pretraining_corpus(image_size=p["data"]["image_size"], seed=p["data"].get("seed", 0), **p.get("corpus", {}))
+            stats = pretrain_clip(model, tokenizer, images, captions, TrainConfig(**p["pretrain"]), device=self.device)
+            stats |= {"seconds": time.perf_counter() - t, "n_images": len(images)}
+            self.store.save("base", self.base_config, model.state_dict(), stats)
+            self.timings["pretrain"] = stats["seconds"]
+        else:
+            model.load_state_dict(hit[0])
+        model.eval()
+        return model, tokenizer
+
+    @property
+    def clip(self):
+        return self._base[0]
+
+    @property
+    def tokenizer(self):
+        return self._base[1]
+
+    @cached_property
+    def base_weights(self) -> Weights:
+        """θ0: the pretrained image encoder as a flat vector."""
+        return Weights.from_module(self.clip.visual)
+
+    @property
+    def layout(self) -> Layout:
+        return self.base_weights.layout
+
+    # heads and classifiers -----------------------------------------------------------
+    def head(self, name: str) -> torch.Tensor:
+        """The frozen zero-shot head of a task (cached)."""
+        if name not in self._heads:
+            task = self.task(name)
+            cfg = {"base": self.base_key, "task": name, "classnames": task.classnames, "templates": task.templates}
+            tensors, _ = self.store.cached("head", cfg, lambda: ({"head": zeroshot_head(self.clip, self.tokenizer, task.classnames, task.templates, self.device)}, {}))
+            self._heads[name] = tensors["head"].to(self.device)
+        return self._heads[name]
+
+    def classifier(self, name: str, weights: Weights | None = None) -> ImageClassifier:
+        """Task `name`'s classifier with encoder weights `weights` (θ0 if None)."""
+        model = build_classifier(self.clip, self.head(name))
+        if weights is not None:
+            weights.load_into(model.encoder)
+        return model.to(self.device)
+
+    # fine-tuning -------------------------------------------------------------------------
+    def train_config(self, name: str, **overrides) -> TrainConfig:
+        cfg = dict(self.preset["finetune"])
+        epochs = self.preset.get("epochs", {}).get(name)
+        if epochs is not None:
+            cfg["steps"] = math.ceil(epochs * len(self.task(name).train) / cfg["batch_size"])
+        return TrainConfig(**(cfg | overrides))
+
+    def badnets(self, **overrides) -> Poison:
+        """The preset's BadNets attack, with fields (or trigger fields) overridden."""
+        spec = _merge(self.preset["badnets"], overrides)
+        return badnets_poison(spec)
+
+    def finetune(self, name: str, poison: Poison | None = None, **train_overrides) -> Weights:
+        """θ_t fine-tuned on task `name` (clean, or poisoned), from the store when it was made before."""
+        self.check_task(name)
+        cfg = self.train_config(name, **train_overrides)
+        key_cfg = {"version": VERSION, "base": self.base_key, "task": name, "data": self.preset["data"], "train": cfg.config(),
+                   "poison": poison.config() if poison else None}
+        hit = self.store.load("finetune", key_cfg)
+        if hit is not None:
+            tensors, meta = hit
+            return Weights(tensors["flat"], Layout.from_json(meta["layout"])).to(self.device)
+        t = time.perf_counter()
+        kind = "badnets" if poison else "clean"
+        model = self.classifier(name)
+        weights = finetune(model, self.task(name).train, cfg, poison, device=self.device, desc=f"{kind} {name} seed {cfg.seed}")
+        seconds = time.perf_counter() - t
+        self.timings[f"finetune/{name}/{kind}/{cfg.seed}"] = seconds
+        self.store.save("finetune", key_cfg, {"flat": weights.flat}, {"layout": weights.layout.to_json(), "seconds": seconds})
+        return weights
+
+    # evaluation ------------------------------------------------------------------------
+    def evaluate(self, name: str, weights: Weights | None = None, trigger: PatchTrigger | None = None, target: int | None = None,
+                 split: str = "test") -> dict[str, float]:
+        """CA (and ASR with a trigger) of encoder `weights` (θ0 if None) on task `name`."""
+        return evaluate(self.classifier(name, weights), getattr(self.task(name), split), trigger, target, device=self.device)
+
+    def card(self) -> list[dict]:
+        """The world card: per task, sizes, zero-shot CA, clean CA, BadNets CA and ASR."""
+        rows = []
+        attack = self.badnets()
+        for name in tqdm(self.task_names, desc=f"world {self.name}", disable=not self.progress):
+            task = self.task(name)
+            clean = self.finetune(name)
+            backdoored = self.finetune(name, poison=attack)
+            bd = self.evaluate(name, backdoored, attack.trigger, attack.target)
+            rows.append({
+                "task": name, "n_classes": len(task.classnames), "n_train": len(task.train), "n_test": len(task.test),
+                "zeroshot_acc": self.evaluate(name)["acc"], "clean_acc": self.evaluate(name, clean)["acc"],
+                "backdoor_clean_acc": bd["acc"], "backdoor_asr": bd["asr"],
+            })
+        return rows

@@ -1,0 +1,57 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Backdoor Vectors: a runnable companion
+#
+# *Backdoor Vectors: a Task Arithmetic View on Backdoor Attacks and Defenses* (Twardowski, Marczak,
+# Dubiński, Pawlak; arXiv 2510.08016, 2025) treats a backdoor attack as a task vector:
+#
+# $$\mathrm{BV} = \theta_{\text{backdoored}} - \theta_{\text{clean}}$$
+#
+# Adding a BV to a clean model injects the backdoor, subtracting it weakens it. With BVs the paper
+# measures how similar attacks are and how they transfer, builds a stronger attack that survives model
+# merging (the Sparse Backdoor Vector, SBV), traces strong attacks to *inherent triggers* of the base
+# model, and proposes a defense that needs no knowledge of the attack (Injection BV Subtraction, IBVS).
+#
+# This book re-runs those findings with `bvlib`. Each chapter is a parameterised notebook executed by
+# papermill; the numbers below are read from the executed chapters, not typed by hand.
+
+# %% tags=["parameters"]
+preset = "cpu"
+
+# %%
+from IPython.display import Markdown
+
+from bvlib.book import recorded
+
+results = recorded()
+lines = []
+world = results.get("00_world")
+if world:
+    lines.append(
+        f"**The world** (preset `{world['preset']}`, {world['n_tasks']} tasks): the base model's mean zero-shot accuracy is "
+        f"{world['mean_zeroshot_acc']:.1%}; clean fine-tunes reach {world['mean_clean_acc']:.1%}. BadNets backdoors reach a mean "
+        f"ASR of {world['mean_backdoor_asr']:.1%} (lowest task {world['min_backdoor_asr']:.1%}) at a clean accuracy of "
+        f"{world['mean_backdoor_clean_acc']:.1%}. The world meets {world['targets_met']} of its {world['targets']} targets."
+    )
+if not lines:
+    lines.append("No chapter has recorded results yet: run `make book`.")
+Markdown("\n\n".join(lines))
+
+# %% [markdown]
+# ## Re-running
+#
+# - `make book` builds everything missing (the mini world is cached in `.bvlib/`) and this book.
+# - `make notebook NB=00_world PARAMS="-p preset smoke"` re-executes one chapter with new parameters
+#   (the same as `bvlib notebook 00_world -p preset smoke`); trained models are reused from the store.
+# - `bvlib world --json` prints the world card; `make test` runs the regression suite.

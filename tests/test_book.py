@@ -1,0 +1,34 @@
+"""The book end to end: every notebook executes with the smoke preset, and the HTML has every page and figure."""
+
+import shutil
+
+import yaml
+
+from bvlib.book import build_html, execute, notebook_names, project_root
+
+
+def test_book_builds_with_every_page_and_figure(tmp_path, monkeypatch, smoke_world):
+    smoke_world.card()  # the notebooks then only read the store
+    root = project_root()
+    for f in ("_config.yml", "_toc.yml"):
+        shutil.copy(root / f, tmp_path / f)
+    monkeypatch.setenv("BVLIB_RESULTS", str(tmp_path / "book" / "results"))
+    names = notebook_names(root)
+    for name in names:
+        execute(name, tmp_path / "book", {"preset": "smoke"}, root)
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    listed = {toc["root"]} | {c["file"] for c in toc.get("chapters", [])}
+    assert {f"book/{n}" for n in names} == listed, "every notebook is a page of the book, and only those"
+
+    index = build_html(tmp_path)
+    assert index.exists()
+    html = tmp_path / "_build" / "html" / "book"
+    for name in names:
+        page = (html / f"{name}.html").read_text()
+        assert "Traceback" not in page, f"{name} shows a failed cell"
+        if name != "intro":
+            assert page.count("<img") >= 1, f"{name} shows no figure"
+    for img in (tmp_path / "_build" / "html" / "_images").glob("*.png"):
+        assert img.stat().st_size > 1000
+    intro = (html / "intro.html").read_text()
+    assert "The world" in intro and "preset <code" in intro

@@ -1,0 +1,45 @@
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+ENV = os.environ | {"PYTHONWARNINGS": "ignore"}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "bvlib.cli", *args], capture_output=True, text=True, env=ENV, timeout=900)
+
+
+def test_world_json(smoke_world):
+    smoke_world.card()  # build first, so the CLI only reads the store
+    proc = run("world", "--preset", "smoke", "--json")
+    assert proc.returncode == 0, proc.stderr
+    card = json.loads(proc.stdout)
+    assert card["preset"] == "smoke" and len(card["tasks"]) == len(smoke_world.task_names)
+    assert set(card["tasks"][0]) >= {"task", "n_classes", "n_train", "n_test", "zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr"}
+
+
+def test_finetune_then_eval_a_saved_checkpoint(tmp_path, smoke_world):
+    task = smoke_world.task_names[0]
+    out = tmp_path / "bd.safetensors"
+    proc = run("finetune", "--preset", "smoke", "--task", task, "--backdoor", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    trained = json.loads(proc.stdout)
+    proc = run("eval", "--preset", "smoke", "--task", task, "--backdoor", "--checkpoint", str(out))
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads(proc.stdout)
+    assert evaluated["acc"] == trained["acc"] and evaluated["asr"] == trained["asr"]
+
+
+def test_errors_are_one_line(tmp_path, smoke_world):
+    proc = run("finetune", "--preset", "smoke", "--task", "nope")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "unknown task 'nope'" in proc.stderr
+    bad = tmp_path / "other.safetensors"
+    save_file({"conv1.weight": torch.zeros(3, 3)}, bad)
+    proc = run("eval", "--preset", "smoke", "--task", smoke_world.task_names[0], "--checkpoint", str(bad))
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0
+    proc = run("world", "--preset", "nope")
+    assert proc.returncode == 2 and "unknown preset" in proc.stderr

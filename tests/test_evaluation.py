@@ -1,0 +1,41 @@
+import torch
+from torch import nn
+
+from bvlib.data import Split
+from bvlib.evaluation import evaluate
+from bvlib.triggers import PatchTrigger
+
+
+class Constant(nn.Module):
+    """Predicts `label` for every image, or `triggered` when the bottom-right pixel is white."""
+
+    def __init__(self, label, triggered=None):
+        super().__init__()
+        self.label, self.triggered = label, triggered
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 3)
+        hit = (x[:, :, -1, -1] == 1).all(dim=1) if self.triggered is not None else torch.zeros(len(x), dtype=torch.bool)
+        out[~hit, self.label] = 1
+        out[hit, self.triggered if self.triggered is not None else 0] = 1
+        return out
+
+
+def split():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    return Split(torch.zeros(10, 3, 8, 8, dtype=torch.uint8), labels)
+
+
+def test_accuracy_counts_correct_predictions():
+    assert evaluate(Constant(2), split())["acc"] == 0.5
+
+
+def test_asr_excludes_target_class_images():
+    # always predicting the target: accuracy is the target's share, ASR is 1 on the 8 non-target images
+    r = evaluate(Constant(0), split(), PatchTrigger(size=2), target=0, batch_size=3)
+    assert r["acc"] == 0.2 and r["asr"] == 1.0
+    # a backdoor that fires on the trigger: clean predictions 1, triggered predictions 2 (the target)
+    r = evaluate(Constant(1, triggered=2), split(), PatchTrigger(size=2), target=2)
+    assert r["acc"] == 0.3 and r["asr"] == 1.0
+    # the trigger flips to class 0, but the target is 2: no success, although 2 of 10 images are "hit"
+    assert evaluate(Constant(1, triggered=0), split(), PatchTrigger(size=2), target=2)["asr"] == 0.0

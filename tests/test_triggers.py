@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from bvlib import BVLibError
+from bvlib.triggers import LOCATIONS, PatchTrigger
+
+
+@pytest.mark.parametrize(
+    "location, corner", [("bottom_right", (28, 28)), ("top_left", (0, 0)), ("top_right", (0, 28)), ("bottom_left", (28, 0)), ("center", (14, 14))]
+)
+def test_trigger_lands_where_asked(location, corner):
+    x = torch.zeros(2, 3, 32, 32)
+    out = PatchTrigger(size=4, location=location).apply(x)
+    changed = (out != x).any(dim=(0, 1)).nonzero()
+    assert tuple(changed.min(0).values.tolist()) == corner
+    assert tuple(changed.max(0).values.tolist()) == (corner[0] + 3, corner[1] + 3)
+    assert torch.equal(x, torch.zeros_like(x))  # input untouched
+
+
+def test_random_location_is_seeded_and_inside():
+    a, b = PatchTrigger(size=5, location="random", seed=1), PatchTrigger(size=5, location="random", seed=1)
+    assert a.position(32, 32) == b.position(32, 32)
+    positions = {PatchTrigger(size=5, location="random", seed=s).position(32, 32) for s in range(20)}
+    assert len(positions) > 5 and all(0 <= r <= 27 and 0 <= c <= 27 for r, c in positions)
+
+
+def test_patterns():
+    solid = PatchTrigger(size=3, color=(1.0, 0.0, 0.5)).patch()
+    assert torch.equal(solid[:, 1, 2], torch.tensor([1.0, 0.0, 0.5]))
+    board = PatchTrigger(size=4, pattern="checkerboard").patch()
+    assert board[0, 0, 0] == 1 and board[0, 0, 1] == 0 and board[0, 1, 1] == 1
+    n1, n2 = PatchTrigger(size=4, pattern="noise", seed=3).patch(), PatchTrigger(size=4, pattern="noise", seed=3).patch()
+    assert torch.equal(n1, n2) and not torch.equal(n1, PatchTrigger(size=4, pattern="noise", seed=4).patch())
+
+
+def test_bad_triggers_are_clear_errors():
+    with pytest.raises(BVLibError, match="does not fit"):
+        PatchTrigger(size=40).apply(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(BVLibError, match="unknown trigger location"):
+        PatchTrigger(location="middle")
+    with pytest.raises(BVLibError, match="choose one of"):
+        PatchTrigger(pattern="stripes")
+    with pytest.raises(BVLibError, match="positive"):
+        PatchTrigger(size=0)
+    with pytest.raises(BVLibError, match="float images"):
+        PatchTrigger().apply(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    assert set(LOCATIONS) >= {"bottom_right", "random"}

@@ -1,0 +1,68 @@
+"""End to end on the smoke preset: pretraining, heads, (poisoned) fine-tuning, the store, the card."""
+
+import pytest
+import torch
+
+from bvlib import BVLibError, backdoor_vector
+from bvlib.store import Store
+from bvlib.world import World, load_preset
+
+
+def test_card_has_the_documented_columns(smoke_world):
+    rows = smoke_world.card()
+    assert [r["task"] for r in rows] == smoke_world.task_names
+    for r in rows:
+        assert set(r) == {"task", "n_classes", "n_train", "n_test", "zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr"}
+        assert all(0.0 <= r[k] <= 1.0 for k in ("zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr"))
+        assert r["n_train"] > 0 and r["n_test"] > 0
+
+
+def test_finetuning_learns_and_badnets_implants_a_backdoor(smoke_world):
+    name = smoke_world.task_names[0]
+    attack = smoke_world.badnets()
+    zs = smoke_world.evaluate(name, None, attack.trigger, attack.target)
+    clean = smoke_world.evaluate(name, smoke_world.finetune(name), attack.trigger, attack.target)
+    bd = smoke_world.evaluate(name, smoke_world.finetune(name, poison=attack), attack.trigger, attack.target)
+    assert clean["acc"] > zs["acc"] + 0.1
+    assert bd["asr"] > clean["asr"] + 0.3
+
+
+def test_clean_plus_bv_is_the_backdoored_model(smoke_world):
+    name = smoke_world.task_names[0]
+    clean = smoke_world.finetune(name)
+    backdoored = smoke_world.finetune(name, poison=smoke_world.badnets())
+    bv = backdoor_vector(backdoored, clean)
+    assert bv.norm() > 0
+    model = smoke_world.classifier(name, clean + bv)
+    ref = smoke_world.classifier(name, backdoored)
+    x = smoke_world.task(name).test.images[:64].float() / 255
+    assert torch.allclose(model(x), ref(x), atol=1e-4)
+
+
+def test_finetunes_are_cached_and_deterministic(tmp_path, smoke_world):
+    name = smoke_world.task_names[-1]
+    a = smoke_world.finetune(name, steps=5)
+    b = smoke_world.finetune(name, steps=5)  # from the store
+    fresh = World("smoke", store=Store(tmp_path), device="cpu", progress=False)
+    fresh._base = smoke_world._base  # same θ0, new store: the fine-tune is recomputed
+    c = fresh.finetune(name, steps=5)
+    assert torch.equal(a.flat, b.flat) and torch.equal(a.flat, c.flat)
+    assert len(list((tmp_path / "finetune").glob("*.safetensors"))) == 1
+    assert not torch.equal(a.flat, smoke_world.finetune(name, steps=5, seed=1).flat)
+
+
+def test_bad_input_is_one_clear_error(smoke_world):
+    with pytest.raises(BVLibError, match="unknown task 'svhn'"):
+        smoke_world.finetune("svhn")
+    with pytest.raises(BVLibError, match="does not fit"):
+        smoke_world.finetune(smoke_world.task_names[0], poison=smoke_world.badnets(trigger={"size": 64}), steps=1)
+    with pytest.raises(BVLibError, match="out of range"):
+        smoke_world.finetune(smoke_world.task_names[0], poison=smoke_world.badnets(target=99), steps=1)
+    with pytest.raises(BVLibError, match="unknown preset"):
+        load_preset("huge")
+
+
+def test_preset_overrides_merge_nested_values():
+    p = load_preset("smoke", {"finetune": {"lr": 0.5}, "badnets": {"trigger": {"size": 2}}})
+    assert p["finetune"]["lr"] == 0.5 and p["finetune"]["steps"] == load_preset("smoke")["finetune"]["steps"]
+    assert p["badnets"]["trigger"] == load_preset("smoke")["badnets"]["trigger"] | {"size": 2}
