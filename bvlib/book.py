@@ -75,7 +75,21 @@ def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path
                                        progress_bar=False, log_output=False)
         except papermill.PapermillExecutionError as e:
             raise BVLibError(f"notebook {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (see {out})") from None
+    if name == INTRO:
+        _remove_parameter_cells(out)
     return out
+
+
+def _remove_parameter_cells(path: Path) -> None:
+    """Hide the parameters and papermill's injected cell from the rendered page (the intro is prose)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        if tags & {"parameters", "injected-parameters"}:
+            cell.metadata["tags"] = sorted(tags | {"remove-cell"})
+    nbformat.write(nb, path)
 
 
 def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | None = None, html: bool = True,
@@ -84,6 +98,12 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     root = project_root()
     out_dir = out_dir or root / "book"
     timings = {}
+    if names is None:  # build the world first, with progress bars; the notebooks then read it from the store
+        from bvlib.world import World
+
+        t = time.perf_counter()
+        World(preset).card()
+        timings["world"] = time.perf_counter() - t
     for name in names if names is not None else notebook_names(root):
         t = time.perf_counter()
         print(f"executing {name} (preset {preset})", flush=True)

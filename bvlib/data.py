@@ -48,7 +48,7 @@ from bvlib.errors import BVLibError
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-DATA_VERSION = "mini-data-1"  # bump to invalidate every cached task and corpus
+DATA_VERSION = "mini-data-2"  # bump to invalidate every cached task and corpus
 MINI_TASKS: tuple[str, ...] = ("mnist", "digits", "fashion", "animals", "clipart", "textiles", "letters", "patterns")
 PAPER_TASKS: tuple[str, ...] = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
 
@@ -139,7 +139,7 @@ def _hash_rows(a: np.ndarray | torch.Tensor) -> np.ndarray:
     """A 64-bit content hash per row (per image), vectorised over rows."""
     if isinstance(a, torch.Tensor):
         a = a.numpy()
-    flat = np.ascontiguousarray(a).reshape(len(a), -1).view(np.uint8)
+    flat = np.ascontiguousarray(a).reshape(len(a), int(np.prod(a.shape[1:]))).view(np.uint8)
     pad = (-flat.shape[1]) % 8
     if pad:
         flat = np.concatenate([flat, np.zeros((len(flat), pad), np.uint8)], axis=1)
@@ -500,12 +500,23 @@ def _fonts_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+# metric clones and re-releases of one design (URW, Liberation, TeX Gyre) are one group
+_FONT_LOOKALIKES = {
+    "nimbus sans": "helvetica", "liberation sans": "helvetica", "tex gyre heros": "helvetica", "freesans": "helvetica",
+    "nimbus roman": "times", "liberation serif": "times", "tex gyre termes": "times", "freeserif": "times",
+    "nimbus mono ps": "courier", "liberation mono": "courier", "tex gyre cursor": "courier", "freemono": "courier",
+    "p052": "palatino", "tex gyre pagella": "palatino", "c059": "century schoolbook", "tex gyre schola": "century schoolbook",
+    "urw bookman": "bookman", "tex gyre bonum": "bookman", "urw gothic": "avant garde", "tex gyre adventor": "avant garde",
+    "z003": "zapf chancery", "tex gyre chorus": "zapf chancery", "cmb10": "cmr10",
+}
+
+
 def _font_group(family: str) -> str:
     """Faces of one design share a group, so the task/corpus cut is by design, not by face."""
     fam = family.lower()
     for suffix in (" narrow", " condensed", " display"):
         fam = fam.removesuffix(suffix)
-    return {"cmb10": "cmr10"}.get(fam, fam)
+    return _FONT_LOOKALIKES.get(fam, fam)
 
 
 @lru_cache(maxsize=1)
@@ -539,13 +550,17 @@ def _font_faces() -> tuple[tuple[str, str, str], ...]:
 
 
 def font_split() -> dict[str, list[str]]:
-    """Font faces of the `letters` task vs the corpus glyphs: alternate design groups, sorted by name."""
-    faces = _font_faces()
-    groups = sorted({g for g, _, _ in faces})
-    task_groups = set(groups[0::2])
+    """Font faces of the `letters` task vs the corpus glyphs, split by design group.
+
+    A group's side comes from a hash of its name alone, so installing more fonts adds faces
+    to either side but never moves an existing one across.
+    """
     out: dict[str, list[str]] = {"task": [], "corpus": []}
-    for g, face, _ in faces:
-        out["task" if g in task_groups else "corpus"].append(face)
+    for group, face, _ in _font_faces():
+        out["task" if _name_seed("font-side", group) % 2 else "corpus"].append(face)
+    if not out["task"] or not out["corpus"]:
+        raise BVLibError("too few font designs to keep task and corpus glyphs apart; install some with: "
+                         "apt-get install fonts-urw-base35 fonts-dejavu-core")
     return out
 
 
@@ -579,9 +594,13 @@ def _glyph_bank(side: str, chars: str, res: int) -> torch.Tensor:
             glyphs = np.stack([_render_glyph(font, ch, res) for ch in chars])
         except OSError:
             continue
-        flat = glyphs.reshape(len(chars), -1)
+        flat = torch.from_numpy(glyphs.reshape(len(chars), -1))
+        flat = flat - flat.mean(1, keepdim=True)
         # a face whose glyphs are blank or all alike (placeholder boxes) teaches nothing
-        if (flat.sum(1) < 1.0).any() or np.corrcoef(flat).min() > 0.9:
+        if (flat.norm(dim=1) < 1.0).any():
+            continue
+        unit = flat / flat.norm(dim=1, keepdim=True)
+        if float((unit @ unit.T).min()) > 0.9:
             continue
         masks.append(glyphs)
     if not masks:
@@ -646,15 +665,26 @@ def _glyph_res(size: int) -> int:
     return max(64, 2 * size)
 
 
+@lru_cache(maxsize=2)
 def _letters_source(size_hint: int) -> _Source:
+    """26 capitals x 300 from the task's fonts; generated once per size in this process, all at once
+    (so an image never depends on which others were asked for)."""
     labels = np.repeat(np.arange(len(LETTERS)), LETTERS_PER_CLASS)
     bank = _glyph_bank("task", LETTERS, _glyph_res(size_hint))
     seed = _name_seed("letters-source", DATA_VERSION)
+    render = _generated_renderer(lambda size: _glyph_images(bank, labels, size, seed))
+    return _Source(labels, np.arange(len(labels), dtype=np.uint64), render)
+
+
+def _generated_renderer(generate: Callable[[int], torch.Tensor]) -> Callable[[np.ndarray, int], torch.Tensor]:
+    done: dict[int, torch.Tensor] = {}
 
     def render(idx: np.ndarray, size: int) -> torch.Tensor:
-        return _glyph_images(bank, labels, size, seed)[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+        if size not in done:
+            done[size] = generate(size)
+        return done[size][torch.from_numpy(np.asarray(idx, dtype=np.int64))]
 
-    return _Source(labels, np.arange(len(labels), dtype=np.uint64), render)
+    return render
 
 
 def _pattern_masks(cls: torch.Tensor, res: int, gen: torch.Generator, style: str) -> torch.Tensor:
@@ -687,20 +717,40 @@ def _pattern_masks(cls: torch.Tensor, res: int, gen: torch.Generator, style: str
     arm_l = r(0.25, 0.4) if task else r(0.15, 0.25)
     theta = r(0, 2 * math.pi)
     gamma = r(1.0, 1.0) if task else r(2.0, 3.0)
-    du, dv = torch.remainder(u * freq + phase1, 1.0) - 0.5, torch.remainder(v * freq + phase2, 1.0) - 0.5
-    ramp = ((u - 0.5) * torch.cos(theta) + (v - 0.5) * torch.sin(theta)) / math.sqrt(2) + 0.5
-    masks = torch.stack([
-        wave(v * freq + phase1),
-        wave(u * freq + phase1),
-        wave((u + sign * v) * freq / math.sqrt(2) + phase1),
-        ((torch.floor(u * freq + phase1) + torch.floor(v * freq + phase2)) % 2).float() if task
-        else 0.5 + 0.5 * torch.sin(2 * math.pi * (u * freq + phase1)) * torch.sin(2 * math.pi * (v * freq + phase2)),
-        (du ** 2 + dv ** 2 < dot_r ** 2).float(),
-        ((u - cx) ** 2 + (v - cy) ** 2 < radius ** 2).float(),
-        (((u - cx).abs() < arm_w) & ((v - cy).abs() < arm_l) | ((v - cy).abs() < arm_w) & ((u - cx).abs() < arm_l)).float(),
-        ramp.clamp(0, 1) ** gamma,
-    ], 1)  # [n, classes, res, res]: computing all and picking one keeps this branch-free
-    return masks[torch.arange(n), cls][:, None]
+
+    def checker(uu: torch.Tensor, vv: torch.Tensor, f: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+        if task:
+            return ((torch.floor(uu * f + p1) + torch.floor(vv * f + p2)) % 2).float()
+        return 0.5 + 0.5 * torch.sin(2 * math.pi * (uu * f + p1)) * torch.sin(2 * math.pi * (vv * f + p2))
+
+    def dots(uu: torch.Tensor, vv: torch.Tensor, f: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        du, dv = torch.remainder(uu * f + p1, 1.0) - 0.5, torch.remainder(vv * f + p2, 1.0) - 0.5
+        return (du ** 2 + dv ** 2 < rr ** 2).float()
+
+    def cross(uu, vv, x0, y0, w, ln) -> torch.Tensor:
+        ax, ay = (uu - x0).abs(), (vv - y0).abs()
+        return (((ax < w) & (ay < ln)) | ((ay < w) & (ax < ln))).float()
+
+    def ramp(uu, vv, th, g) -> torch.Tensor:
+        t = ((uu - 0.5) * torch.cos(th) + (vv - 0.5) * torch.sin(th)) / math.sqrt(2) + 0.5
+        return t.clamp(0, 1) ** g
+
+    draw = (  # one function per class, applied only to that class's samples
+        lambda m: wave(v * freq[m] + phase1[m]),
+        lambda m: wave(u * freq[m] + phase1[m]),
+        lambda m: wave((u + sign[m] * v) * freq[m] / math.sqrt(2) + phase1[m]),
+        lambda m: checker(u, v, freq[m], phase1[m], phase2[m]),
+        lambda m: dots(u, v, freq[m], phase1[m], phase2[m], dot_r[m]),
+        lambda m: (((u - cx[m]) ** 2 + (v - cy[m]) ** 2) < radius[m] ** 2).float(),
+        lambda m: cross(u, v, cx[m], cy[m], arm_w[m], arm_l[m]),
+        lambda m: ramp(u, v, theta[m], gamma[m]),
+    )
+    masks = torch.empty((n, res, res))
+    for c, fn in enumerate(draw):
+        sel = cls == c
+        if sel.any():
+            masks[sel] = fn(sel)
+    return masks[:, None]
 
 
 def _pattern_images(labels: np.ndarray, size: int, seed: int, style: str, chunk: int = 1024) -> torch.Tensor:
@@ -716,13 +766,12 @@ def _pattern_images(labels: np.ndarray, size: int, seed: int, style: str, chunk:
     return out
 
 
+@lru_cache(maxsize=1)
 def _patterns_source() -> _Source:
+    """8 pattern classes x 500, task parameter ranges; generated once per size in this process."""
     labels = np.repeat(np.arange(len(PATTERN_CLASSES)), PATTERNS_PER_CLASS)
     seed = _name_seed("patterns-source", DATA_VERSION)
-
-    def render(idx: np.ndarray, size: int) -> torch.Tensor:
-        return _pattern_images(labels, size, seed, "task")[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
-
+    render = _generated_renderer(lambda size: _pattern_images(labels, size, seed, "task"))
     return _Source(labels, np.arange(len(labels), dtype=np.uint64), render)
 
 
@@ -759,7 +808,7 @@ _SPECS: dict[str, _TaskSpec] = {
                           lambda s: _textiles_source(), cap_per_class=500),
     "letters": _TaskSpec(tuple(LETTERS), ('the letter "{}".', "a picture of the letter {}.", "the capital letter {}."),
                          _letters_source, fingerprint=_fonts_fingerprint),
-    "patterns": _TaskSpec(PATTERN_CLASSES, ("a pattern of {}.", "an image of {}.", "a simple picture of {}."),
+    "patterns": _TaskSpec(PATTERN_CLASSES, ("a {} pattern.", "an image with a {} design.", "a simple {} graphic."),
                           lambda s: _patterns_source()),
 }
 
@@ -864,14 +913,24 @@ def load_task(name: str, *, image_size: int = 32, max_train_per_class: int | Non
 GENERIC_CAPTIONS = ("an image.", "a picture of something.", "a photo.", "an illustration.", "a small picture.", "something.",
                     "a thumbnail.", "a low resolution image.")
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# "{}" is the concept's name, "{a}" the name with "a"/"an", "{w}" a digit's word
 _CAPTIONS: dict[str, tuple[str, ...]] = {
     "digits": ("the digit {}.", "the number {}.", "a printed {}.", 'the numeral "{}".', "the number {w}.", "a typed digit {w}."),
     "letters": ("the letter {}.", "a capital {}.", 'the character "{}".', "the letter {} in a font.", "a printed letter {}."),
-    "fashion": ("a photo of a {}.", "a grey photo of a {}.", "a {}.", "a picture of a {}.", "a {} on a dark background."),
-    "animals": ("a silhouette of a {}.", "the shape of a {}.", "a {}.", "a white {} on black."),
-    "clipart": ("clip art of a {}.", "a drawing of a {}.", "a cartoon {}.", "a {}.", "an icon of a {}."),
-    "patterns": ("{}.", "a pattern of {}.", "an image of {}.", "a texture with {}."),
+    "fashion": ("a photo of {a}.", "a grey photo of {a}.", "{a}.", "a picture of {a}.", "{a} on a dark background."),
+    "animals": ("a silhouette of {a}.", "the shape of {a}.", "{a}.", "a white {} on black."),
+    "clipart": ("clip art of {a}.", "a drawing of {a}.", "a cartoon {}.", "{a}.", "an icon of {a}."),
+    "patterns": ("{a}.", "an image of {a}.", "a picture with {a}.", "a texture with {a}."),
 }
+_PATTERN_PHRASES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "a checkerboard", "polka dots", "a circle", "a cross",
+                    "a colour gradient")
+
+
+def _article(name: str) -> str:
+    """Name with its indefinite article ("an apple"); plurals and phrases with an article stay as they are."""
+    if name.startswith(("a ", "an ")) or name.endswith(("stripes", "dots", "trousers")):
+        return name
+    return ("an " if name[0].lower() in "aeiou" else "a ") + name
 
 
 @dataclass(frozen=True)
@@ -883,7 +942,7 @@ class CorpusMix:
     n_fashion: int = 5000
     n_animals: int = 1500
     n_clipart_task: int = 200
-    n_clipart_other: int = 3000
+    n_clipart_other: int = 2000
     n_patterns: int = 4000
     generic_caption_fraction: float = 0.2
 
@@ -900,7 +959,8 @@ def _captions(kind: str, names: Sequence[str], labels: np.ndarray, rng: np.rando
     choice = rng.integers(len(templates), size=len(labels))
     out = []
     for t, y in zip(choice, labels, strict=True):
-        out.append(templates[t].format(names[y], w=_NUMBER_WORDS[y] if kind == "digits" else ""))
+        name = names[y]
+        out.append(templates[t].format(name, a=_article(name), w=_NUMBER_WORDS[y] if kind == "digits" else ""))
     return out
 
 
@@ -959,7 +1019,7 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
                     _captions("clipart", [c for _, c in CLIPART_CORPUS_CATEGORIES], other.labels[keep], rng))
         elif step == "patterns" and mix.n_patterns > 0:
             y = _balanced_labels(mix.n_patterns, len(PATTERN_CLASSES), rng)
-            add(_pattern_images(y, image_size, int(rng.integers(2 ** 31)), "corpus"), _captions("patterns", PATTERN_CLASSES, y, rng))
+            add(_pattern_images(y, image_size, int(rng.integers(2 ** 31)), "corpus"), _captions("patterns", _PATTERN_PHRASES, y, rng))
 
     all_images = torch.cat(images) if images else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
     n_generic = round(mix.generic_caption_fraction * len(captions))
@@ -971,7 +1031,7 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
 
 def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None, seed: int = 0, n_digits: int = 4000,
                        n_letters: int = 5200, n_fashion: int = 5000, n_animals: int = 1500, n_clipart_task: int = 200,
-                       n_clipart_other: int = 3000, n_patterns: int = 4000,
+                       n_clipart_other: int = 2000, n_patterns: int = 4000,
                        generic_caption_fraction: float = 0.2) -> tuple[torch.Tensor, list[str]]:
     """Captioned images (uint8 [N, 3, H, W], captions) to pretrain the mini CLIP, in a seeded shuffled order.
 

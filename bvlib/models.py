@@ -7,6 +7,7 @@ encoder is fine-tuned, so task vectors and Backdoor Vectors live in its weight s
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,13 @@ def create_clip(name: str, pretrained: str | None = None, device: torch.device |
         raise BVLibError(f"unknown model '{name}'; choose an open_clip model such as ViT-B-32 or one of: "
                          + ", ".join(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))))
     local = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"})
-    model = open_clip.create_model(name, pretrained=None if local else pretrained, device=device)
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # open_clip warns that a model without `pretrained` is randomly initialised
+    try:
+        model = open_clip.create_model(name, pretrained=None if local else pretrained, device=device)
+    finally:
+        quiet.setLevel(level)
     if local:
         state = load_state_dict(pretrained)
         missing, unexpected = model.load_state_dict(state, strict=False)

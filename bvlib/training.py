@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from open_clip import ClipLoss
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from bvlib.data import Split, iterate_batches
 from bvlib.errors import BVLibError
@@ -92,7 +92,7 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
-             device: torch.device | str = "cpu", desc: str = "finetune") -> Weights:
+             device: torch.device | str = "cpu", desc: str = "finetune", progress: bool = True) -> Weights:
     """Fine-tune `classifier.encoder` in place on a split of uint8 images; return its weights."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -107,7 +107,7 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
         if not 0 <= poison.target < n_classes:
             raise BVLibError(f"target class {poison.target} is out of range for a task with {n_classes} classes")
     stream = _endless(split, cfg.batch_size, g)
-    for _ in tqdm(range(cfg.steps), desc=desc, leave=False, mininterval=2):
+    for _ in tqdm(range(cfg.steps), desc=desc, leave=False, mininterval=2, disable=not progress):
         images, labels = next(stream)
         x, y = _to_float(images, device), labels.to(device)
         with _autocast(device):
@@ -134,7 +134,7 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
 
 
 def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], cfg: TrainConfig,
-                  device: torch.device | str = "cpu", max_shift: int = 2) -> dict[str, float]:
+                  device: torch.device | str = "cpu", max_shift: int = 2, progress: bool = True) -> dict[str, float]:
     """Contrastive (CLIP) pretraining in place on uint8 images and their captions.
 
     Light augmentation: a random shift of up to `max_shift` pixels per batch.
@@ -154,7 +154,7 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], c
     loss_fn = ClipLoss()
     stream = _endless(Split(images, cap_ids), cfg.batch_size, g)
     losses = []
-    for _ in tqdm(range(cfg.steps), desc="pretrain", leave=False, mininterval=2):
+    for _ in tqdm(range(cfg.steps), desc="pretrain", leave=False, mininterval=2, disable=not progress):
         batch, ids = next(stream)
         x = _to_float(batch, device)
         if max_shift:

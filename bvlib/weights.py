@@ -116,7 +116,7 @@ class Weights:
         params = dict(module.named_parameters())
         Layout.of(params).check_same(self.layout, "weights and model")
         with torch.no_grad():
-            for (name, view), p in zip(self.state_dict().items(), params.values()):
+            for view, p in zip(self.state_dict().values(), params.values()):
                 p.copy_(view)
         return module
 

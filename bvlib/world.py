@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from bvlib import data
 from bvlib.errors import BVLibError
@@ -133,7 +133,8 @@ class World:
         if hit is None:
             t = time.perf_counter()
             images, captions = data.pretraining_corpus(image_size=p["data"]["image_size"], seed=p["data"].get("seed", 0), **p.get("corpus", {}))
-            stats = pretrain_clip(model, tokenizer, images, captions, TrainConfig(**p["pretrain"]), device=self.device)
+            stats = pretrain_clip(model, tokenizer, images, captions, TrainConfig(**p["pretrain"]), device=self.device,
+                                  progress=self.progress)
             stats |= {"seconds": time.perf_counter() - t, "n_images": len(images)}
             self.store.save("base", self.base_config, model.state_dict(), stats)
             self.timings["pretrain"] = stats["seconds"]
@@ -165,7 +166,8 @@ class World:
         if name not in self._heads:
             task = self.task(name)
             cfg = {"base": self.base_key, "task": name, "classnames": task.classnames, "templates": task.templates}
-            tensors, _ = self.store.cached("head", cfg, lambda: ({"head": zeroshot_head(self.clip, self.tokenizer, task.classnames, task.templates, self.device)}, {}))
+            build = lambda: ({"head": zeroshot_head(self.clip, self.tokenizer, task.classnames, task.templates, self.device)}, {})  # noqa: E731
+            tensors, _ = self.store.cached("head", cfg, build)
             self._heads[name] = tensors["head"].to(self.device)
         return self._heads[name]
 
@@ -202,7 +204,8 @@ class World:
         t = time.perf_counter()
         kind = "badnets" if poison else "clean"
         model = self.classifier(name)
-        weights = finetune(model, self.task(name).train, cfg, poison, device=self.device, desc=f"{kind} {name} seed {cfg.seed}")
+        weights = finetune(model, self.task(name).train, cfg, poison, device=self.device, desc=f"{kind} {name} seed {cfg.seed}",
+                           progress=self.progress)
         seconds = time.perf_counter() - t
         self.timings[f"finetune/{name}/{kind}/{cfg.seed}"] = seconds
         self.store.save("finetune", key_cfg, {"flat": weights.flat}, {"layout": weights.layout.to_json(), "seconds": seconds})

@@ -16,7 +16,7 @@
 # *Backdoor Vectors: a Task Arithmetic View on Backdoor Attacks and Defenses* (Twardowski, Marczak,
 # Dubiński, Pawlak; arXiv 2510.08016, 2025) treats a backdoor attack as a task vector:
 #
-# $$\mathrm{BV} = \theta_{\text{backdoored}} - \theta_{\text{clean}}$$
+# > **BV = θ<sub>backdoored</sub> − θ<sub>clean</sub>**
 #
 # Adding a BV to a clean model injects the backdoor, subtracting it weakens it. With BVs the paper
 # measures how similar attacks are and how they transfer, builds a stronger attack that survives model
@@ -29,7 +29,7 @@
 # %% tags=["parameters"]
 preset = "cpu"
 
-# %%
+# %% tags=["remove-input"]
 from IPython.display import Markdown
 
 from bvlib.book import recorded
@@ -43,6 +43,23 @@ if world:
         f"{world['mean_zeroshot_acc']:.1%}; clean fine-tunes reach {world['mean_clean_acc']:.1%}. BadNets backdoors reach a mean "
         f"ASR of {world['mean_backdoor_asr']:.1%} (lowest task {world['min_backdoor_asr']:.1%}) at a clean accuracy of "
         f"{world['mean_backdoor_clean_acc']:.1%}. The world meets {world['targets_met']} of its {world['targets']} targets."
+    )
+bv = results.get("01_backdoor_vectors")
+if bv:
+    lines.append(
+        f"**Backdoor Vectors** ([chapter](01_backdoor_vectors)): adding the BV to a clean model raises the mean ASR from "
+        f"{bv['asr_inject_0']:.1%} to {bv['asr_inject_1']:.1%} while clean accuracy goes from {bv['acc_inject_0']:.1%} to "
+        f"{bv['acc_inject_1']:.1%}; subtracting it from the backdoored model leaves an ASR of {bv['asr_remove_1']:.1%}. "
+        f"A BV's norm is {bv['bv_over_tau']:.2f}× the task vector's. {bv['claims_held']} of {bv['claims']} of the paper's observations hold here."
+    )
+st = results.get("02_similarity_transfer")
+if st:
+    groups = [g for g in ("seed", "location", "target", "task") if f"cos_{g}" in st]
+    parts = ", ".join(f"{g} {st[f'cos_{g}']:.2f} / {st[f'transfer_{g}']:.0%}" for g in groups)
+    lines.append(
+        f"**Similarity and transfer** ([chapter](02_similarity_transfer)): varying one knob of a BadNets attack on "
+        f"`{st['task']}`, the BV cosine similarity / transfer ASR to the reference attack is: {parts}. "
+        f"The paper's ordering (seeds and locations above target classes and tasks) holds in {st['claims_held']} of {st['claims']} comparisons."
     )
 if not lines:
     lines.append("No chapter has recorded results yet: run `make book`.")
