@@ -48,7 +48,7 @@ from bvlib.errors import BVLibError
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-DATA_VERSION = "mini-data-2"  # bump to invalidate every cached task and corpus
+DATA_VERSION = "mini-data-3"  # bump to invalidate every cached task and corpus
 MINI_TASKS: tuple[str, ...] = ("mnist", "digits", "fashion", "animals", "clipart", "textiles", "letters", "patterns")
 PAPER_TASKS: tuple[str, ...] = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
 
@@ -101,11 +101,14 @@ def iterate_batches(split: SplitLike, batch_size: int, *, shuffle: bool, generat
         raise BVLibError(f"batch_size must be positive, got {batch_size}")
     if isinstance(split, Split):
         n = len(split)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=generator) if shuffle else None
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
-            yield split.images[idx], split.labels[idx]
+            if order is None:  # in order: plain slices, no copy
+                yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
+            else:
+                idx = order[start:start + batch_size]
+                yield split.images[idx], split.labels[idx]
         return
     loader = DataLoader(split, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
                         drop_last=drop_last, num_workers=0)
@@ -123,9 +126,6 @@ def load_paper_task(name: str, root: str | os.PathLike, *, image_size: int = 224
 # ----------------------------------------------------------------------------------------
 # Hashing, resizing, caching
 # ----------------------------------------------------------------------------------------
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser, vectorised: a well-mixed 64-bit value per element."""
     with np.errstate(over="ignore"):
@@ -335,21 +335,18 @@ def _animals_source() -> _Source:
     return _array_source(images, labels)
 
 
-def _file_keys(paths: Sequence[Path]) -> tuple[np.ndarray, list[bytes]]:
-    data = [p.read_bytes() for p in paths]
-    keys = np.array([int.from_bytes(hashlib.sha1(b).digest()[:8], "little") for b in data], dtype=np.uint64)
-    return keys, data
+def _file_keys(paths: Sequence[Path]) -> np.ndarray:
+    """A content hash per file (so a file filed under two categories is one item)."""
+    return np.array([int.from_bytes(hashlib.sha1(p.read_bytes()).digest()[:8], "little") for p in paths], dtype=np.uint64)
 
 
-def _decode_images(blobs: Sequence[bytes], size: int, *, square_pad: bool) -> torch.Tensor:
+def _decode_images(paths: Sequence[Path], size: int, *, square_pad: bool) -> torch.Tensor:
     """Decode image files, composite transparency onto white, pad to square, resize (LANCZOS)."""
-    import io
-
     from PIL import Image
 
-    out = torch.empty((len(blobs), 3, size, size), dtype=torch.uint8)
-    for i, blob in enumerate(blobs):
-        im: PILImage.Image = Image.open(io.BytesIO(blob))
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        im: PILImage.Image = Image.open(path)
         if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -366,18 +363,23 @@ def _decode_images(blobs: Sequence[bytes], size: int, *, square_pad: bool) -> to
     return out
 
 
+_KEEP_DECODED_UP_TO = 64  # decoded/generated images are kept in memory for reuse only at small sizes
+
+
 def _file_source(paths: Sequence[Path], labels: Sequence[int], *, square_pad: bool) -> _Source:
-    """A source of image files; decoded (once per size, in this process) only when rendered."""
-    keys, blobs = _file_keys(paths)
+    """A source of image files, decoded only when rendered (and kept, at small sizes, for this process)."""
+    keys = _file_keys(paths)
     _, first = np.unique(keys, return_index=True)
     keep = np.sort(first)
-    blobs = [blobs[i] for i in keep]
+    paths = [paths[i] for i in keep]
     rendered: dict[tuple[int, int], torch.Tensor] = {}
 
     def render(idx: np.ndarray, size: int) -> torch.Tensor:
+        if size > _KEEP_DECODED_UP_TO:
+            return _decode_images([paths[int(i)] for i in idx], size, square_pad=square_pad)
         todo = [int(i) for i in idx if (int(i), size) not in rendered]
         if todo:
-            imgs = _decode_images([blobs[i] for i in todo], size, square_pad=square_pad)
+            imgs = _decode_images([paths[i] for i in todo], size, square_pad=square_pad)
             rendered.update({(i, size): im for i, im in zip(todo, imgs, strict=True)})
         if len(idx) == 0:
             return torch.empty((0, 3, size, size), dtype=torch.uint8)
@@ -477,8 +479,13 @@ _FONT_DENY = ("symbol", "dingbat", "d050000l", "last resort", "math", "cmex", "c
 _FONT_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
+# Only fonts that the project's own setup installs (or that ship with matplotlib), so that the
+# letters task and the corpus are the same on every machine, whatever else is installed there.
+FONT_DIRS = ("/usr/share/fonts/opentype/urw-base35", "/usr/share/fonts/truetype/dejavu")
+
+
 def _font_candidates() -> list[Path]:
-    dirs = [Path("/usr/share/fonts"), Path.home() / ".local" / "share" / "fonts"]
+    dirs = [Path(d) for d in FONT_DIRS]
     try:
         import matplotlib
 
@@ -594,13 +601,9 @@ def _glyph_bank(side: str, chars: str, res: int) -> torch.Tensor:
             glyphs = np.stack([_render_glyph(font, ch, res) for ch in chars])
         except OSError:
             continue
-        flat = torch.from_numpy(glyphs.reshape(len(chars), -1))
-        flat = flat - flat.mean(1, keepdim=True)
+        flat = glyphs.reshape(len(chars), -1)
         # a face whose glyphs are blank or all alike (placeholder boxes) teaches nothing
-        if (flat.norm(dim=1) < 1.0).any():
-            continue
-        unit = flat / flat.norm(dim=1, keepdim=True)
-        if float((unit @ unit.T).min()) > 0.9:
+        if (flat.sum(1) < 10).any() or np.abs(flat[1:] - flat[0]).mean(1).min() < 0.01:
             continue
         masks.append(glyphs)
     if not masks:
@@ -628,12 +631,18 @@ def _finish(mask: torch.Tensor, bg: torch.Tensor, fg: torch.Tensor, size: int, g
     return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
-def _glyph_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed: int, chunk: int = 1024) -> torch.Tensor:
+def _chunk(res: int) -> int:
+    """Samples per vectorised step: 1024 at small sizes, fewer when images are large (memory)."""
+    return max(8, min(1024, 2 ** 22 // (res * res)))
+
+
+def _glyph_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed: int) -> torch.Tensor:
     """Glyphs of the given classes from random faces, randomly scaled, rotated, sheared, shifted and coloured."""
     gen = torch.Generator().manual_seed(seed)
     n_faces, _, res, _ = bank.shape
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     out = torch.empty((len(labels_t), 3, size, size), dtype=torch.uint8)
+    chunk = _chunk(res)
     for s in range(0, len(labels_t), chunk):
         y = labels_t[s:s + chunk]
         n = len(y)
@@ -662,7 +671,7 @@ PATTERNS_PER_CLASS = 500
 
 
 def _glyph_res(size: int) -> int:
-    return max(64, 2 * size)
+    return min(256, max(64, 2 * size))
 
 
 @lru_cache(maxsize=2)
@@ -680,9 +689,10 @@ def _generated_renderer(generate: Callable[[int], torch.Tensor]) -> Callable[[np
     done: dict[int, torch.Tensor] = {}
 
     def render(idx: np.ndarray, size: int) -> torch.Tensor:
-        if size not in done:
-            done[size] = generate(size)
-        return done[size][torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+        images = done[size] if size in done else generate(size)
+        if size <= _KEEP_DECODED_UP_TO:
+            done[size] = images
+        return images[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
 
     return render
 
@@ -753,11 +763,12 @@ def _pattern_masks(cls: torch.Tensor, res: int, gen: torch.Generator, style: str
     return masks[:, None]
 
 
-def _pattern_images(labels: np.ndarray, size: int, seed: int, style: str, chunk: int = 1024) -> torch.Tensor:
+def _pattern_images(labels: np.ndarray, size: int, seed: int, style: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     out = torch.empty((len(labels_t), 3, size, size), dtype=torch.uint8)
     res = 2 * size
+    chunk = _chunk(res)
     for s in range(0, len(labels_t), chunk):
         y = labels_t[s:s + chunk]
         masks = _pattern_masks(y, res, gen, style)
@@ -937,10 +948,10 @@ def _article(name: str) -> str:
 class CorpusMix:
     """How many images of each kind go into the pretraining corpus (see `pretraining_corpus`)."""
 
-    n_digits: int = 4000
-    n_letters: int = 5200
-    n_fashion: int = 5000
-    n_animals: int = 1500
+    n_digits: int = 5000
+    n_letters: int = 6500
+    n_fashion: int = 2000
+    n_animals: int = 1000
     n_clipart_task: int = 200
     n_clipart_other: int = 2000
     n_patterns: int = 4000
@@ -974,54 +985,43 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
     rng = np.random.default_rng([seed, _name_seed("corpus")])
     images: list[torch.Tensor] = []
     captions: list[str] = []
-    forbidden: set[int] = set()  # content hashes of every task-side image at this size
+    forbidden: list[np.ndarray] = []  # content hashes of every task-side image of a source the corpus shares
 
-    def add(imgs: torch.Tensor, caps: list[str]) -> None:
-        h = _hash_rows(imgs)
-        ok = torch.from_numpy(np.array([int(x) not in forbidden for x in h], dtype=bool))
-        images.append(imgs[ok])
-        captions.extend(c for c, k in zip(caps, ok.tolist(), strict=True) if k)
+    def from_pool(name: str, n: int, names: Sequence[str]) -> np.ndarray:
+        src, pick, task_idx = _pool_pick(name, n, seed)
+        forbidden.append(_hash_rows(src.render(task_idx, image_size)))
+        images.append(src.render(pick, image_size))
+        captions.extend(_captions(name, names, src.labels[pick], rng))
+        return src.keys[task_idx]
 
-    steps = ["glyphs", "fashion", "animals", "clipart", "patterns"]
-    for step in tqdm(steps, desc="building pretraining corpus", leave=False):
-        if step == "glyphs":
-            res = _glyph_res(image_size)
-            for kind, chars, n in (("digits", "0123456789", mix.n_digits), ("letters", LETTERS, mix.n_letters)):
-                if n <= 0:
-                    continue
+    for step in tqdm(("glyphs", "fashion", "animals", "clipart", "patterns"), desc="building pretraining corpus", leave=False):
+        if step == "glyphs" and mix.n_digits + mix.n_letters > 0:
+            bank = _glyph_bank("corpus", _FONT_CHARS, _glyph_res(image_size))  # A-Z then 0-9
+            for kind, chars, sub, n in (("digits", "0123456789", bank[:, 26:], mix.n_digits), ("letters", LETTERS, bank[:, :26], mix.n_letters)):
                 y = _balanced_labels(n, len(chars), rng)
-                imgs = _glyph_images(_glyph_bank("corpus", chars, res), y, image_size, int(rng.integers(2 ** 31)))
-                add(imgs, _captions(kind, list(chars), y, rng))
-        elif step in ("fashion", "animals"):
-            n = mix.n_fashion if step == "fashion" else mix.n_animals
-            if n <= 0:
-                continue
-            name = step
-            src, pick, task_idx = _pool_pick(name, n, seed)
-            forbidden.update(int(x) for x in _hash_rows(src.render(task_idx, image_size)))
-            names = FASHION_CLASSES if name == "fashion" else ANIMAL_CLASSES
-            add(src.render(pick, image_size), _captions(name, names, src.labels[pick], rng))
-        elif step == "clipart":
-            if mix.n_clipart_task <= 0 and mix.n_clipart_other <= 0:
-                continue
-            src, pick, task_idx = _pool_pick("clipart", max(mix.n_clipart_task, 0), seed)
-            forbidden.update(int(x) for x in _hash_rows(src.render(task_idx, image_size)))
-            task_keys = set(src.keys[task_idx].tolist())
-            add(src.render(pick, image_size), _captions("clipart", [c for _, c in CLIPART_CLASSES], src.labels[pick], rng))
-            if mix.n_clipart_other > 0:
-                other = _clipart_corpus_source()
-                usable = np.array([k not in task_keys for k in other.keys.tolist()], dtype=bool)
-                order = rng.permutation(np.flatnonzero(usable))
-                keep = np.concatenate([order[other.labels[order] == c][:CLIPART_CORPUS_CAP]
-                                       for c in range(len(CLIPART_CORPUS_CATEGORIES))])
-                keep = np.sort(rng.permutation(keep)[:mix.n_clipart_other])
-                add(other.render(keep, image_size),
-                    _captions("clipart", [c for _, c in CLIPART_CORPUS_CATEGORIES], other.labels[keep], rng))
+                images.append(_glyph_images(sub, y, image_size, int(rng.integers(2 ** 31))))
+                captions.extend(_captions(kind, list(chars), y, rng))
+        elif step == "fashion" and mix.n_fashion > 0:
+            from_pool("fashion", mix.n_fashion, FASHION_CLASSES)
+        elif step == "animals" and mix.n_animals > 0:
+            from_pool("animals", mix.n_animals, ANIMAL_CLASSES)
+        elif step == "clipart" and mix.n_clipart_task + mix.n_clipart_other > 0:
+            task_keys = from_pool("clipart", mix.n_clipart_task, [c for _, c in CLIPART_CLASSES])
+            other = _clipart_corpus_source()
+            order = rng.permutation(np.flatnonzero(~np.isin(other.keys, task_keys)))  # no file the task uses
+            keep = np.concatenate([order[other.labels[order] == c][:CLIPART_CORPUS_CAP] for c in range(len(CLIPART_CORPUS_CATEGORIES))])
+            keep = np.sort(rng.permutation(keep)[:mix.n_clipart_other])
+            images.append(other.render(keep, image_size))
+            captions.extend(_captions("clipart", [c for _, c in CLIPART_CORPUS_CATEGORIES], other.labels[keep], rng))
         elif step == "patterns" and mix.n_patterns > 0:
             y = _balanced_labels(mix.n_patterns, len(PATTERN_CLASSES), rng)
-            add(_pattern_images(y, image_size, int(rng.integers(2 ** 31)), "corpus"), _captions("patterns", _PATTERN_PHRASES, y, rng))
+            images.append(_pattern_images(y, image_size, int(rng.integers(2 ** 31)), "corpus"))
+            captions.extend(_captions("patterns", _PATTERN_PHRASES, y, rng))
 
     all_images = torch.cat(images) if images else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+    # distinct files can still render identically at this size: drop any image equal to a task-side one
+    ok = ~np.isin(_hash_rows(all_images), np.concatenate(forbidden)) if forbidden else np.ones(len(all_images), dtype=bool)
+    all_images, captions = all_images[torch.from_numpy(ok)], [c for c, k in zip(captions, ok, strict=True) if k]
     n_generic = round(mix.generic_caption_fraction * len(captions))
     for i, g in zip(rng.permutation(len(captions))[:n_generic], rng.integers(len(GENERIC_CAPTIONS), size=n_generic), strict=True):
         captions[i] = GENERIC_CAPTIONS[g]
@@ -1029,10 +1029,11 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
     return all_images[torch.from_numpy(order)].contiguous(), [captions[i] for i in order]
 
 
-def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None, seed: int = 0, n_digits: int = 4000,
-                       n_letters: int = 5200, n_fashion: int = 5000, n_animals: int = 1500, n_clipart_task: int = 200,
-                       n_clipart_other: int = 2000, n_patterns: int = 4000,
-                       generic_caption_fraction: float = 0.2) -> tuple[torch.Tensor, list[str]]:
+def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None, seed: int = 0, n_digits: int = CorpusMix.n_digits,
+                       n_letters: int = CorpusMix.n_letters, n_fashion: int = CorpusMix.n_fashion, n_animals: int = CorpusMix.n_animals,
+                       n_clipart_task: int = CorpusMix.n_clipart_task, n_clipart_other: int = CorpusMix.n_clipart_other,
+                       n_patterns: int = CorpusMix.n_patterns,
+                       generic_caption_fraction: float = CorpusMix.generic_caption_fraction) -> tuple[torch.Tensor, list[str]]:
     """Captioned images (uint8 [N, 3, H, W], captions) to pretrain the mini CLIP, in a seeded shuffled order.
 
     The corpus shows the tasks' *concepts* but never their evaluation images, so the base
@@ -1044,8 +1045,8 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
       captions like "the digit 7", "the number seven", "a capital K". No handwriting.
     - n_fashion, n_animals: images from the fashion / animals pretraining pools, the part
       of each source that `_source_partition` keeps out of every split of that task.
-    - n_clipart_task: clip-art from the task's categories, from its pool (all there is: ~80).
-    - n_clipart_other: clip-art from ~40 other openclipart categories (at most 100 each).
+    - n_clipart_task: clip-art of the task's categories from its pool (~230 there, mostly stars and flags).
+    - n_clipart_other: clip-art from 41 other openclipart categories (at most 100 each, ~2000 in all).
     - n_patterns: the `patterns` concepts drawn with disjoint parameters (soft edges,
       finer frequencies, small shapes, curved gradients).
     - generic_caption_fraction: the share whose caption is replaced by a generic one

@@ -2,12 +2,14 @@
 
 Fine-tuning follows the task-vector protocol: frozen zero-shot head, AdamW, linear warm-up
 then cosine decay, gradient clipping, bf16 autocast on CUDA. A BadNets poison pastes a
-trigger on part of each batch and relabels it to the target class.
+trigger on part of each batch and relabels it to the target class. Any poison with a
+`make_loss(classifier, seed)` method plugs into the same loop (BadMerging does).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -20,6 +22,9 @@ from bvlib.data import Split, iterate_batches
 from bvlib.errors import BVLibError
 from bvlib.triggers import PatchTrigger
 from bvlib.weights import Weights
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""loss_fn(classifier, float images in [0, 1], labels) -> scalar loss of one batch."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,20 @@ class Poison:
     def config(self) -> dict:
         return asdict(self) | {"trigger": self.trigger.config()}
 
+    def make_loss(self, classifier, seed: int = 0) -> LossFn:
+        """The per-batch training loss of this attack (`classifier` as it is before training)."""
+
+        def loss(classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            k = max(1, round(self.rate * len(x)))
+            xp = self.trigger.apply(x[:k])
+            yp = torch.full((k,), self.target, device=x.device, dtype=y.dtype)
+            if self.mode == "replace":
+                return F.cross_entropy(classifier(torch.cat([xp, x[k:]])), torch.cat([yp, y[k:]]))
+            logits = classifier(torch.cat([x, xp]))
+            return F.cross_entropy(logits[: len(x)], y) + self.loss_weight * F.cross_entropy(logits[len(x) :], yp)
+
+        return loss
+
 
 def _schedule(cfg: TrainConfig):
     def factor(step: int) -> float:
@@ -91,9 +110,21 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, non_blocking=True).float().div_(255)
 
 
+def clean_loss(classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on a clean batch."""
+    return F.cross_entropy(classifier(x), y)
+
+
 def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
-             device: torch.device | str = "cpu", desc: str = "finetune", progress: bool = True) -> Weights:
-    """Fine-tune `classifier.encoder` in place on a split of uint8 images; return its weights."""
+             device: torch.device | str = "cpu", desc: str = "finetune", progress: bool = True,
+             loss_fn: LossFn | None = None) -> Weights:
+    """Fine-tune `classifier.encoder` in place on a split of uint8 images; return its weights.
+
+    The loss of each batch is `loss_fn(classifier, x, y)` (x float images in [0, 1] on the
+    device), by default `poison.make_loss(classifier, cfg.seed)` for a poison (BadNets, or any
+    attack with the same interface such as `bvlib.badmerging.BadMergingPoison`) and plain
+    cross-entropy without one. A poison's trigger and target are checked either way.
+    """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -106,22 +137,14 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
         n_classes = classifier.head.shape[0]
         if not 0 <= poison.target < n_classes:
             raise BVLibError(f"target class {poison.target} is out of range for a task with {n_classes} classes")
+    if loss_fn is None:
+        loss_fn = poison.make_loss(classifier, cfg.seed) if poison is not None else clean_loss
     stream = _endless(split, cfg.batch_size, g)
     for _ in tqdm(range(cfg.steps), desc=desc, leave=False, mininterval=2, disable=not progress):
         images, labels = next(stream)
         x, y = _to_float(images, device), labels.to(device)
         with _autocast(device):
-            if poison is None:
-                loss = F.cross_entropy(classifier(x), y)
-            else:
-                k = max(1, round(poison.rate * len(x)))
-                xp = poison.trigger.apply(x[:k])
-                yp = torch.full((k,), poison.target, device=device, dtype=y.dtype)
-                if poison.mode == "replace":
-                    loss = F.cross_entropy(classifier(torch.cat([xp, x[k:]])), torch.cat([yp, y[k:]]))
-                else:
-                    logits = classifier(torch.cat([x, xp]))
-                    loss = F.cross_entropy(logits[: len(x)], y) + poison.loss_weight * F.cross_entropy(logits[len(x) :], yp)
+            loss = loss_fn(classifier, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -12,6 +12,50 @@ LOCATIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center", "
 PATTERNS = ("solid", "checkerboard", "noise")
 
 
+def check_location(location: str) -> None:
+    if location not in LOCATIONS:
+        raise BVLibError(f"unknown trigger location '{location}'; choose one of: {', '.join(LOCATIONS)}")
+
+
+def check_fits(size: int, height: int, width: int) -> None:
+    """Refuse a square patch of `size` px that does not fit a height x width image."""
+    if size > min(height, width):
+        raise BVLibError(f"a {size}px trigger does not fit a {height}x{width} image; use size <= {min(height, width)}")
+
+
+def patch_position(size: int, location: str, height: int, width: int, seed: int = 0) -> tuple[int, int]:
+    """Top-left corner (row, column) of a square patch at a named location.
+
+    "random" is one position drawn from `seed`, the same for every image.
+    """
+    check_location(location)
+    check_fits(size, height, width)
+    s = size
+    if location == "random":
+        g = torch.Generator().manual_seed(seed)
+        return int(torch.randint(0, height - s + 1, (1,), generator=g)), int(torch.randint(0, width - s + 1, (1,), generator=g))
+    rows = {"top": 0, "bottom": height - s, "center": (height - s) // 2}
+    cols = {"left": 0, "right": width - s, "center": (width - s) // 2}
+    if location == "center":
+        return rows["center"], cols["center"]
+    r, c = location.split("_")
+    return rows[r], cols[c]
+
+
+def paste_patch(images: torch.Tensor, patch: torch.Tensor, position: tuple[int, int]) -> torch.Tensor:
+    """A copy of a float batch [B, 3, H, W] with `patch` [3, s, s] pasted at (row, column).
+
+    Differentiable in `patch` (trigger optimisation backpropagates through it).
+    """
+    if not images.is_floating_point():
+        raise BVLibError("triggers apply to float images in [0, 1]; convert uint8 with images.float() / 255")
+    r, c = position
+    s = patch.shape[-1]
+    out = images.clone()
+    out[..., r : r + s, c : c + s] = patch.to(images.dtype)
+    return out
+
+
 @dataclass(frozen=True)
 class PatchTrigger:
     """A square patch pasted onto every image (BadNets style).
@@ -29,8 +73,7 @@ class PatchTrigger:
     seed: int = 0
 
     def __post_init__(self):
-        if self.location not in LOCATIONS:
-            raise BVLibError(f"unknown trigger location '{self.location}'; choose one of: {', '.join(LOCATIONS)}")
+        check_location(self.location)
         if self.pattern not in PATTERNS:
             raise BVLibError(f"unknown trigger pattern '{self.pattern}'; choose one of: {', '.join(PATTERNS)}")
         if int(self.size) != self.size or self.size < 1:
@@ -43,22 +86,11 @@ class PatchTrigger:
         return asdict(self) | {"color": list(self.color)}
 
     def check_fits(self, height: int, width: int) -> None:
-        if self.size > min(height, width):
-            raise BVLibError(f"a {self.size}px trigger does not fit a {height}x{width} image; use size <= {min(height, width)}")
+        check_fits(self.size, height, width)
 
     def position(self, height: int, width: int) -> tuple[int, int]:
         """Top-left corner (row, column) of the patch."""
-        self.check_fits(height, width)
-        s = self.size
-        if self.location == "random":
-            g = torch.Generator().manual_seed(self.seed)
-            return int(torch.randint(0, height - s + 1, (1,), generator=g)), int(torch.randint(0, width - s + 1, (1,), generator=g))
-        rows = {"top": 0, "bottom": height - s, "center": (height - s) // 2}
-        cols = {"left": 0, "right": width - s, "center": (width - s) // 2}
-        if self.location == "center":
-            return rows["center"], cols["center"]
-        r, c = self.location.split("_")
-        return rows[r], cols[c]
+        return patch_position(self.size, self.location, height, width, self.seed)
 
     def patch(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The [3, size, size] patch in [0, 1]."""
@@ -75,10 +107,4 @@ class PatchTrigger:
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """A triggered copy of a float batch [B, 3, H, W] in [0, 1]."""
-        if not images.is_floating_point():
-            raise BVLibError("triggers apply to float images in [0, 1]; convert uint8 with images.float() / 255")
-        h, w = images.shape[-2:]
-        r, c = self.position(h, w)
-        out = images.clone()
-        out[..., r : r + self.size, c : c + self.size] = self.patch(images.device).to(images.dtype)
-        return out
+        return paste_patch(images, self.patch(images.device), self.position(*images.shape[-2:]))

@@ -113,7 +113,7 @@ class World:
     @cached_property
     def base_config(self) -> dict:
         p = self.preset
-        cfg = {"version": VERSION, "model": p["model"], "pretrained": p.get("pretrained")}
+        cfg = {"version": VERSION, "data_version": data.DATA_VERSION, "model": p["model"], "pretrained": p.get("pretrained")}
         if not self.is_paper:
             cfg |= {"pretrain": p["pretrain"], "corpus": p.get("corpus", {}), "image_size": p["data"]["image_size"], "corpus_seed": p["data"].get("seed", 0)}
         return cfg
@@ -195,7 +195,8 @@ class World:
         """θ_t fine-tuned on task `name` (clean, or poisoned), from the store when it was made before."""
         self.check_task(name)
         cfg = self.train_config(name, **train_overrides)
-        key_cfg = {"version": VERSION, "base": self.base_key, "task": name, "data": self.preset["data"], "train": cfg.config(),
+        key_cfg = {"version": VERSION, "data_version": data.DATA_VERSION, "base": self.base_key, "task": name, "data": self.preset["data"],
+                   "train": cfg.config(),
                    "poison": poison.config() if poison else None}
         hit = self.store.load("finetune", key_cfg)
         if hit is not None:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -27,15 +28,15 @@ def split():
 
 
 def test_accuracy_counts_correct_predictions():
-    assert evaluate(Constant(2), split())["acc"] == 0.5
+    assert evaluate(Constant(2), split())["acc"] == pytest.approx(0.5)
 
 
 def test_asr_excludes_target_class_images():
     # always predicting the target: accuracy is the target's share, ASR is 1 on the 8 non-target images
     r = evaluate(Constant(0), split(), PatchTrigger(size=2), target=0, batch_size=3)
-    assert r["acc"] == 0.2 and r["asr"] == 1.0
+    assert r["acc"] == pytest.approx(0.2) and r["asr"] == 1.0
     # a backdoor that fires on the trigger: clean predictions 1, triggered predictions 2 (the target)
     r = evaluate(Constant(1, triggered=2), split(), PatchTrigger(size=2), target=2)
-    assert r["acc"] == 0.3 and r["asr"] == 1.0
+    assert r["acc"] == pytest.approx(0.3) and r["asr"] == 1.0
     # the trigger flips to class 0, but the target is 2: no success, although 2 of 10 images are "hit"
     assert evaluate(Constant(1, triggered=0), split(), PatchTrigger(size=2), target=2)["asr"] == 0.0

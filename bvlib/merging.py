@@ -1,0 +1,436 @@
+"""Model merging over stacks of flat task vectors, and the Sparse Backdoor Vector combination.
+
+Every method maps a [K, D] stack of task vectors τ_1..τ_K (rows; any device) to ONE merged task
+vector τ_merged of D values; the merged model is θ0 + τ_merged (the caller adds θ0).
+
+    merge(vectors, "ties", k=0.2, lam=1.0)          # Weights in -> Weights out; tensor in -> tensor out
+
+Coordinate-wise methods (average, task arithmetic, TIES, DARE, TALL, Consensus, SBV) are whole-tensor
+ops on the stack. TSV-M and Iso-C are per-layer by nature: they run batched SVDs over all 2-D weight
+matrices of the same shape at once (a loop over shape groups, not over coordinates), and give every
+other parameter (biases, norms, conv stem, class/positional embeddings) lam · mean(τ), as the
+official TSV-M and Iso-C code does.
+
+Large temporaries are reused in place: on CPU a fresh [K, D] tensor costs more in page faults than
+the arithmetic on it, and on GPU it is memory the caching allocator must hold.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from bvlib.errors import BVLibError
+from bvlib.weights import Layout, Weights, stack
+
+# 2-D parameters that are embeddings, not linear maps: TSV-M / Iso-C leave them to the mean fallback.
+NOT_MATRICES = ("positional_embedding", "class_embedding", "token_embedding", "text_projection")
+
+
+# input handling -----------------------------------------------------------------------------
+def _as_stack(vectors, layout: Layout | None, what: str = "vectors") -> tuple[torch.Tensor, Layout | None, bool]:
+    """([K, D] stack, layout, whether to return Weights)."""
+    if isinstance(vectors, torch.Tensor):
+        s, as_weights = vectors, False
+        if s.dim() != 2:
+            raise BVLibError(f"expected a [K, D] stack of flat {what}, got a tensor of shape {list(s.shape)}")
+        if layout is not None and layout.numel != s.shape[1]:
+            raise BVLibError(f"the layout holds {layout.numel} values but the {what} have {s.shape[1]}; pass the matching layout")
+    elif isinstance(vectors, Weights) or not isinstance(vectors, Sequence):
+        raise BVLibError(f"expected a list of Weights or a [K, D] tensor of {what}, got {type(vectors).__name__}")
+    else:
+        if not all(isinstance(v, Weights) for v in vectors):
+            raise BVLibError(f"expected a list of Weights or a [K, D] tensor of {what}")
+        s, as_weights = stack(list(vectors)), True  # refuses mismatched layouts
+        if layout is not None:
+            layout.check_same(vectors[0].layout, what)
+        layout = vectors[0].layout
+    if s.shape[0] == 0 or s.shape[1] == 0:
+        raise BVLibError(f"need at least one non-empty vector to merge, got a stack of shape {list(s.shape)}")
+    if not s.is_floating_point():
+        raise BVLibError(f"{what} must be floating point, got {s.dtype}")
+    return s, layout, as_weights
+
+
+def _real(name: str, value, lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False) -> float:
+    """Check a scalar parameter against an interval, with a one-line message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BVLibError(f"{name} must be a finite number, got {value!r}")
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if below or above:
+        interval = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        raise BVLibError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+def _int(name: str, value, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise BVLibError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+# exact per-row top-k threshold ----------------------------------------------------------------
+def kth_largest(a: torch.Tensor, n: int, *, sample: int | None = None, z: float = 6.0) -> torch.Tensor:
+    """Exact n-th largest value of each row of a [K, D] tensor, without sorting the rows.
+
+    Sample-select (Floyd & Rivest 1975): `sample` random columns (default 2^16 on CPU, 2^20 on GPU)
+    bracket the answer in [lo, hi] (± z standard deviations of its rank in the sample); one counting
+    pass checks that the bracket holds it (count above hi < n <= count in [lo, hi] + count above hi)
+    and only the values inside the bracket (~12·sqrt(q(1−q)/sample) of a row: ~2% on CPU, ~0.5% on
+    GPU) are gathered for an exact selection. A missed bracket (probability ~1e-9 per row at z=6) or
+    a tie-heavy row (e.g. mostly exact zeros) falls back to `torch.kthvalue` on the whole rows. The
+    sample changes only the speed: the result always equals `a.kthvalue(D − n + 1, dim=1).values`.
+    """
+    K, D = a.shape
+    if not 1 <= n <= D:
+        raise BVLibError(f"n must be in [1, {D}], got {n}")
+    dev = a.device
+    sample = sample or (1 << 16 if dev.type == "cpu" else 1 << 20)
+    if D <= 4 * sample:
+        return a.kthvalue(D - n + 1, dim=1).values
+    gen = torch.Generator(device=dev).manual_seed(0)
+    picked = a[:, torch.randint(D, (sample,), generator=gen, device=dev)]  # [K, sample]
+    f = n / D
+    j, delta = sample * (1.0 - f), z * math.sqrt(sample * f * (1.0 - f)) + 8
+    lo_i, hi_i = math.floor(j - delta), math.ceil(j + delta)
+    if lo_i < 0 or hi_i >= sample:  # the answer is near an end of the row: nothing to gain
+        return a.kthvalue(D - n + 1, dim=1).values
+    lo = picked.kthvalue(lo_i + 1, dim=1, keepdim=True).values
+    hi = picked.kthvalue(hi_i + 1, dim=1, keepdim=True).values
+    buf = torch.gt(a, hi, out=torch.empty_like(a))
+    above = _row_counts(buf)
+    inside = torch.eq(torch.clamp(a, lo, hi, out=buf), a, out=buf)  # 1.0 where lo <= a <= hi
+    n_in = _row_counts(inside)
+    r = n - above  # rank of the answer among the values inside [lo, hi], from the top
+    budget = 16 * (hi_i - lo_i + 1) * D // sample + 1  # 16 × the expected count: more means ties
+    if not bool(((r >= 1) & (r <= n_in)).all()) or int(n_in.max()) > budget:
+        return a.kthvalue(D - n + 1, dim=1).values
+    flat = inside.view(-1).nonzero().squeeze(1)  # sync: data-dependent size
+    del buf, inside
+    rows = torch.div(flat, D, rounding_mode="floor")
+    # Row i of `pad`: its values in the bracket, then (R − r_i) × +inf, then −inf: the R-th largest
+    # of every padded row is the r_i-th largest of its values, so one selection serves all rows.
+    R = int(r.max())
+    fill = R - r
+    width = int((n_in + fill).max())
+    start = torch.cumsum(n_in, 0) - n_in
+    pad = torch.full((K, width), -math.inf, dtype=a.dtype, device=dev)
+    pad[rows, torch.arange(flat.numel(), device=dev) - start[rows]] = a.view(-1)[flat]
+    col = torch.arange(width, device=dev)
+    pad.masked_fill_((col >= n_in.unsqueeze(1)) & (col < (n_in + fill).unsqueeze(1)), math.inf)
+    if dev.type == "cpu":  # quickselect; CUDA's kthvalue is one block per row, its sort is fast
+        return pad.kthvalue(width - R + 1, dim=1).values
+    return pad.sort(dim=1, descending=True).values[:, R - 1]
+
+
+def _row_counts(ones: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """Exact int64 row sums of a [K, D] float 0/1 tensor.
+
+    Float sums are the fast reductions on CPU (bool/int reductions are ~10x slower there) but a
+    float32 sum is exact only below 2^24: sum chunks of 2^22 columns, then add the chunk counts.
+    """
+    K, D = ones.shape
+    full = D // chunk * chunk
+    counts = ones[:, full:].sum(1).round().long()
+    if full:
+        counts += ones[:, :full].reshape(K, -1, chunk).sum(2).round().long().sum(1)
+    return counts
+
+
+# the methods: each maps a [K, D] stack (+ layout) to a [D] merged task vector -------------------
+def average(stack: torch.Tensor, *, layout: Layout | None = None) -> torch.Tensor:
+    """Weight averaging (model soup; Wortsman et al. 2022): mean of the τ's."""
+    return stack.mean(0)
+
+
+def task_arithmetic(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3) -> torch.Tensor:
+    """Task Arithmetic (Ilharco et al., ICLR 2023): lam · Σ τ."""
+    lam = _real("lam", lam)
+    return stack.sum(0).mul_(lam)
+
+
+def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, lam: float = 1.0) -> torch.Tensor:
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean, × lam.
+
+    Trim: each τ keeps the coordinates with |τ| >= its n-th largest magnitude, n = max(1, ⌊k·D⌋)
+    (exact threshold from `kth_largest`; ties at the threshold are all kept. The official code keeps
+    n + 1 through kthvalue(D − n)). Elect: sign of the summed trimmed values (mass); a coordinate
+    whose mass is exactly 0 takes the majority of the elected signs, as in the official code.
+    Disjoint mean: mean over the tasks whose trimmed value has the elected sign (0 where none).
+    """
+    k, lam = _real("k", k, 0, 1, lo_open=True), _real("lam", lam)
+    K, D = stack.shape
+    n = max(1, int(k * D))
+    if n < D:
+        keep = stack.abs()
+        thr = kth_largest(keep, n)
+        keep = torch.ge(keep, thr.unsqueeze(1), out=keep)  # 1.0 / 0.0, in the same buffer
+        trimmed = keep.mul_(stack)
+    else:
+        trimmed = stack.clone()
+    mass = trimmed.sum(0)
+    elected = torch.sign(mass)
+    majority = torch.sign(elected.sum())
+    elected = torch.where(elected == 0, majority, elected)
+    agreeing = trimmed.mul_(elected).clamp_min_(0)  # |value| where the sign agrees, else 0
+    total = agreeing.sum(0)
+    count = agreeing.sign_().sum(0)
+    return total.mul_(elected).div_(count.clamp_min_(1)).mul_(lam)
+
+
+_DARE_BASES = ("task_arithmetic", "ties")
+
+
+def dare(
+    stack: torch.Tensor,
+    *,
+    layout: Layout | None = None,
+    p: float = 0.9,
+    lam: float = 0.3,
+    seed: int = 0,
+    base: str = "task_arithmetic",
+    **base_params,
+) -> torch.Tensor:
+    """DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): drop and rescale, then merge.
+
+    Each coordinate of each τ is dropped with probability p and the kept ones are rescaled by
+    1/(1 − p); the result is merged with `base` (task arithmetic, or TIES with its `k`) and lam.
+    The mask comes from a torch.Generator seeded with `seed` on the stack's device: the same seed
+    gives the same mask on the same device (CPU and CUDA streams differ).
+    """
+    p, lam, seed = _real("p", p, 0, 1, hi_open=True), _real("lam", lam), _int("seed", seed)
+    if base not in _DARE_BASES:
+        raise BVLibError(f"DARE base must be one of {', '.join(_DARE_BASES)}, got {base!r}")
+    gen = torch.Generator(device=stack.device).manual_seed(seed)
+    kept = torch.rand(stack.shape, generator=gen, device=stack.device, dtype=stack.dtype)
+    kept = torch.ge(kept, p, out=kept).mul_(stack)  # keep with probability 1 − p
+    if base == "task_arithmetic":
+        if base_params:
+            raise BVLibError(f"DARE with task_arithmetic takes no {', '.join(base_params)}")
+        return kept.sum(0).mul_(lam / (1.0 - p))
+    return _call(base, kept.div_(1.0 - p), layout, {"lam": lam, **base_params})
+
+
+def _tall_mask_values(stack: torch.Tensor, total: torch.Tensor, tall_lambda) -> torch.Tensor:
+    """TALL masks as a float 0/1 [K, D] tensor: |τ_t| >= |τ_MTL − τ_t| · λ_t."""
+    K = stack.shape[0]
+    if isinstance(tall_lambda, (int, float)) and not isinstance(tall_lambda, bool):
+        lam_t = _real("tall_lambda", tall_lambda, 0)
+    else:
+        vals = list(tall_lambda) if isinstance(tall_lambda, Sequence) else None
+        if vals is None or len(vals) != K:
+            raise BVLibError(f"tall_lambda must be a number or one number per task ({K}), got {tall_lambda!r}")
+        lam_t = torch.tensor([_real("tall_lambda", v, 0) for v in vals], dtype=stack.dtype, device=stack.device)
+        lam_t = lam_t.unsqueeze(1)
+    rhs = torch.sub(total, stack).abs_().mul_(lam_t)
+    return torch.ge(stack.abs(), rhs, out=rhs)
+
+
+def tall_masks(stack: torch.Tensor, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
+    """[K, D] bool TALL masks (Wang et al., ICML 2024): m_t = |τ_t| >= |τ_MTL − τ_t| · λ_t, τ_MTL = Σ τ.
+
+    A coordinate is on for task t where τ_t carries more of it than all the other tasks together
+    (scaled by λ_t). The paper writes >=; the official code uses > (they differ only on exact ties,
+    e.g. coordinates that are 0 in every τ, where every merge below is 0 either way).
+    """
+    s, _, _ = _as_stack(stack, None)
+    return _tall_mask_values(s, s.sum(0), tall_lambda).bool()
+
+
+def tall(
+    stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, tall_lambda: float | Sequence[float] = 0.4
+) -> torch.Tensor:
+    """TALL-masked task arithmetic: lam · Σ_t m_t ⊙ τ_t (masks from `tall_masks`).
+
+    Wang et al. use the masks to compress: task t's model is θ0 + m_t ⊙ τ_MTL. A single merged
+    model needs one vector, so here each task contributes only the coordinates its mask claims.
+    """
+    lam = _real("lam", lam)
+    m = _tall_mask_values(stack, stack.sum(0), tall_lambda)
+    return m.mul_(stack).sum(0).mul_(lam)
+
+
+def consensus_mask(stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
+    """[D] bool: coordinates on in at least k of the TALL masks (Wang et al., ICML 2024).
+
+    k=2 removes both "catastrophic" weights (no task claims them) and "selfish" ones (one task).
+    """
+    s, _, _ = _as_stack(stack, None)
+    k = _int("k", k)
+    return _tall_mask_values(s, s.sum(0), tall_lambda).sum(0) >= k
+
+
+def consensus(
+    stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, k: int = 2, tall_lambda: float | Sequence[float] = 0.4
+) -> torch.Tensor:
+    """Consensus Task Arithmetic (Wang et al., ICML 2024): lam · (consensus mask ⊙ Σ τ)."""
+    lam, k = _real("lam", lam), _int("k", k)
+    total = stack.sum(0)
+    keep = _tall_mask_values(stack, total, tall_lambda).sum(0) >= k
+    return total.mul_(keep).mul_(lam)
+
+
+def _matrix_groups(layout: Layout) -> dict[tuple[int, int], list[int]]:
+    """Offsets of the 2-D weight matrices, grouped by shape (one batched SVD per group)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for name, shape, off in zip(layout.names, layout.shapes, layout.offsets):
+        if len(shape) == 2 and min(shape) > 0 and not any(tag in name for tag in NOT_MATRICES):
+            groups.setdefault((shape[0], shape[1]), []).append(off)
+    return groups
+
+
+def _need_layout(layout: Layout | None, method: str) -> Layout:
+    if layout is None:
+        raise BVLibError(f"'{method}' works per layer: pass layout= (or Weights) so the 2-D weight matrices can be found")
+    return layout
+
+
+def _svd_dtype(t: torch.Tensor) -> torch.Tensor:
+    """SVD needs float32/float64; half-precision inputs are decomposed in float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _polar(x: torch.Tensor) -> torch.Tensor:
+    """Closest matrix with orthonormal columns (or rows): P Qᵀ from x = P S Qᵀ."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def tsv(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 1.0, rank_share: float | None = None) -> torch.Tensor:
+    """TSV-M (Gargiulo et al., CVPR 2025, "Task Singular Vectors"): per layer, orthogonalised low-rank sum.
+
+    For each 2-D weight matrix (m × n, r = min(m, n)): SVD of every task's matrix (one batched SVD
+    per shape group); each task keeps its top max(1, ⌊rank_share · r⌋) singular triplets
+    (rank_share=None: 1/K), dropping numerically zero ones (σ <= σ_max · max(m, n) · eps), which only
+    matter when rank_share > 1/K; the kept U's and V's are concatenated across tasks and replaced by
+    their polar factors (U⊥ = P Qᵀ from svd(U_cat) = P S Qᵀ, same for V), and the layer becomes
+    lam · U⊥ diag(σ_cat) V⊥ᵀ. Other parameters: lam · mean(τ), as the official code.
+    """
+    layout = _need_layout(layout, "tsv")
+    lam = _real("lam", lam)
+    K = stack.shape[0]
+    share = 1.0 / K if rank_share is None else _real("rank_share", rank_share, 0, 1, lo_open=True)
+    out = stack.mean(0).mul_(lam)
+    for (m, n), offs in _matrix_groups(layout).items():
+        L, r = len(offs), min(m, n)
+        keep = min(r, max(1, int(share * r)))
+        x = _svd_dtype(torch.stack([stack[:, o : o + m * n].view(K, m, n) for o in offs], dim=1))  # [K, L, m, n]
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, vh = u[..., :keep], s[..., :keep], vh[..., :keep, :]
+        nonzero = s > s[..., :1] * (max(m, n) * torch.finfo(s.dtype).eps)
+        s = s * nonzero
+        u, vh = u * nonzero.unsqueeze(-2), vh * nonzero.unsqueeze(-1)
+        u_cat = u.permute(1, 2, 0, 3).reshape(L, m, K * keep)  # task-major column blocks
+        vh_cat = vh.permute(1, 0, 2, 3).reshape(L, K * keep, n)
+        s_cat = s.permute(1, 0, 2).reshape(L, 1, K * keep)
+        merged = (_polar(u_cat) * s_cat) @ _polar(vh_cat)  # [L, m, n]
+        merged = merged.to(stack.dtype).mul_(lam)
+        for i, o in enumerate(offs):
+            out[o : o + m * n] = merged[i].reshape(-1)
+    return out
+
+
+def iso_c(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 1.0) -> torch.Tensor:
+    """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging").
+
+    Per 2-D weight matrix: M = Σ_t τ_t = U S Vᵀ; the spectrum is flattened to its mean σ̄, giving
+    lam · σ̄ · U Vᵀ, so no task's directions dominate. Other parameters: lam · mean(τ), as the
+    official code. The paper tunes lam (α) around 1.0–1.5.
+    """
+    layout = _need_layout(layout, "iso_c")
+    lam = _real("lam", lam)
+    total = stack.sum(0)
+    out = stack.mean(0).mul_(lam)
+    for (m, n), offs in _matrix_groups(layout).items():
+        mats = _svd_dtype(torch.stack([total[o : o + m * n].view(m, n) for o in offs]))  # [L, m, n]
+        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+        merged = (u @ vh).mul_(s.mean(-1, keepdim=True).unsqueeze(-1))
+        merged = merged.to(stack.dtype).mul_(lam)
+        for i, o in enumerate(offs):
+            out[o : o + m * n] = merged[i].reshape(-1)
+    return out
+
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "average": average,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare": dare,
+    "tall": tall,
+    "consensus": consensus,
+    "tsv": tsv,
+    "iso_c": iso_c,
+}
+
+
+def _call(method: str, s: torch.Tensor, layout: Layout | None, params: dict) -> torch.Tensor:
+    fn = METHODS.get(method)
+    if fn is None:
+        raise BVLibError(f"unknown merging method {method!r}; choose one of: {', '.join(METHODS)}")
+    sig = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
+    accepted = [name for name, p in sig.items() if name not in ("stack", "layout") and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = [name for name in params if name not in accepted]
+    if unknown and not takes_any:
+        raise BVLibError(
+            f"merging method {method!r} has no parameter {unknown[0]!r}; its parameters: {', '.join(accepted) or 'none'}"
+        )
+    return fn(s, layout=layout, **params)
+
+
+def merge(
+    vectors: Sequence[Weights] | torch.Tensor, method: str = "task_arithmetic", *, layout: Layout | None = None, **params
+) -> Weights | torch.Tensor:
+    """Merged task vector τ_merged of K task vectors (NOT θ0 + τ: the caller adds θ0).
+
+    `vectors`: a list of Weights sharing one layout, or a [K, D] tensor (then `layout` is needed only
+    by the per-layer methods tsv and iso_c). Returns Weights for Weights, a [D] tensor for a tensor,
+    on the input's device and dtype; the input is never modified.
+    """
+    s, layout, as_weights = _as_stack(vectors, layout)
+    out = _call(method, s, layout, params)
+    return Weights(out, layout) if as_weights else out
+
+
+# Sparse Backdoor Vector ---------------------------------------------------------------------
+def _sign_counts(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate: how many rows are > 0 and how many are < 0 (float counts, exact for K < 2^24)."""
+    buf = torch.gt(s, 0, out=torch.empty_like(s))
+    pos = buf.sum(0)
+    neg = torch.lt(s, 0, out=buf).sum(0)
+    return pos, neg
+
+
+def sign_agreement(vectors: Sequence[Weights] | torch.Tensor) -> torch.Tensor:
+    """[D]: share of the K vectors whose (non-zero) sign is the majority sign (0 where all are 0)."""
+    s, _, _ = _as_stack(vectors, None)
+    pos, neg = _sign_counts(s)
+    return torch.maximum(pos, neg).div_(s.shape[0])
+
+
+def sparse_backdoor_vector(
+    bvs: Sequence[Weights] | torch.Tensor, *, agreement: float = 1.0, combine: str = "mean"
+) -> Weights | torch.Tensor:
+    """Sparse Backdoor Vector (Pawlak et al. 2025, "Backdoor Vectors"): sign-consistent merge of BVs.
+
+    Several BVs of one attack (other seeds, patch locations) share the backdoor's direction but not
+    their noise. A coordinate is kept when at least ⌈agreement · K⌉ of the K BVs have the same
+    non-zero sign (agreement=1.0: all of them); a kept coordinate gets the mean (combine="mean") or
+    the sum ("sum") of all K BVs' values there; the others are 0. A single BV comes back unchanged.
+    """
+    s, layout, as_weights = _as_stack(bvs, None, "BVs")
+    agreement = _real("agreement", agreement, 0.5, 1, lo_open=True)
+    if combine not in ("mean", "sum"):
+        raise BVLibError(f"combine must be 'mean' or 'sum', got {combine!r}")
+    K = s.shape[0]
+    need = math.ceil(agreement * K - 1e-9)
+    pos, neg = _sign_counts(s)
+    keep = torch.maximum(pos, neg) >= need
+    out = s.sum(0).mul_(keep)
+    if combine == "mean":
+        out.div_(K)
+    return Weights(out, layout) if as_weights else out
