@@ -216,7 +216,7 @@ def dare(
 
 
 def _tall_mask_values(stack: torch.Tensor, total: torch.Tensor, tall_lambda) -> torch.Tensor:
-    """TALL masks as a float 0/1 [K, D] tensor: |τ_t| >= |τ_MTL − τ_t| · λ_t."""
+    """TALL masks as a float 0/1 [K, D] tensor: |τ_t| > |τ_MTL − τ_t| · λ_t."""
     K = stack.shape[0]
     if isinstance(tall_lambda, (int, float)) and not isinstance(tall_lambda, bool):
         lam_t = _real("tall_lambda", tall_lambda, 0)
@@ -227,23 +227,22 @@ def _tall_mask_values(stack: torch.Tensor, total: torch.Tensor, tall_lambda) -> 
         lam_t = torch.tensor([_real("tall_lambda", v, 0) for v in vals], dtype=stack.dtype, device=stack.device)
         lam_t = lam_t.unsqueeze(1)
     rhs = torch.sub(total, stack).abs_().mul_(lam_t)
-    return torch.ge(stack.abs(), rhs, out=rhs)
+    return torch.gt(stack.abs(), rhs, out=rhs)
 
 
 def tall_masks(stack: torch.Tensor, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
-    """[K, D] bool TALL masks (Wang et al., ICML 2024): m_t = |τ_t| >= |τ_MTL − τ_t| · λ_t, τ_MTL = Σ τ.
+    """[K, D] bool TALL masks (Wang et al., ICML 2024): m_t = |τ_t| > |τ_MTL − τ_t| · λ_t, τ_MTL = Σ τ.
 
     A coordinate is on for task t where τ_t carries more of it than all the other tasks together
-    (scaled by λ_t). The paper writes >=; the official code uses > (they differ only on exact ties,
-    e.g. coordinates that are 0 in every τ, where every merge below is 0 either way).
+    (scaled by λ_t; a number, or one per task). The paper writes >=, its official code >; we use >
+    so that a task never claims a coordinate where its τ is exactly 0 (with >=, every task would
+    claim the coordinates that are 0 in all τ's, and any coordinate at λ_t = 0).
     """
     s, _, _ = _as_stack(stack, None)
     return _tall_mask_values(s, s.sum(0), tall_lambda).bool()
 
 
-def tall(
-    stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, tall_lambda: float | Sequence[float] = 0.4
-) -> torch.Tensor:
+def tall(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
     """TALL-masked task arithmetic: lam · Σ_t m_t ⊙ τ_t (masks from `tall_masks`).
 
     Wang et al. use the masks to compress: task t's model is θ0 + m_t ⊙ τ_MTL. A single merged
@@ -264,9 +263,7 @@ def consensus_mask(stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequenc
     return _tall_mask_values(s, s.sum(0), tall_lambda).sum(0) >= k
 
 
-def consensus(
-    stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, k: int = 2, tall_lambda: float | Sequence[float] = 0.4
-) -> torch.Tensor:
+def consensus(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, k: int = 2, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
     """Consensus Task Arithmetic (Wang et al., ICML 2024): lam · (consensus mask ⊙ Σ τ)."""
     lam, k = _real("lam", lam), _int("k", k)
     total = stack.sum(0)
@@ -376,15 +373,11 @@ def _call(method: str, s: torch.Tensor, layout: Layout | None, params: dict) -> 
     accepted = [name for name, p in sig.items() if name not in ("stack", "layout") and p.kind is not inspect.Parameter.VAR_KEYWORD]
     unknown = [name for name in params if name not in accepted]
     if unknown and not takes_any:
-        raise BVLibError(
-            f"merging method {method!r} has no parameter {unknown[0]!r}; its parameters: {', '.join(accepted) or 'none'}"
-        )
+        raise BVLibError(f"merging method {method!r} has no parameter {unknown[0]!r}; its parameters: {', '.join(accepted) or 'none'}")
     return fn(s, layout=layout, **params)
 
 
-def merge(
-    vectors: Sequence[Weights] | torch.Tensor, method: str = "task_arithmetic", *, layout: Layout | None = None, **params
-) -> Weights | torch.Tensor:
+def merge(vectors: Sequence[Weights] | torch.Tensor, method: str = "task_arithmetic", *, layout: Layout | None = None, **params) -> Weights | torch.Tensor:
     """Merged task vector τ_merged of K task vectors (NOT θ0 + τ: the caller adds θ0).
 
     `vectors`: a list of Weights sharing one layout, or a [K, D] tensor (then `layout` is needed only
@@ -412,9 +405,7 @@ def sign_agreement(vectors: Sequence[Weights] | torch.Tensor) -> torch.Tensor:
     return torch.maximum(pos, neg).div_(s.shape[0])
 
 
-def sparse_backdoor_vector(
-    bvs: Sequence[Weights] | torch.Tensor, *, agreement: float = 1.0, combine: str = "mean"
-) -> Weights | torch.Tensor:
+def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: float = 1.0, combine: str = "mean") -> Weights | torch.Tensor:
     """Sparse Backdoor Vector (Pawlak et al. 2025, "Backdoor Vectors"): sign-consistent merge of BVs.
 
     Several BVs of one attack (other seeds, patch locations) share the backdoor's direction but not

@@ -194,6 +194,6 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], c
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return {"final_loss": sum(losses[-20:]) / len(losses[-20:])}

@@ -218,6 +218,18 @@ class World:
         """CA (and ASR with a trigger) of encoder `weights` (θ0 if None) on task `name`."""
         return evaluate(self.classifier(name, weights), getattr(self.task(name), split), trigger, target, device=self.device)
 
+    def evaluate_merged(self, weights: Weights, tasks: list[str] | None = None, attacked: str | None = None,
+                        trigger: PatchTrigger | None = None, target: int | None = None) -> dict[str, float]:
+        """One merged encoder judged on every task (each with its own head): mean CA, per-task CA,
+        and, for an attack on task `attacked`, that task's CA (BA) and the ASR there."""
+        tasks = list(tasks or self.task_names)
+        accs = {t: self.evaluate(t, weights)["acc"] for t in tasks}
+        out = {"mean_acc": sum(accs.values()) / len(accs), **{f"acc/{t}": a for t, a in accs.items()}}
+        if attacked is not None:
+            r = self.evaluate(attacked, weights, trigger, target)
+            out |= {"attacked_acc": r["acc"], "asr": r.get("asr", float("nan"))}
+        return out
+
     def card(self) -> list[dict]:
         """The world card: per task, sizes, zero-shot CA, clean CA, BadNets CA and ASR."""
         rows = []

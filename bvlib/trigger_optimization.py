@@ -1,0 +1,207 @@
+"""Optimised (universal) patch triggers: the paper's inherent triggers and BadMerging's trigger.
+
+Both are the same operation: optimise the pixels of a patch pasted at a fixed location so
+that a *frozen* model classifies triggered images as a target class, with no poisoned
+training at all. Optimised against the pretrained θ0 (`inherent_trigger`), such a patch
+exposes a vulnerability that lives in the base model, and it tends to keep working on
+models fine-tuned or merged from θ0 (the paper's "inherent triggers"); BadMerging uses it
+as the universal trigger that its fine-tuning then reinforces (`bvlib.badmerging`).
+
+An `OptimizedTrigger` has the interface of `PatchTrigger` (size, location, apply,
+check_fits, position, patch(device), config()), so it goes wherever a trigger goes:
+evaluation, BadNets poisoning, BadMerging, the store keys of poisoned fine-tunes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bvlib.errors import BVLibError
+from bvlib.evaluation import predict
+from bvlib.training import _autocast, _endless, _image_hw, _to_float
+from bvlib.triggers import PatchTrigger, check_fits, check_location, paste_patch, patch_position
+from bvlib.weights import Weights
+from bvlib.world import VERSION
+
+TRIGGER_VERSION = 1  # bump to invalidate stored optimised triggers after a change in how they are made
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class OptimizedTrigger:
+    """A square patch with free pixel values `values` [3, s, s] in [0, 1], pasted at `location`.
+
+    Equality and hashing go through `sha256`, the digest of the patch's float32 bytes (the
+    tensor itself is not compared). `seed` places the patch when location is "random";
+    `source` says where the patch came from (e.g. "inherent:mnist:target0").
+    """
+
+    values: torch.Tensor = field(compare=False, hash=False, repr=False)
+    location: str = "bottom_right"
+    seed: int = 0
+    source: str = ""
+    sha256: str = field(init=False)
+
+    def __post_init__(self):
+        check_location(self.location)
+        v = torch.as_tensor(self.values)
+        if v.dim() != 3 or v.shape[0] != 3 or v.shape[1] != v.shape[2] or v.shape[1] < 1:
+            raise BVLibError(f"an optimised trigger is a [3, s, s] patch, got shape {list(v.shape)}")
+        v = v.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+            raise BVLibError("an optimised trigger's values must be finite and in [0, 1]")
+        object.__setattr__(self, "values", v)
+        object.__setattr__(self, "sha256", _digest(v))
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[-1])
+
+    def config(self) -> dict:
+        """JSON-able identity: the digest of the pixels, not the pixels."""
+        return {"type": "optimized", "size": self.size, "location": self.location, "seed": self.seed, "source": self.source,
+                "sha256": self.sha256}
+
+    def check_fits(self, height: int, width: int) -> None:
+        check_fits(self.size, height, width)
+
+    def position(self, height: int, width: int) -> tuple[int, int]:
+        """Top-left corner (row, column) of the patch."""
+        return patch_position(self.size, self.location, height, width, self.seed)
+
+    def patch(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The [3, size, size] patch in [0, 1]."""
+        return self.values.to(device)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """A triggered copy of a float batch [B, 3, H, W] in [0, 1]."""
+        return paste_patch(images, self.patch(images.device), self.position(*images.shape[-2:]))
+
+
+Trigger = PatchTrigger | OptimizedTrigger
+"""Anything with the trigger interface: a fixed patch or an optimised one."""
+
+
+def optimize_trigger(classifier, split, target: int, *, size: int, location: str = "bottom_right", steps: int = 200,
+                     lr: float = 0.1, batch_size: int = 128, seed: int = 0, device: torch.device | str = "cpu",
+                     progress: bool = False, source: str = "") -> OptimizedTrigger:
+    """A patch that makes the frozen `classifier` predict `target` on triggered images of `split`.
+
+    Adam on unconstrained logits (patch = sigmoid(param)), minimising the cross-entropy to
+    the target (maximising its log-probability) over shuffled batches of the split, with
+    images whose label is already `target` left out. The patch starts from the seeded random
+    patch `PatchTrigger(size, pattern="noise", seed=seed)`; `seed` also fixes the batch order
+    and places a "random" location. The classifier's weights get no gradient and are left
+    as they were (mode and requires_grad restored).
+    """
+    device = torch.device(device)
+    check_location(location)
+    if int(size) != size or size < 1:
+        raise BVLibError(f"trigger size must be a positive integer, got {size}")
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise BVLibError(f"steps, batch_size and lr must be positive (got {steps}, {batch_size}, {lr})")
+    n_classes = classifier.head.shape[0]
+    if not 0 <= target < n_classes:
+        raise BVLibError(f"target class {target} is out of range for a task with {n_classes} classes")
+    h, w = _image_hw(split)
+    pos = patch_position(size, location, h, w, seed)
+
+    init = PatchTrigger(size=size, pattern="noise", seed=seed).patch().clamp(0.05, 0.95)
+    param = torch.logit(init).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    stream = _endless(split, batch_size, g)
+
+    was_training = classifier.training
+    grads = [p.requires_grad for p in classifier.parameters()]
+    classifier.to(device).eval().requires_grad_(False)
+    try:
+        for _ in tqdm(range(steps), desc=f"trigger target {target}", leave=False, mininterval=2, disable=not progress):
+            images, labels = next(stream)
+            keep = labels != target
+            if not keep.any():
+                continue
+            x = _to_float(images[keep], device)
+            with _autocast(device):
+                logits = classifier(paste_patch(x, torch.sigmoid(param), pos))
+                loss = F.cross_entropy(logits.float(), torch.full((len(x),), target, device=device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p, flag in zip(classifier.parameters(), grads):
+            p.requires_grad_(flag)
+        classifier.train(was_training)
+    if not torch.isfinite(param).all():
+        raise BVLibError("trigger optimisation diverged; lower lr")
+    return OptimizedTrigger(values=torch.sigmoid(param.detach()).cpu(), location=location, seed=seed, source=source)
+
+
+def _model_key(model: str | Weights) -> tuple[str, Weights | None]:
+    if isinstance(model, str):
+        if model != "base":
+            raise BVLibError(f"model must be 'base' (θ0) or encoder Weights, got '{model}'")
+        return "base", None
+    if isinstance(model, Weights):
+        return f"sha256:{_digest(model.flat)}", model
+    raise BVLibError(f"model must be 'base' (θ0) or encoder Weights, got {type(model).__name__}")
+
+
+def inherent_trigger(world, task: str, target: int, *, size: int, location: str = "bottom_right", model: str | Weights = "base",
+                     steps: int = 200, lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> OptimizedTrigger:
+    """A trigger optimised against θ0 (task `task`'s zero-shot classifier) on the task's *val* split.
+
+    The val split stands for the attacker's own data; the test split stays for measuring
+    ASR. `model` may also be encoder Weights (e.g. a merged model), keyed by their digest.
+    Cached in `world.store` (kind "trigger"): a second call returns the identical patch.
+    """
+    world.check_task(task)
+    key, weights = _model_key(model)
+    check_location(location)
+    cfg = {"version": VERSION, "trigger_version": TRIGGER_VERSION, "base": world.base_key, "task": task,
+           "data": world.preset["data"], "split": "val", "model": key, "target": target, "size": size, "location": location,
+           "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+    source = f"inherent:{task}:target{target}" + ("" if key == "base" else f":{key[:19]}")
+
+    def build():
+        t = time.perf_counter()
+        trig = optimize_trigger(world.classifier(task, weights), world.task(task).val, target, size=size, location=location,
+                                steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=world.device,
+                                progress=world.progress, source=source)
+        return {"patch": trig.values}, {"seconds": time.perf_counter() - t, "sha256": trig.sha256}
+
+    tensors, _ = world.store.cached("trigger", cfg, build)
+    return OptimizedTrigger(values=tensors["patch"], location=location, seed=seed, source=source)
+
+
+def trigger_asr_table(world, task: str, triggers: Mapping[str, Trigger], models: Mapping[str, Weights | None], target: int,
+                      split: str = "test") -> list[dict]:
+    """One row per (trigger, model): {"trigger", "model", "asr", "acc"} on task `task`'s `split`.
+
+    `models` maps a label to encoder weights (None is θ0). CA is computed once per model;
+    ASR as in `bvlib.evaluation.evaluate` (triggered images whose true label is not the
+    target, classified as the target).
+    """
+    data = getattr(world.task(task), split)
+    rows = []
+    for model_name, weights in models.items():
+        clf = world.classifier(task, weights)
+        preds, labels = predict(clf, data, device=world.device)
+        acc = float((preds == labels).float().mean())
+        keep = labels != target
+        if not keep.any():
+            raise BVLibError(f"no {split} images outside target class {target}: ASR is undefined")
+        for trig_name, trig in triggers.items():
+            tpreds, _ = predict(clf, data, trigger=trig, device=world.device)
+            rows.append({"trigger": trig_name, "model": model_name, "asr": float((tpreds[keep] == target).float().mean()), "acc": acc})
+    return rows
