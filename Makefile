@@ -33,13 +33,14 @@ world: setup
 
 test: setup            ## unit tests + end-to-end tests + nbval against the smoke baselines
 	$(BIN)/python -m pytest
-	$(BIN)/python -m pytest --nbval tests/notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	BVLIB_RESULTS=$(CURDIR)/.bvlib/nbval-results $(BIN)/python -m pytest --nbval tests/notebooks \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 unit: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 baselines: setup       ## re-execute the smoke baselines that nbval compares against
-	$(BIN)/python -m tests.make_baselines
+	BVLIB_RESULTS=$(CURDIR)/.bvlib/nbval-results $(BIN)/python -m tests.make_baselines
 
 bench: setup
 	$(BIN)/python benchmarks/bench_world.py

@@ -980,7 +980,7 @@ def _balanced_labels(n: int, n_classes: int, rng: np.random.Generator) -> np.nda
 
 
 def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Tensor, list[str]]:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     rng = np.random.default_rng([seed, _name_seed("corpus")])
     images: list[torch.Tensor] = []

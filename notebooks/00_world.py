@@ -23,6 +23,11 @@
 #
 # This page is the world card: what each task is, how well the base model does zero-shot, how well a
 # clean fine-tune does, and how strong the BadNets backdoor is.
+#
+# One departure from the paper's protocol: the BadNets patch is a black-and-white checkerboard, not a
+# white square, because several mini-world tasks (clip-art, glyphs, silhouettes) have white
+# backgrounds on which a white corner patch is invisible (a first build measured 17% ASR on clip-art
+# with it).
 
 # %% tags=["parameters"]
 preset = "cpu"  # cpu (default), smoke (tests), gpu, or paper

@@ -61,6 +61,15 @@ if st:
         f"`{st['task']}`, the BV cosine similarity / transfer ASR to the reference attack is: {parts}. "
         f"The paper's ordering (seeds and locations above target classes and tasks) holds in {st['claims_held']} of {st['claims']} comparisons."
     )
+mr = results.get("03_merging_resilience")
+if mr:
+    attacks = [k[4:] for k in mr if k.startswith("asr_")]
+    parts = ", ".join(f"{a} {mr['asr_' + a]:.0%}" for a in attacks)
+    lines.append(
+        f"**Merging** ([chapter](03_merging_resilience)): merging {mr['n_tasks']} models, one of them attacked on "
+        f"`{mr['attacked']}` (BadNets ASR {mr['alone_asr_badnets']:.0%} before merging), the ASR averaged over the merging "
+        f"methods is: {parts}. {mr['claims_held']} of {mr['claims']} of the paper's claims hold here."
+    )
 if not lines:
     lines.append("No chapter has recorded results yet: run `make book`.")
 Markdown("\n\n".join(lines))
