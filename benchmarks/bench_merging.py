@@ -5,7 +5,7 @@ is usually written (mlfoundations/task_vectors, the TIES and TSV repositories): 
 dict of per-layer tensors, and TIES with `torch.kthvalue` on each task's whole flattened vector.
 `max|Δ|` is the largest difference between the two results (DARE's masks come from other RNG calls).
 
-    python benchmarks/bench_merging.py                          # CPU, mini layout (~10M parameters)
+    python benchmarks/bench_merging.py                          # CPU: mini layout (ViT-B-32 at width 256, 10M)
     python benchmarks/bench_merging.py --size vit-b-32 --device cuda
     python benchmarks/bench_merging.py --methods ties,sparse_backdoor_vector --repeats 5
 """
@@ -31,16 +31,51 @@ PARAMS = {  # the literature defaults, as in bvlib.merging
 }
 
 
-def vit_b_32_layout(blocks: int | None = None) -> Layout:
-    """open_clip ViT-B-32 image encoder (88M parameters); `blocks` keeps only the first residual blocks."""
+def vit_layout(width: int, layers: int, patch: int = 32, image: int = 224, output_dim: int = 512) -> Layout:
+    """Names and shapes of an open_clip ViT image encoder (width 768, 12 layers: ViT-B-32, 88M)."""
+    tokens = (image // patch) ** 2 + 1
+    shapes = {
+        "class_embedding": (width,),
+        "positional_embedding": (tokens, width),
+        "proj": (width, output_dim),
+        "conv1.weight": (width, 3, patch, patch),
+        "ln_pre.weight": (width,),
+        "ln_pre.bias": (width,),
+    }
+    for i in range(layers):
+        b = f"transformer.resblocks.{i}."
+        shapes |= {
+            b + "ln_1.weight": (width,),
+            b + "ln_1.bias": (width,),
+            b + "attn.in_proj_weight": (3 * width, width),
+            b + "attn.in_proj_bias": (3 * width,),
+            b + "attn.out_proj.weight": (width, width),
+            b + "attn.out_proj.bias": (width,),
+            b + "ln_2.weight": (width,),
+            b + "ln_2.bias": (width,),
+            b + "mlp.c_fc.weight": (4 * width, width),
+            b + "mlp.c_fc.bias": (4 * width,),
+            b + "mlp.c_proj.weight": (width, 4 * width),
+            b + "mlp.c_proj.bias": (width,),
+        }
+    shapes |= {"ln_post.weight": (width,), "ln_post.bias": (width,)}
+    return Layout(tuple(shapes), tuple(shapes.values()))
+
+
+def vit_b_32_layout() -> Layout:
+    """The real open_clip ViT-B-32 image encoder's layout (no weights are downloaded)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
 
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    params = dict(model.visual.named_parameters())
-    if blocks is not None:
-        params = {n: p for n, p in params.items() if not n.startswith("transformer.resblocks.") or int(n.split(".")[2]) < blocks}
-    return Layout.of(params)
+    layout = Layout.of(dict(open_clip.create_model("ViT-B-32", pretrained=None).visual.named_parameters()))
+    assert layout == vit_layout(768, 12), "open_clip's ViT-B-32 changed: update vit_layout"
+    return layout
+
+
+SIZES = {
+    "mini": lambda: vit_layout(256, 12),  # ViT-B-32's structure at width 256: 10.2M parameters
+    "vit-b-32": vit_b_32_layout,
+}
 
 
 # naive references: per-key loops over dicts of per-layer tensors -----------------------------------
@@ -140,7 +175,7 @@ NAIVE = {name: globals()[f"naive_{name}"] for name in METHODS} | {"sparse_backdo
 
 
 def timed(fn, device: torch.device, repeats: int, budget_s: float = 20.0) -> tuple[float, object]:
-    """Median seconds over `repeats` runs after one warm-up (fewer when one run is slow), and the result."""
+    """Median seconds over `repeats` runs after one warm-up (one run only when it takes > 2 s), and the result."""
 
     def sync():
         if device.type == "cuda":
@@ -151,6 +186,8 @@ def timed(fn, device: torch.device, repeats: int, budget_s: float = 20.0) -> tup
     out = fn()
     sync()
     first = time.perf_counter() - t0
+    if first > 2.0:  # slow (SVDs on CPU): warm-up effects are noise next to the run itself
+        return first, out
     times = []
     for _ in range(max(1, min(repeats, int(budget_s / max(first, 1e-6))))):
         t0 = time.perf_counter()
@@ -162,7 +199,7 @@ def timed(fn, device: torch.device, repeats: int, budget_s: float = 20.0) -> tup
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["mini", "vit-b-32"], default=None, help="default: vit-b-32 on CUDA, mini on CPU")
+    ap.add_argument("--size", choices=list(SIZES), default=None, help="default: vit-b-32 on CUDA, mini on CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default=",".join([*METHODS, "sparse_backdoor_vector"]))
     ap.add_argument("--k", type=int, default=8, help="number of task vectors")
@@ -176,7 +213,7 @@ def main():
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(NAIVE)}")
 
-    layout = vit_b_32_layout(None if size == "vit-b-32" else 1)
+    layout = SIZES[size]()
     gen = torch.Generator(device=device).manual_seed(0)
     stack = torch.randn(args.k, layout.numel, generator=gen, device=device) * 1e-3
     vectors = [Weights(row, layout) for row in stack]

@@ -41,11 +41,10 @@ import warnings
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bvlib.backdoor_vectors import Attack, attack_bv, backdoored_model, clean_model
 from bvlib import BVLibError
+from bvlib.backdoor_vectors import Attack, attack_bv, backdoored_model, clean_model
 from bvlib.book import record
 from bvlib.merging import METHODS, merge, sparse_backdoor_vector
-from bvlib.weights import stack
 from bvlib.world import World
 
 warnings.filterwarnings("ignore")

@@ -70,6 +70,14 @@ if mr:
         f"`{mr['attacked']}` (BadNets ASR {mr['alone_asr_badnets']:.0%} before merging), the ASR averaged over the merging "
         f"methods is: {parts}. {mr['claims_held']} of {mr['claims']} of the paper's claims hold here."
     )
+it = results.get("04_inherent_triggers")
+if it:
+    lines.append(
+        f"**Inherent triggers** ([chapter](04_inherent_triggers)): a {it['size']}px patch optimised against θ0 alone reaches an ASR of "
+        f"{it['asr_base_opt']:.0%} on θ0 (a random patch: {it['asr_base_rand']:.0%}), {it['asr_finetuned_opt']:.0%} on clean fine-tuned "
+        f"models and {it['asr_merged_opt']:.0%} on a clean merge, with no poisoned training. {it['claims_held']} of {it['claims']} "
+        "of the paper's observations hold here."
+    )
 if not lines:
     lines.append("No chapter has recorded results yet: run `make book`.")
 Markdown("\n\n".join(lines))
