@@ -75,7 +75,7 @@ def _int(name: str, value, lo: int = 0) -> int:
 
 # exact per-row top-k threshold ----------------------------------------------------------------
 def kth_largest(a: torch.Tensor, n: int, *, sample: int | None = None, z: float = 6.0) -> torch.Tensor:
-    """Exact n-th largest value of each row of a [K, D] tensor, without sorting the rows.
+    """Exact n-th largest value of each row of a finite [K, D] tensor, without sorting the rows.
 
     Sample-select (Floyd & Rivest 1975): `sample` random columns (default 2^16 on CPU, 2^20 on GPU)
     bracket the answer in [lo, hi] (± z standard deviations of its rank in the sample); one counting
@@ -134,10 +134,11 @@ def _row_counts(ones: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     float32 sum is exact only below 2^24: sum chunks of 2^22 columns, then add the chunk counts.
     """
     K, D = ones.shape
+    acc = torch.float64 if ones.dtype == torch.float64 else torch.float32  # half types: sum in float32
     full = D // chunk * chunk
-    counts = ones[:, full:].sum(1).round().long()
+    counts = ones[:, full:].sum(1, dtype=acc).round().long()
     if full:
-        counts += ones[:, :full].reshape(K, -1, chunk).sum(2).round().long().sum(1)
+        counts += ones[:, :full].reshape(K, -1, chunk).sum(2, dtype=acc).round().long().sum(1)
     return counts
 
 
