@@ -28,7 +28,7 @@ from bvlib.triggers import PatchTrigger
 from bvlib.weights import Layout, Weights
 
 PRESET_DIR = Path(__file__).parent / "presets"
-VERSION = 1  # bump to invalidate every stored artifact after a change in how they are made
+VERSION = 2  # bump to invalidate every stored artifact after a change in how they are made
 
 
 def preset_names() -> list[str]:
@@ -128,7 +128,9 @@ class World:
         p = self.preset
         if self.is_paper:
             return create_clip(p["model"], p["pretrained"], device=self.device)
-        model, tokenizer = create_clip(p["model"], device=self.device)
+        with torch.random.fork_rng(devices=[]):  # a seeded init: torch's own default seed differs per process
+            torch.manual_seed(p["pretrain"].get("seed", 0))
+            model, tokenizer = create_clip(p["model"], device=self.device)
         hit = self.store.load("base", self.base_config)
         if hit is None:
             t = time.perf_counter()

@@ -36,14 +36,14 @@ show_samples = True  # plot a few training images per task, with and without the
 # %%
 import warnings
 
+warnings.filterwarnings("ignore")  # before the imports: import-time warnings of libraries are noise here
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
 from bvlib.book import record
 from bvlib.world import World
-
-warnings.filterwarnings("ignore")
 
 world = World(preset, progress=False)
 attack = world.badnets()

@@ -31,6 +31,8 @@ target = None  # BadNets target class, None for the preset default
 # %%
 import warnings
 
+warnings.filterwarnings("ignore")  # before the imports: import-time warnings of libraries are noise here
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -38,7 +40,6 @@ from bvlib.backdoor_vectors import Attack, scale_sweep, vector_stats
 from bvlib.book import record
 from bvlib.world import World
 
-warnings.filterwarnings("ignore")
 world = World(preset, progress=False)
 over = {}
 if trigger_size is not None:

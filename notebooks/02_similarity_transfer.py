@@ -33,6 +33,8 @@ other_tasks = []  # tasks for the cross-task variation, empty for the next two t
 # %%
 import warnings
 
+warnings.filterwarnings("ignore")  # before the imports: import-time warnings of libraries are noise here
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -40,7 +42,6 @@ from bvlib.backdoor_vectors import group_means, similarity_matrix, transfer_matr
 from bvlib.book import record
 from bvlib.world import World
 
-warnings.filterwarnings("ignore")
 world = World(preset, progress=False)
 task = world.check_task(task or world.task_names[0])
 others = list(other_tasks) or [t for t in world.task_names if t != task][:2]

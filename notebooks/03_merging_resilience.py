@@ -38,6 +38,8 @@ include_badmerging = True  # BadMerging needs its trigger optimised first, a lit
 # %%
 import warnings
 
+warnings.filterwarnings("ignore")  # before the imports: import-time warnings of libraries are noise here
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -47,7 +49,6 @@ from bvlib.book import record
 from bvlib.merging import METHODS, merge, sparse_backdoor_vector
 from bvlib.world import World
 
-warnings.filterwarnings("ignore")
 world = World(preset, progress=False)
 attacked = world.check_task(attacked_task or world.task_names[0])
 names = [world.check_task(t) for t in (tasks or world.task_names)]

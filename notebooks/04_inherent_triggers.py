@@ -35,6 +35,8 @@ merge_lam = 0.3  # task arithmetic coefficient of the clean merge
 # %%
 import warnings
 
+warnings.filterwarnings("ignore")  # before the imports: import-time warnings of libraries are noise here
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -44,7 +46,6 @@ from bvlib.trigger_optimization import inherent_trigger, trigger_asr_table
 from bvlib.triggers import PatchTrigger
 from bvlib.world import World
 
-warnings.filterwarnings("ignore")
 world = World(preset, progress=False)
 names = [world.check_task(t) for t in (tasks or world.task_names)]
 theta0 = world.base_weights
