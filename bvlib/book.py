@@ -38,7 +38,8 @@ def notebook_names(root: Path | None = None) -> list[str]:
 
 def results_dir() -> Path:
     """Where notebooks record their headline numbers (read by the intro page)."""
-    return Path(os.environ.get("BVLIB_RESULTS", project_root() / "book" / "results"))
+    env = os.environ.get("BVLIB_RESULTS")
+    return Path(env) if env else project_root() / "book" / "results"
 
 
 def record(name: str, results: dict) -> Path:
@@ -54,8 +55,19 @@ def recorded() -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
 
 
+def preset_parameters(name: str, preset) -> dict:
+    """The notebook parameters a preset sets for notebook `name` (its "notebooks" entry, e.g. smaller sweeps for smoke)."""
+    from bvlib.world import load_preset
+
+    return dict(load_preset(preset).get("notebooks", {}).get(name, {}))
+
+
 def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path | None = None) -> Path:
-    """Execute notebooks/NAME.py with papermill into out_dir/NAME.ipynb."""
+    """Execute notebooks/NAME.py with papermill into out_dir/NAME.ipynb.
+
+    With a "preset" among the parameters, the preset's own parameters for this notebook come first
+    (`preset_parameters`); the ones passed here override them.
+    """
     import jupytext
     import papermill
 
@@ -63,6 +75,9 @@ def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path
     src = root / "notebooks" / f"{name}.py"
     if not src.exists():
         raise BVLibError(f"no notebook '{name}'; choose one of: {', '.join(notebook_names(root))}")
+    parameters = dict(parameters or {})
+    if "preset" in parameters:
+        parameters = preset_parameters(name, parameters["preset"]) | parameters
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.ipynb"
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +86,7 @@ def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         jupytext.write(nb, raw)
         try:
-            papermill.execute_notebook(str(raw), str(out), parameters=parameters or {}, kernel_name="python3", cwd=str(root),
+            papermill.execute_notebook(str(raw), str(out), parameters=parameters, kernel_name="python3", cwd=str(root),
                                        progress_bar=False, log_output=False)
         except papermill.PapermillExecutionError as e:
             raise BVLibError(f"notebook {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (see {out})") from None

@@ -78,6 +78,15 @@ if it:
         f"models and {it['asr_merged_opt']:.0%} on a clean merge, with no poisoned training. {it['claims_held']} of {it['claims']} "
         "of the paper's observations hold here."
     )
+df = results.get("05_defenses")
+if df:
+    defenses = [k[4:] for k in df if k.startswith("asr_")]
+    parts = ", ".join(f"{d} {df['asr_' + d]:.0%} / {df['ca_' + d]:.1%}" for d in sorted(defenses, key=lambda d: d != "none"))
+    lines.append(
+        f"**Defenses** ([chapter](05_defenses)): with the attacker on `{df['attacked']}` and the defender's own white-square BV from "
+        f"`{df['defender']}`, the ASR / mean clean accuracy over the attacks and {df['n_methods']} merging methods is: {parts}. "
+        f"{df['claims_held']} of {df['claims']} of the paper's claims about IBVS hold here."
+    )
 if not lines:
     lines.append("No chapter has recorded results yet: run `make book`.")
 Markdown("\n\n".join(lines))

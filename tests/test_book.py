@@ -32,3 +32,26 @@ def test_book_builds_with_every_page_and_figure(tmp_path, monkeypatch, smoke_wor
         assert img.stat().st_size > 1000
     intro = (html / "intro.html").read_text()
     assert "The world" in intro and "preset <code" in intro
+
+
+def test_preset_notebook_parameters_name_real_parameters():
+    # A preset may lighten a notebook's sweeps ("notebooks" in its JSON); each name must be a parameter
+    # of that notebook's parameters cell, or papermill would inject a variable nothing reads.
+    import jupytext
+
+    from bvlib.book import preset_parameters
+    from bvlib.world import load_preset, preset_names
+
+    root = project_root()
+    seen = 0
+    for preset in preset_names():
+        for name in load_preset(preset).get("notebooks", {}):
+            assert name in notebook_names(root), f"preset {preset} sets parameters of an unknown notebook {name}"
+            nb = jupytext.read(root / "notebooks" / f"{name}.py")
+            cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+            declared = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line and not line.startswith("#")}
+            params = preset_parameters(name, preset)
+            assert params and set(params) <= declared, f"{preset}/{name}: {sorted(set(params) - declared)} are not parameters"
+            seen += 1
+    assert seen >= 1
+    assert preset_parameters("05_defenses", "cpu") == {}
