@@ -12,7 +12,9 @@ other parameter (biases, norms, conv stem, class/positional embeddings) lam · m
 official TSV-M and Iso-C code does.
 
 Large temporaries are reused in place: on CPU a fresh [K, D] tensor costs more in page faults than
-the arithmetic on it, and on GPU it is memory the caching allocator must hold.
+the arithmetic on it, and on GPU it is memory the caching allocator must hold. TIES, its top-k
+threshold and SBV go further on CPU: they stream the stack through cache-sized column slices
+(`column_slices`), so their several elementwise steps read main memory about once.
 """
 
 from __future__ import annotations
@@ -74,57 +76,83 @@ def _int(name: str, value, lo: int = 0) -> int:
 
 
 # exact per-row top-k threshold ----------------------------------------------------------------
-def kth_largest(a: torch.Tensor, n: int, *, sample: int | None = None, z: float = 6.0) -> torch.Tensor:
-    """Exact n-th largest value of each row of a finite [K, D] tensor, without sorting the rows.
+CPU_CHUNK = 1 << 20  # values of a [K, columns] slice streamed at once on CPU (4 MB in fp32: cache-sized)
+
+
+def column_slices(K: int, D: int, device: torch.device) -> list[slice]:
+    """Column ranges to stream a [K, D] stack through: cache-sized slices on CPU, the whole stack on GPU.
+
+    On CPU every full-size [K, D] temporary costs a trip to main memory (and page faults when fresh);
+    a slice of ~CPU_CHUNK values stays in cache across the several ops done on it. On GPU each op is
+    already bandwidth-bound and kernel launches are the cost, so the stack goes in one piece.
+    """
+    step = D if device.type != "cpu" else max(1, CPU_CHUNK // K)
+    return [slice(i, min(i + step, D)) for i in range(0, D, step)]
+
+
+def kth_largest(a: torch.Tensor, n: int, *, magnitude: bool = False, sample: int | None = None, z: float = 6.0) -> torch.Tensor:
+    """Exact n-th largest value of each row of a finite [K, D] tensor (of |a| with magnitude=True), without sorting.
 
     Sample-select (Floyd & Rivest 1975): `sample` random columns (default 2^16 on CPU, 2^20 on GPU)
-    bracket the answer in [lo, hi] (± z standard deviations of its rank in the sample); one counting
-    pass checks that the bracket holds it (count above hi < n <= count in [lo, hi] + count above hi)
-    and only the values inside the bracket (~12·sqrt(q(1−q)/sample) of a row: ~2% on CPU, ~0.5% on
-    GPU) are gathered for an exact selection. A missed bracket (probability ~1e-9 per row at z=6) or
-    a tie-heavy row (e.g. mostly exact zeros) falls back to `torch.kthvalue` on the whole rows. The
-    sample changes only the speed: the result always equals `a.kthvalue(D − n + 1, dim=1).values`.
+    bracket the answer in [lo, hi] (± z standard deviations of its rank in the sample); one streamed
+    pass over the rows (`column_slices`) counts the values above hi and gathers those inside [lo, hi]
+    (~12·sqrt(q(1−q)/sample) of a row: ~2% on CPU, ~0.5% on GPU) for an exact selection per row. A missed
+    bracket (probability ~1e-9 per row at z=6) or a tie-heavy row (e.g. mostly exact zeros) falls back
+    to `torch.kthvalue` on the whole rows. The sample changes only the speed: the result always equals
+    `a.kthvalue(D − n + 1, dim=1).values` (of `a.abs()` with magnitude=True). |a| is never stored whole.
     """
     K, D = a.shape
     if not 1 <= n <= D:
         raise BVLibError(f"n must be in [1, {D}], got {n}")
     dev = a.device
+
+    def exact():
+        return (a.abs() if magnitude else a).kthvalue(D - n + 1, dim=1).values
+
     sample = sample or (1 << 16 if dev.type == "cpu" else 1 << 20)
     if D <= 4 * sample:
-        return a.kthvalue(D - n + 1, dim=1).values
+        return exact()
     gen = torch.Generator(device=dev).manual_seed(0)
     picked = a[:, torch.randint(D, (sample,), generator=gen, device=dev)]  # [K, sample]
+    if magnitude:
+        picked = picked.abs_()
     f = n / D
     j, delta = sample * (1.0 - f), z * math.sqrt(sample * f * (1.0 - f)) + 8
     lo_i, hi_i = math.floor(j - delta), math.ceil(j + delta)
     if lo_i < 0 or hi_i >= sample:  # the answer is near an end of the row: nothing to gain
-        return a.kthvalue(D - n + 1, dim=1).values
+        return exact()
     lo = picked.kthvalue(lo_i + 1, dim=1, keepdim=True).values
     hi = picked.kthvalue(hi_i + 1, dim=1, keepdim=True).values
-    buf = torch.gt(a, hi, out=torch.empty_like(a))
-    above = _row_counts(buf)
-    inside = torch.eq(torch.clamp(a, lo, hi, out=buf), a, out=buf)  # 1.0 where lo <= a <= hi
-    n_in = _row_counts(inside)
+    budget = 16 * (hi_i - lo_i + 1) * D // sample + 1  # 16 × the expected count per row: more means ties
+    above = torch.zeros(K, dtype=torch.long, device=dev)
+    n_in = torch.zeros(K, dtype=torch.long, device=dev)
+    inside_values: list[list[torch.Tensor]] = [[] for _ in range(K)]  # per row, its values in [lo, hi], slice by slice
+    slices = column_slices(K, D, dev)
+    width = slices[0].stop - slices[0].start
+    bufs = torch.empty(3, K * width, dtype=a.dtype, device=dev)  # |x|, x > hi, x >= lo: reused for every slice
+    for cols in slices:
+        size = K * (cols.stop - cols.start)
+        x, gt_hi, ge_lo = (buf[:size].view(K, -1) for buf in bufs)
+        x = torch.abs(a[:, cols], out=x) if magnitude else a[:, cols]
+        above += _row_counts(torch.gt(x, hi, out=gt_hi))
+        inside = torch.ge(x, lo, out=ge_lo).sub_(gt_hi)  # 1.0 where lo <= x <= hi (lo <= hi)
+        counts = _row_counts(inside)
+        n_in += counts
+        for row, values in zip(inside_values, torch.split(x[inside.bool()], counts.tolist())):
+            row.append(values)
+        if len(slices) > 1 and int(n_in.max()) > budget:
+            return exact()
     r = n - above  # rank of the answer among the values inside [lo, hi], from the top
-    budget = 16 * (hi_i - lo_i + 1) * D // sample + 1  # 16 × the expected count: more means ties
     if not bool(((r >= 1) & (r <= n_in)).all()) or int(n_in.max()) > budget:
-        return a.kthvalue(D - n + 1, dim=1).values
-    flat = inside.view(-1).nonzero().squeeze(1)  # sync: data-dependent size
-    del buf, inside
-    rows = torch.div(flat, D, rounding_mode="floor")
-    # Row i of `pad`: its values in the bracket, then (R − r_i) × +inf, then −inf: the R-th largest
-    # of every padded row is the r_i-th largest of its values, so one selection serves all rows.
-    R = int(r.max())
-    fill = R - r
-    width = int((n_in + fill).max())
-    start = torch.cumsum(n_in, 0) - n_in
-    pad = torch.full((K, width), -math.inf, dtype=a.dtype, device=dev)
-    pad[rows, torch.arange(flat.numel(), device=dev) - start[rows]] = a.view(-1)[flat]
-    col = torch.arange(width, device=dev)
-    pad.masked_fill_((col >= n_in.unsqueeze(1)) & (col < (n_in + fill).unsqueeze(1)), math.inf)
-    if dev.type == "cpu":  # quickselect; CUDA's kthvalue is one block per row, its sort is fast
-        return pad.kthvalue(width - R + 1, dim=1).values
-    return pad.sort(dim=1, descending=True).values[:, R - 1]
+        return exact()
+    out = []
+    for row, rank in zip(inside_values, r.tolist()):
+        values = torch.cat(row)
+        if dev.type == "cpu":  # quickselect; CUDA's kthvalue is one block per row, its sort is fast
+            out.append(values.kthvalue(len(values) - rank + 1).values)
+        else:
+            out.append(values.sort(descending=True).values[rank - 1])
+    return torch.stack(out)
 
 
 def _row_counts(ones: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
@@ -166,21 +194,38 @@ def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, l
     k, lam = _real("k", k, 0, 1, lo_open=True), _real("lam", lam)
     K, D = stack.shape
     n = max(1, int(k * D))
-    if n < D:
-        keep = stack.abs()
-        thr = kth_largest(keep, n)
-        keep = torch.ge(keep, thr.unsqueeze(1), out=keep)  # 1.0 / 0.0, in the same buffer
-        trimmed = keep.mul_(stack)
-    else:
-        trimmed = stack.clone()
-    mass = trimmed.sum(0)
-    elected = torch.sign(mass)
-    majority = torch.sign(elected.sum())
-    elected = torch.where(elected == 0, majority, elected)
-    agreeing = trimmed.mul_(elected).clamp_min_(0)  # |value| where the sign agrees, else 0
-    total = agreeing.sum(0)
-    count = agreeing.sign_().sum(0)
-    return total.mul_(elected).div_(count.clamp_min_(1)).mul_(lam)
+    thr = kth_largest(stack, n, magnitude=True).unsqueeze(1) if n < D else None
+    dev, dtype = stack.device, stack.dtype
+    out, mass = torch.empty(D, dtype=dtype, device=dev), torch.empty(D, dtype=dtype, device=dev)
+    undecided = []  # coordinates whose trimmed values cancel exactly: mass 0, yet something was kept
+    slices = column_slices(K, D, dev)
+    bufs = torch.empty(2, K * (slices[0].stop - slices[0].start), dtype=dtype, device=dev)  # reused by every slice
+    for cols in slices:  # streamed: every temporary is one cache-sized slice (the whole stack on GPU)
+        x = stack[:, cols]
+        keep, trimmed = (buf[: x.numel()].view_as(x) for buf in bufs)
+        if thr is None:
+            keep.fill_(1.0)
+        else:
+            torch.ge(torch.abs(x, out=keep), thr, out=keep)  # 1.0 / 0.0
+        kept = keep.sum(0)
+        torch.mul(keep, x, out=trimmed)
+        m = torch.sum(trimmed, 0, out=mass[cols])
+        elected = torch.sign(m)
+        agreeing = trimmed.mul_(elected).clamp_min_(0)  # |value| where the sign agrees, else 0
+        total = agreeing.sum(0)
+        count = agreeing.sign_().sum(0)
+        out[cols] = total.mul_(elected).div_(count.clamp_min_(1))
+        cancelled = (m == 0) & (kept > 0)
+        if bool(cancelled.any()):
+            undecided.append(cancelled.nonzero().squeeze(1) + cols.start)
+    if undecided:  # they take the majority of the elected signs, as in the official code
+        idx = torch.cat(undecided)
+        majority = torch.sign(torch.sign(mass).sum())
+        x = stack[:, idx]
+        trimmed = torch.where(x.abs() >= thr, x, 0.0) if thr is not None else x
+        agree = (trimmed * majority > 0).to(dtype)
+        out[idx] = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+    return out.mul_(lam)
 
 
 _DARE_BASES = ("task_arithmetic", "ties")
@@ -418,11 +463,13 @@ def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: 
     agreement = _real("agreement", agreement, 0.5, 1, lo_open=True)
     if combine not in ("mean", "sum"):
         raise BVLibError(f"combine must be 'mean' or 'sum', got {combine!r}")
-    K = s.shape[0]
+    K, D = s.shape
     need = math.ceil(agreement * K - 1e-9)
-    pos, neg = _sign_counts(s)
-    keep = torch.maximum(pos, neg) >= need
-    out = s.sum(0).mul_(keep)
+    out = torch.empty(D, dtype=s.dtype, device=s.device)
+    for cols in column_slices(K, D, s.device):  # streamed, as TIES
+        x = s[:, cols]
+        pos, neg = _sign_counts(x)
+        torch.sum(x, 0, out=out[cols]).mul_(torch.maximum(pos, neg) >= need)
     if combine == "mean":
         out.div_(K)
     return Weights(out, layout) if as_weights else out

@@ -225,6 +225,34 @@ def test_kth_largest_is_exact_with_ties_and_bracket_misses():
         kth_largest(a, 0)
 
 
+def test_streamed_slices_give_the_unstreamed_results(monkeypatch):
+    # On CPU, TIES, SBV and the threshold stream the stack through cache-sized column slices; with tiny
+    # slices (hundreds of them, the last one short) the results must not change, exactly.
+    import bvlib.merging as merging
+
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(4, 50_001, generator=g)
+    s[1, :20_000] = 0.0  # a tie-heavy row
+    s[2] = s[2].round(decimals=1)
+    s[:, 100:140] = torch.tensor([3.0, 0.0, 0.0, -3.0]).unsqueeze(1)  # large, kept by the trim, and cancelling exactly
+    n = int(0.2 * s.shape[1])
+    big = {"kth": [kth_largest(s, n, sample=512), kth_largest(s, n, magnitude=True, sample=512)],
+           "ties": merge(s, "ties"), "ties_k1": merge(s, "ties", k=1.0), "sbv": sparse_backdoor_vector(s, agreement=0.75)}
+    monkeypatch.setattr(merging, "CPU_CHUNK", 4 * 173)
+    assert len(merging.column_slices(4, s.shape[1], s.device)) == math.ceil(50_001 / 173)
+    assert torch.equal(big["kth"][0], s.kthvalue(s.shape[1] - n + 1, dim=1).values)
+    assert torch.equal(kth_largest(s, n, sample=512), big["kth"][0])
+    assert torch.equal(kth_largest(s, n, magnitude=True, sample=512), s.abs().kthvalue(s.shape[1] - n + 1, dim=1).values)
+    assert torch.equal(kth_largest(s, n, magnitude=True, sample=512), big["kth"][1])
+    assert torch.equal(merge(s, "ties"), big["ties"])
+    assert torch.equal(merge(s, "ties", k=1.0), big["ties_k1"])
+    for key, k in (("ties", 0.2), ("ties_k1", 1.0)):  # cancelled coordinates take the majority of the elected signs
+        trimmed = torch.where(s.abs() >= s.abs().kthvalue(s.shape[1] - max(1, int(k * s.shape[1])) + 1, dim=1, keepdim=True).values, s, 0)
+        majority = torch.sign(torch.sign(trimmed.sum(0)).sum())
+        assert majority != 0 and torch.equal(big[key][100:140], torch.full((40,), 3.0) * majority)
+    assert torch.equal(sparse_backdoor_vector(s, agreement=0.75), big["sbv"])
+
+
 def test_task_arithmetic_and_average_match_reference():
     s = random_stack()
     assert torch.allclose(merge(s, "task_arithmetic", lam=0.3), ref_task_arithmetic(as_dicts(s), 0.3), atol=1e-6)
