@@ -12,9 +12,9 @@ other parameter (biases, norms, conv stem, class/positional embeddings) lam · m
 official TSV-M and Iso-C code does.
 
 Large temporaries are reused in place: on CPU a fresh [K, D] tensor costs more in page faults than
-the arithmetic on it, and on GPU it is memory the caching allocator must hold. TIES, its top-k
-threshold and SBV go further on CPU: they stream the stack through cache-sized column slices
-(`column_slices`), so their several elementwise steps read main memory about once.
+the arithmetic on it, and on GPU it is memory the caching allocator must hold. TIES (and its top-k
+threshold), TALL, Consensus and SBV go further on CPU: they stream the stack through cache-sized
+column slices (`column_slices`), so their several elementwise steps read main memory about once.
 """
 
 from __future__ import annotations
@@ -88,6 +88,18 @@ def column_slices(K: int, D: int, device: torch.device) -> list[slice]:
     """
     step = D if device.type != "cpu" else max(1, CPU_CHUNK // K)
     return [slice(i, min(i + step, D)) for i in range(0, D, step)]
+
+
+def _streamed(stack: torch.Tensor, per_slice: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[D]: `per_slice` ([K, C] columns -> [C]) applied slice by slice over `column_slices`."""
+    K, D = stack.shape
+    slices = column_slices(K, D, stack.device)
+    if len(slices) == 1:
+        return per_slice(stack)
+    out = torch.empty(D, dtype=stack.dtype, device=stack.device)
+    for cols in slices:
+        out[cols] = per_slice(stack[:, cols])
+    return out
 
 
 def kth_largest(a: torch.Tensor, n: int, *, magnitude: bool = False, sample: int | None = None, z: float = 6.0) -> torch.Tensor:
@@ -295,8 +307,7 @@ def tall(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3,
     model needs one vector, so here each task contributes only the coordinates its mask claims.
     """
     lam = _real("lam", lam)
-    m = _tall_mask_values(stack, stack.sum(0), tall_lambda)
-    return m.mul_(stack).sum(0).mul_(lam)
+    return _streamed(stack, lambda x: _tall_mask_values(x, x.sum(0), tall_lambda).mul_(x).sum(0).mul_(lam))
 
 
 def consensus_mask(stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
@@ -312,9 +323,13 @@ def consensus_mask(stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequenc
 def consensus(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, k: int = 2, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
     """Consensus Task Arithmetic (Wang et al., ICML 2024): lam · (consensus mask ⊙ Σ τ)."""
     lam, k = _real("lam", lam), _int("k", k)
-    total = stack.sum(0)
-    keep = _tall_mask_values(stack, total, tall_lambda).sum(0) >= k
-    return total.mul_(keep).mul_(lam)
+
+    def per_slice(x: torch.Tensor) -> torch.Tensor:
+        total = x.sum(0)
+        keep = _tall_mask_values(x, total, tall_lambda).sum(0) >= k
+        return total.mul_(keep).mul_(lam)
+
+    return _streamed(stack, per_slice)
 
 
 def _matrix_groups(layout: Layout) -> dict[tuple[int, int], list[int]]:
@@ -463,13 +478,14 @@ def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: 
     agreement = _real("agreement", agreement, 0.5, 1, lo_open=True)
     if combine not in ("mean", "sum"):
         raise BVLibError(f"combine must be 'mean' or 'sum', got {combine!r}")
-    K, D = s.shape
+    K = s.shape[0]
     need = math.ceil(agreement * K - 1e-9)
-    out = torch.empty(D, dtype=s.dtype, device=s.device)
-    for cols in column_slices(K, D, s.device):  # streamed, as TIES
-        x = s[:, cols]
+
+    def per_slice(x: torch.Tensor) -> torch.Tensor:
         pos, neg = _sign_counts(x)
-        torch.sum(x, 0, out=out[cols]).mul_(torch.maximum(pos, neg) >= need)
+        return x.sum(0).mul_(torch.maximum(pos, neg) >= need)
+
+    out = _streamed(s, per_slice)
     if combine == "mean":
         out.div_(K)
     return Weights(out, layout) if as_weights else out

@@ -226,7 +226,7 @@ def test_kth_largest_is_exact_with_ties_and_bracket_misses():
 
 
 def test_streamed_slices_give_the_unstreamed_results(monkeypatch):
-    # On CPU, TIES, SBV and the threshold stream the stack through cache-sized column slices; with tiny
+    # On CPU, TIES (and its threshold), TALL, Consensus and SBV stream the stack through cache-sized column slices; with tiny
     # slices (hundreds of them, the last one short) the results must not change, exactly.
     import bvlib.merging as merging
 
@@ -237,7 +237,8 @@ def test_streamed_slices_give_the_unstreamed_results(monkeypatch):
     s[:, 100:140] = torch.tensor([3.0, 0.0, 0.0, -3.0]).unsqueeze(1)  # large, kept by the trim, and cancelling exactly
     n = int(0.2 * s.shape[1])
     big = {"kth": [kth_largest(s, n, sample=512), kth_largest(s, n, magnitude=True, sample=512)],
-           "ties": merge(s, "ties"), "ties_k1": merge(s, "ties", k=1.0), "sbv": sparse_backdoor_vector(s, agreement=0.75)}
+           "ties": merge(s, "ties"), "ties_k1": merge(s, "ties", k=1.0), "sbv": sparse_backdoor_vector(s, agreement=0.75),
+           "tall": merge(s, "tall", tall_lambda=[0.4, 0.2, 0.6, 0.4]), "consensus": merge(s, "consensus", k=2)}
     monkeypatch.setattr(merging, "CPU_CHUNK", 4 * 173)
     assert len(merging.column_slices(4, s.shape[1], s.device)) == math.ceil(50_001 / 173)
     assert torch.equal(big["kth"][0], s.kthvalue(s.shape[1] - n + 1, dim=1).values)
@@ -251,6 +252,8 @@ def test_streamed_slices_give_the_unstreamed_results(monkeypatch):
         majority = torch.sign(torch.sign(trimmed.sum(0)).sum())
         assert majority != 0 and torch.equal(big[key][100:140], torch.full((40,), 3.0) * majority)
     assert torch.equal(sparse_backdoor_vector(s, agreement=0.75), big["sbv"])
+    assert torch.equal(merge(s, "tall", tall_lambda=[0.4, 0.2, 0.6, 0.4]), big["tall"])
+    assert torch.equal(merge(s, "consensus", k=2), big["consensus"])
 
 
 def test_task_arithmetic_and_average_match_reference():
