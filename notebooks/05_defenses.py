@@ -46,8 +46,9 @@ ibvs_sizes = [2, 4, 8]  # defender trigger sides in px swept with sweep_method
 sweep_method = "task_arithmetic"  # merging method of the two IBVS sweeps and of the unknown-trigger TBAR
 tbar_steps = 100  # fine-tuning steps of the TBAR trigger task
 tbar_unknown = True  # also run TBAR with a reverse-engineered trigger, slower
-tbar_trigger_steps = 100  # optimisation steps of each reverse-engineered patch
-dam_steps = 30  # DAM rounds
+tbar_trigger_steps = 50  # optimisation steps of each reverse-engineered patch
+dam_steps = 10  # DAM rounds
+dam_attack_steps = 1  # steps of the adversarial patch per DAM round, warm-started from round to round
 
 # %%
 import warnings
@@ -134,7 +135,7 @@ for attack_name, (vec, trig, tgt) in attack_vectors.items():
                            "TBAR (known)": world.evaluate_merged(cleaned, names, attacked, trig, tgt)}.items():
             rows.append({"attack": attack_name, "method": method, "defense": defense, "mean CA": r["mean_acc"],
                          "attacked CA": r["attacked_acc"], "ASR": r["asr"]})
-    dam_tau, dam_info = dam(world, dict(zip(names, vectors)), steps=dam_steps)
+    dam_tau, dam_info = dam(world, dict(zip(names, vectors)), steps=dam_steps, attack_steps=dam_attack_steps)
     r = judge(dam_tau, trig, tgt)
     rows.append({"attack": attack_name, "method": "dam", "defense": "DAM", "mean CA": r["mean_acc"], "attacked CA": r["attacked_acc"], "ASR": r["asr"]})
 grid = pd.DataFrame(rows)
