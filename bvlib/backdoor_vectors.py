@@ -80,13 +80,21 @@ def vector_stats(world, attack: Attack) -> dict:
 
 
 def variations(world, task: str, *, seeds: Sequence[int] = (0, 1, 2), locations: Sequence[str] = ("top_left", "center", "random"),
-               targets: Sequence[int] = (1, 2), tasks: Sequence[str] = ()) -> list[Attack]:
-    """The reference BadNets attack on `task` and its variations, one knob at a time."""
+               targets: Sequence[int] = (1, 2), tasks: Sequence[str] = (), aligned_token: int = 0) -> list[Attack]:
+    """The reference BadNets attack on `task` and its variations, one knob at a time.
+
+    With `aligned_token` (the encoder's patch size), every location also gets a variant snapped to the
+    reference trigger's offset inside its token (group "location, aligned"): at paper scale two corners'
+    triggers share most of their in-token pixels, and this is the variation that reproduces that.
+    """
     ref = world.badnets()
     loc = ref.trigger.location
     attacks = [Attack(task, ref, seeds[0] if seeds else 0, f"{task} ref", "reference")]
     attacks += [Attack(task, ref, s, f"seed {s}", "seed") for s in seeds[1:]]
     attacks += [Attack(task, replace(ref, trigger=replace(ref.trigger, location=lo)), 0, f"at {lo}", "location") for lo in locations if lo != loc]
+    if aligned_token:
+        attacks += [Attack(task, replace(ref, trigger=replace(ref.trigger, location=lo, token=aligned_token)), 0, f"at {lo}, aligned",
+                           "location, aligned") for lo in locations if lo != loc]
     attacks += [Attack(task, replace(ref, target=t), 0, f"target {t}", "target") for t in targets if t != ref.target]
     attacks += [Attack(t, ref, 0, f"task {t}", "task") for t in tasks if t != task]
     for a in attacks:
@@ -103,6 +111,12 @@ def transfer_matrix(world, attacks: Sequence[Attack]) -> torch.Tensor:
         for j, bv in enumerate(bvs):
             out[i, j] = world.evaluate(a.task, clean + bv, a.trigger, a.target)["asr"]
     return out
+
+
+def clean_asr(world, attacks: Sequence[Attack]) -> torch.Tensor:
+    """[i] = ASR of attack i's trigger and target on θ_clean(i) with no BV: the floor of row i of the
+    transfer matrix (a trigger alone moves some images to the target)."""
+    return torch.tensor([world.evaluate(a.task, clean_model(world, a), a.trigger, a.target)["asr"] for a in attacks])
 
 
 def similarity_matrix(world, attacks: Sequence[Attack]) -> torch.Tensor:

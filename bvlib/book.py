@@ -117,7 +117,9 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
         from bvlib.world import World
 
         t = time.perf_counter()
-        World(preset).card()
+        world = World(preset)
+        world.card()
+        world.merge_curves()  # the validated λ every merging chapter uses
         timings["world"] = time.perf_counter() - t
     for name in names if names is not None else notebook_names(root):
         t = time.perf_counter()

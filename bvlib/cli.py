@@ -27,11 +27,18 @@ def _print_table(rows: list[dict]) -> None:
 def cmd_world(args) -> None:
     world = _world(args)
     rows = world.card()
+    curves = world.merge_curves()
+    merge = {m: {k: c[k] for k in ("lam", "mean_acc", "normalized_acc")} for m, c in curves.items()}
+    zeroshot = sum(r["zeroshot_acc"] for r in rows) / len(rows)
+    finetuned = sum(r["clean_acc"] for r in rows) / len(rows)
     if args.json:
-        print(json.dumps({"preset": world.name, "model": world.preset["model"], "tasks": rows}, indent=1))
+        print(json.dumps({"preset": world.name, "model": world.preset["model"], "zeroshot_mean": zeroshot, "finetuned_mean": finetuned,
+                          "merge": merge, "tasks": rows}, indent=1))
     else:
         print(f"world '{world.name}': {world.preset['model']}, {world.layout.numel:,} encoder parameters, store {world.store.root}")
         _print_table(rows)
+        print(f"mean zero-shot {zeroshot:.3f}, mean fine-tuned {finetuned:.3f}; merging the clean task vectors (λ on validation):")
+        _print_table([{"method": m, **v} for m, v in merge.items()])
 
 
 def _attack(world, args):
@@ -92,6 +99,17 @@ def cmd_notebook(args) -> None:
     print(f"executed {out}; run `make html` (or `bvlib book --html-only`) to rebuild the pages")
 
 
+def cmd_pretrain(args) -> None:
+    from bvlib.world import World
+
+    world = World(args.preset, overrides={"base_checkpoint": None})  # from scratch, whatever the preset ships
+    if world.is_paper:
+        raise BVLibError("the paper preset starts from published weights; pretraining is for the mini presets")
+    digest = world.export_base(args.out)
+    print(f"wrote {args.out} (sha256 {digest}); a preset ships it as \"base_checkpoint\": "
+          f"{{\"file\": \"<name in bvlib/bases>\", \"sha256\": \"{digest}\"}}")
+
+
 def cmd_book(args) -> None:
     from bvlib.book import build
 
@@ -125,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--checkpoint", help="image-encoder state_dict (.safetensors or a weights-only torch file); default θ0")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("pretrain", help="pretrain a mini preset's base from scratch and write it as a shippable safetensors file")
+    common(p)
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("notebook", help="execute one notebook with papermill into book/ (parameters with -p NAME VALUE)")
     p.add_argument("name", help="e.g. 00_world")

@@ -1,17 +1,17 @@
 """Defenses against backdoors in model merging, each one operation on the merge.
 
-- **IBVS** (Injection Backdoor Vector Subtraction; Pawlak et al. 2025, the paper's defense). The
-  defender, knowing nothing of the attack, implants its *own* backdoor (a small white square) in a
-  task it controls, takes that Backdoor Vector BV = θ_backdoored − θ_clean, and subtracts it, scaled,
-  from the merge: `ibvs_vector` makes the BV, `merge_with_ibvs` merges with it subtracted.
+- **IBVS** (Injection Backdoor Vector Subtraction; the paper's defense). The defender, knowing nothing
+  of the attack, implants its *own* backdoor (a small white square) in a task it controls, takes that
+  Backdoor Vector BV = θ_backdoored − θ_clean, and subtracts it *during* merging, at the merge's own
+  scale: `ibvs_vector` makes the BV, `merge_with_ibvs` merges −strength·BV as one more task vector.
 - **TBAR** (backdoor unlearning by linear task decomposition, 2025). The trigger's task vector is
   estimated by fine-tuning the suspect model on triggered images labelled with the target class and
   negated: θ_clean ≈ θ − α·τ_trigger. The trigger is known, or reverse-engineered per candidate
   target class (the suspected target is the one whose reverse-engineered trigger works best): `tbar`.
-- **DAM** (Defense-Aware Merging; Yang et al., ICLR 2025). Two masks over the task vectors are learnt
-  on unlabeled data: a task-shared mask (keep what agrees with each task's own model) and a
-  backdoor-detection mask (remove what makes the merge sensitive to adversarial input perturbations):
-  `dam`, a simplified version documented there.
+- **DAM** (Defense-Aware Merging; Yang et al., ICLR 2025, as its reference code in FusionBench's
+  "safe concrete task arithmetic" runs it): one per-coordinate concrete mask shared by the task
+  vectors, learnt on unlabeled images with an entropy objective on clean images and on images with
+  per-task universal adversarial perturbations: `dam`.
 
 All three work on flat `Weights`; merges are merged *task vectors* τ_merged (add θ0 for a model), as
 `bvlib.merging.merge` returns.
@@ -30,17 +30,14 @@ from tqdm import tqdm
 
 from bvlib.data import Split, iterate_batches
 from bvlib.errors import BVLibError
-from bvlib.merging import _real, merge
+from bvlib.merging import _real, merge, sparse_backdoor_vector
 from bvlib.training import TrainConfig, _autocast, _to_float, finetune
 from bvlib.trigger_optimization import Trigger, _digest, inherent_trigger
-from bvlib.triggers import PatchTrigger, check_location, paste_patch, patch_position
+from bvlib.triggers import PatchTrigger, check_location
 from bvlib.weights import Layout, Weights, apply_vector, backdoor_vector, stack
 from bvlib.world import VERSION
 
 TBAR_VERSION = 1  # bump to invalidate stored TBAR trigger-task fine-tunes after a change in how they are made
-IBVS_APPLY = ("merged", "per_task")
-DAM_PERTURB = ("patch", "pgd")
-DAM_GRANULARITY = ("coordinate", "tensor")
 ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)  # TBAR's alpha="auto" sweep
 
 
@@ -92,40 +89,47 @@ def ibvs_trigger(world, size: int | None = None, location: str = "bottom_right")
 
 
 def ibvs_vector(world, task: str | None = None, *, trigger: PatchTrigger | None = None, target: int = 0, seed: int = 0,
-                **train_overrides) -> Weights:
+                seeds: Sequence[int] | None = None, **train_overrides) -> Weights:
     """The defender's injection Backdoor Vector: BV = θ_backdoored − θ_clean on the defender's task.
 
     `task` is the defender's own task (default: the world's first); both fine-tunes start from θ0 with
     the same seed and schedule (`train_overrides` go to `World.finetune`), the backdoored one with the
     preset's BadNets poisoning recipe (rate, mode, loss weight) but the defender's `trigger` (default
     `ibvs_trigger(world)`, a white square) and `target`. Both come from the store when made before.
+    With several `seeds`, the defender keeps only what its seed BVs agree on: their sign-consistent
+    combination rescaled to one BV's norm (`sparse_backdoor_vector(combine="rescale")`), which drops
+    the divergence of two training runs and keeps the backdoor's direction.
     """
     task = world.check_task(task if task is not None else world.task_names[0])
     trigger = trigger if trigger is not None else ibvs_trigger(world)
     _check_target(world, task, target)
     poison = dataclasses.replace(world.badnets(), trigger=trigger, target=target)
-    return backdoor_vector(world.finetune(task, poison=poison, seed=seed, **train_overrides), world.finetune(task, seed=seed, **train_overrides))
+
+    def one(s: int) -> Weights:
+        return backdoor_vector(world.finetune(task, poison=poison, seed=s, **train_overrides), world.finetune(task, seed=s, **train_overrides))
+
+    if seeds is None or len(seeds) == 1:
+        return one(seed if seeds is None else seeds[0])
+    return sparse_backdoor_vector([one(s) for s in seeds], combine="rescale")
 
 
-def merge_with_ibvs(task_vectors: Sequence[Weights] | Mapping[str, Weights], method: str, ibvs_bv: Weights, strength: float = 1.0, *,
-                    apply: str = "merged", **merge_params) -> Weights:
-    """Merged task vector with the defender's BV subtracted: merge(τ's) − strength · BV.
+def merge_with_ibvs(task_vectors: Sequence[Weights] | Mapping[str, Weights], method: str, ibvs_bv: Weights, strength: float = 1.0,
+                    **merge_params) -> Weights:
+    """The merge with the defender's BV subtracted at the merge's own scale: merge(τ_1..τ_K, −strength·BV).
 
-    apply="merged" (default) is what the paper describes: subtract the injected BV from the merged
-    vector, after `method` (with `merge_params`) has merged the task vectors. apply="per_task"
-    subtracts it from every task vector before merging instead (under task arithmetic that is
-    lam · K · strength · BV in total, and TIES/DARE then trim or drop its coordinates with the rest).
+    The defender's −BV enters the merge as one more task vector, so it gets what every task vector
+    gets: task arithmetic scales it by λ (subtracting 1·BV after a λ = 0.3 merge would remove ~3× what
+    any attacker's vector keeps), TIES trims it and lets it vote in the sign election, DARE drops and
+    rescales it. strength = 0 is the plain merge.
     """
     vectors = _vector_list(task_vectors)
     if not isinstance(ibvs_bv, Weights):
         raise BVLibError(f"ibvs_bv must be Weights (a Backdoor Vector), got {type(ibvs_bv).__name__}")
     vectors[0].layout.check_same(ibvs_bv.layout, "task vectors and the IBVS BV")
     strength = _real("strength", strength, 0)
-    if apply not in IBVS_APPLY:
-        raise BVLibError(f"apply must be one of: {', '.join(IBVS_APPLY)}; got {apply!r}")
-    if apply == "per_task":
-        return merge([v - strength * ibvs_bv for v in vectors], method, **merge_params)
-    return merge(vectors, method, **merge_params) - strength * ibvs_bv
+    if strength == 0:
+        return merge(vectors, method, **merge_params)
+    return merge(vectors + [-strength * ibvs_bv], method, **merge_params)
 
 
 # TBAR -----------------------------------------------------------------------------------------
@@ -275,91 +279,72 @@ def tbar(world, weights: Weights, task: str, *, trigger: Trigger | None = None, 
 
 
 # DAM ------------------------------------------------------------------------------------------
-def _kl(teacher_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student), mean over the batch."""
-    return F.kl_div(logits.float().log_softmax(-1), teacher_probs, reduction="batchmean")
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the predicted class distributions (AdaMerging's unlabeled objective)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean()
 
 
-def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: int = 30, alpha: float = 1.0, perturb: str = "patch",
-        granularity: str = "tensor", lr: float = 0.1, init: float = 2.0, batch_size: int = 64, n_images: int = 256,
-        attack_steps: int = 5, patch_size: int | None = None, patch_location: str = "bottom_right", eps: float = 8 / 255, seed: int = 0,
-        progress: bool = False) -> tuple[Weights, dict]:
-    """Defense-Aware Merging (Yang et al., ICLR 2025), simplified: two masks learnt on unlabeled val images.
+def _segment_mean(mask: torch.Tensor, numels: list[int], counts: torch.Tensor) -> torch.Tensor:
+    """[D] -> [D]: each coordinate's tensor-wise mean of `mask` (deterministic, unlike index_add_ on CPU)."""
+    means = torch.stack([chunk.mean() for chunk in mask.split(numels)])
+    return means.repeat_interleave(counts)
+
+
+def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: int = 200, lr: float = 1e-2,
+        temperature: float = 0.5, init: float = 0.0, batch_size: int = 16, adv_lr: float = 1e-3, adv_weight: float = 0.1,
+        seed: int = 0, progress: bool = False) -> tuple[Weights, dict]:
+    """Defense-Aware Merging (Yang et al., ICLR 2025) as its reference code runs it on task arithmetic.
 
     `task_vectors` maps task names of the world to their task vectors τ_t (any may be backdoored; the
-    defender does not know which). Each τ_t gets two masks, logits relaxed through a sigmoid while
-    training (one logit per parameter tensor, granularity="tensor", or per coordinate, "coordinate"):
-    m_shared_t (keep, init logit +init) and m_backdoor_t (remove, init logit −init). The relaxed merge
-    θ(m) = θ0 + lam · Σ_t m_shared_t ⊙ (1 − m_backdoor_t) ⊙ τ_t runs through the encoder with
-    `torch.func.functional_call`, so gradients reach the logits. Each of `steps` rounds, on a batch
-    of each task's unlabeled val images (labels are never read):
+    defender does not know which). One mask m over the D coordinates, shared by every τ_t, is a
+    concrete (relaxed Bernoulli) variable with logits starting at `init` (0) and `temperature` 0.5;
+    each sampled mask is divided by its mean inside every parameter tensor, and the merge is
+    θ(m) = θ0 + lam · Σ_t m ⊙ τ_t. Each of `steps` steps, on batches of `batch_size` unlabeled val
+    images per task (labels are never read):
 
-    1. perturbation: against the current merge, per task, maximise L_safe_t (below) over a universal
-       patch (perturb="patch": `patch_size` px at `patch_location`, Adam on its pixels, warm-started
-       round to round) or a per-image L∞ PGD perturbation of radius `eps` (perturb="pgd"), with
-       `attack_steps` steps;
-    2. task-shared mask: one Adam step on L_perf = mean_t KL(p_t(x) ‖ p_merged,t(x)), where p_t is
-       task t's own fine-tuned model θ0 + τ_t (the agreement objective, without labels);
-    3. backdoor-detection mask: one Adam step on L_perf + alpha · L_safe, L_safe = mean_t
-       KL(p_t(x) ‖ p_merged,t(x ⊕ δ_t)): coordinates whose removal keeps the merge's predictions
-       unchanged under the adversarial perturbation are pushed out.
+    1. perturbation: one Adam step (`adv_lr`) on a per-task universal additive perturbation δ_t (the
+       whole image, starting at 0) that maximises the cross-entropy of the merge's predictions on x + δ_t
+       against its own predictions on x;
+    2. mask: one Adam step (`lr`) on Σ_t H(x) + `adv_weight` · H(clip(x + δ_t)), H the entropy of the
+       merge's predictions, through a freshly sampled mask.
 
-    At the end both masks are thresholded at 0.5 and the merge is
-    τ_merged = lam · Σ_t m_shared_t ⊙ (1 − m_backdoor_t) ⊙ τ_t (add θ0 for the model).
+    The final mask is one more sample of the concrete mask, divided by its tensor-wise means, as the
+    reference forms it. The reference runs 1000-2000 steps at lr 1e-3 (adv_lr 1e-4) on ViT-B-32; the
+    mini world runs 10× fewer steps at 10× the rates, so the logits can move as far.
 
-    Simplifications of the paper, plainly: DAM's meta-learning (inner/outer updates with its
-    mask-specific regularisers and schedules) becomes one alternating Adam step per mask per round;
-    the masks are relaxed by a plain sigmoid and thresholded once at the end (no straight-through or
-    annealing); the perturbation is a single universal patch per task or a few PGD steps, not the
-    paper's adversarial procedure; both losses use the individual models' predictions as soft
-    targets on unlabeled val images. The default patch location is the presets' trigger corner.
-    The default granularity is "tensor": per-coordinate masks cost 6 × K × D floats with Adam (too
-    much at paper scale), and on the smoke world their thresholded masks kept ~95% of everything and
-    did not lower the ASR, while per-tensor masks did.
-
-    Returns (τ_merged, info): info holds the binary masks ("shared_mask", "backdoor_mask", float
-    [K, units] in {0, 1}, rows in `info["tasks"]` order), per-task kept and backdoor-removed shares
-    of coordinates, and the loss history.
+    Returns (τ_merged, info): info holds the final mask's share of coordinates above 0.5 ("kept_share"),
+    how far the logits moved (mean |logit − init|, share beyond ±1), the perturbations' norms and the
+    loss history.
     """
     if not isinstance(task_vectors, Mapping) or not task_vectors:
         raise BVLibError("task_vectors must be a non-empty dict {task name: task vector}")
     names = [world.check_task(t) for t in task_vectors]
     for t in names:
         _check_weights(world, task_vectors[t], f"task vector of '{t}'")
-    if perturb not in DAM_PERTURB:
-        raise BVLibError(f"perturb must be one of: {', '.join(DAM_PERTURB)}; got {perturb!r}")
-    if granularity not in DAM_GRANULARITY:
-        raise BVLibError(f"granularity must be one of: {', '.join(DAM_GRANULARITY)}; got {granularity!r}")
-    lam, alpha = _real("lam", lam), _real("alpha", alpha, 0)
-    lr, init, eps = _real("lr", lr, 0, lo_open=True), _real("init", init), _real("eps", eps, 0, 1)
-    steps, batch_size, n_images = _pos_int("steps", steps), _pos_int("batch_size", batch_size), _pos_int("n_images", n_images)
-    attack_steps = _pos_int("attack_steps", attack_steps)
-    check_location(patch_location)
-    side = _image_side(world)
-    patch_size = _pos_int("patch_size", patch_size if patch_size is not None else max(1, side // 8))
-    patch_pos = patch_position(patch_size, patch_location, side, side, seed)
+    lam, init = _real("lam", lam), _real("init", init)
+    lr, adv_lr = _real("lr", lr, 0, lo_open=True), _real("adv_lr", adv_lr, 0)
+    temperature, adv_weight = _real("temperature", temperature, 0, lo_open=True), _real("adv_weight", adv_weight, 0)
+    steps, batch_size = _pos_int("steps", steps), _pos_int("batch_size", batch_size)
 
-    dev = world.device
-    layout = world.layout
-    taus = stack([task_vectors[t].to(dev) for t in names])  # [K, D]
+    dev, layout = world.device, world.layout
+    total = stack([task_vectors[t].to(dev) for t in names]).sum(0)  # the mask is shared: only Σ τ_t matters
     theta0 = world.base_weights.flat.to(dev)
-    K, D = taus.shape
-    if granularity == "tensor":
-        seg = torch.repeat_interleave(torch.arange(len(layout.names), device=dev), torch.tensor(layout.numels, device=dev))
-        expand = lambda m: m[:, seg]  # [K, tensors] -> [K, D]
-        units = len(layout.names)
-    else:
-        expand = lambda m: m
-        units = D
-    torch.manual_seed(seed)
+    numels, counts = list(layout.numels), torch.tensor(layout.numels, device=dev)
     gen = torch.Generator().manual_seed(seed)
-    shared_logits = torch.full((K, units), init, device=dev, requires_grad=True)
-    backdoor_logits = torch.full((K, units), -init, device=dev, requires_grad=True)
-    opt_shared = torch.optim.Adam([shared_logits], lr=lr)
-    opt_backdoor = torch.optim.Adam([backdoor_logits], lr=lr)
-
+    logits = torch.full_like(total, init, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=lr)
+    side = _image_side(world)
+    deltas = torch.zeros(len(names), 3, side, side, device=dev, requires_grad=True)
+    opt_adv = torch.optim.Adam([deltas], lr=adv_lr)
     model = world.classifier(names[0]).eval().requires_grad_(False)
     heads = {t: world.head(t) for t in names}
+
+    def sample() -> tuple[torch.Tensor, torch.Tensor]:
+        """(a relaxed Bernoulli sample of the mask, reparameterised; the same divided by its tensor-wise means)."""
+        u = torch.rand(total.shape, generator=gen).to(dev).clamp_(1e-6, 1 - 1e-6)
+        m = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+        return m, m / _segment_mean(m, numels, counts).clamp_min(1e-12)
 
     def forward(flat: torch.Tensor, task: str, x: torch.Tensor) -> torch.Tensor:
         params = {f"encoder.{n}": v for n, v in Weights(flat, layout).state_dict().items()}
@@ -367,76 +352,46 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
         with _autocast(dev):
             return functional_call(model, params, (x,)).float()
 
-    def merged(ms: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
-        return theta0 + lam * (expand(ms * (1 - mb)) * taus).sum(0)
+    val = {t: world.task(t).val for t in names}
 
-    # unlabeled data: up to n_images val images per task, and the individual models' soft predictions on them
-    images, teacher = {}, {}
-    with torch.no_grad():
-        for k, t in enumerate(names):
-            val = world.task(t).val
-            idx = torch.randperm(len(val), generator=gen)[:n_images]
-            x = val.images[idx] if isinstance(val, Split) else torch.stack([torch.as_tensor(val[i][0]) for i in idx.tolist()])
-            images[t] = x.to(dev)
-            own = theta0 + taus[k]
-            teacher[t] = torch.cat([forward(own, t, _to_float(b, dev)).softmax(-1) for b in images[t].split(1024)])
-    patches = {t: torch.logit(PatchTrigger(size=patch_size, pattern="noise", seed=seed + k).patch(dev).clamp(0.05, 0.95)).requires_grad_(True)
-               for k, t in enumerate(names)}
-    opt_patch = torch.optim.Adam(list(patches.values()), lr=0.1)
-
-    def perturbed(t: str, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-        if perturb == "patch":
-            return paste_patch(x, torch.sigmoid(patches[t]), patch_pos)
-        return (x + delta).clamp(0, 1)
+    def batch(t: str) -> torch.Tensor:
+        split = val[t]
+        idx = torch.randint(len(split), (batch_size,), generator=gen)
+        x = split.images[idx] if isinstance(split, Split) else torch.stack([torch.as_tensor(split[i][0]) for i in idx.tolist()])
+        return _to_float(x, dev)
 
     history = []
     for _ in tqdm(range(steps), desc="DAM", leave=False, disable=not progress):
-        batch = {}
-        for t in names:
-            pick = torch.randint(len(images[t]), (min(batch_size, len(images[t])),), generator=gen)
-            batch[t] = (_to_float(images[t][pick.to(images[t].device)], dev), teacher[t][pick.to(dev)])
-        # 1. adversarial perturbation against the current (relaxed) merge
-        with torch.no_grad():
-            flat = merged(torch.sigmoid(shared_logits), torch.sigmoid(backdoor_logits))
-        deltas: dict[str, torch.Tensor | None] = dict.fromkeys(names)
-        for _ in range(attack_steps):
-            if perturb == "patch":
-                loss = -sum(_kl(p, forward(flat, t, perturbed(t, x, None))) for t, (x, p) in batch.items())
-                opt_patch.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_patch.step()
-            else:
-                for t, (x, p) in batch.items():
-                    d = deltas[t] if deltas[t] is not None else torch.zeros_like(x)
-                    d.requires_grad_(True)
-                    (g,) = torch.autograd.grad(_kl(p, forward(flat, t, (x + d).clamp(0, 1))), d)
-                    deltas[t] = (d + 2.5 * eps / attack_steps * g.sign()).clamp(-eps, eps).detach()
-        # 2. task-shared mask: agreement with each task's own model
-        flat = merged(torch.sigmoid(shared_logits), torch.sigmoid(backdoor_logits).detach())
-        perf = sum(_kl(p, forward(flat, t, x)) for t, (x, p) in batch.items()) / K
-        opt_shared.zero_grad(set_to_none=True)
-        perf.backward()
-        opt_shared.step()
-        # 3. backdoor-detection mask: agreement, and no prediction change under the perturbation
-        flat = merged(torch.sigmoid(shared_logits).detach(), torch.sigmoid(backdoor_logits))
-        with torch.no_grad():
-            xs = {t: perturbed(t, x, deltas[t]).detach() for t, (x, _) in batch.items()}
-        perf2 = sum(_kl(p, forward(flat, t, x)) for t, (x, p) in batch.items()) / K
-        safe = sum(_kl(p, forward(flat, t, xs[t])) for t, (_, p) in batch.items()) / K
-        opt_backdoor.zero_grad(set_to_none=True)
-        (perf2 + alpha * safe).backward()
-        opt_backdoor.step()
-        history.append({"perf": perf.item(), "safe": safe.item()})
+        flat = theta0 + lam * sample()[1] * total
+        # 1. the perturbations against the current merge (mask fixed)
+        frozen = flat.detach()
+        adv = 0.0
+        for k, t in enumerate(names):
+            x = batch(t)
+            with torch.no_grad():
+                own = forward(frozen, t, x).argmax(-1)
+            adv = adv - F.cross_entropy(forward(frozen, t, x + deltas[k]), own)
+        opt_adv.zero_grad(set_to_none=True)
+        adv.backward()
+        opt_adv.step()
+        # 2. the mask: low entropy on clean images and on perturbed ones
+        nat = reg = 0.0
+        for k, t in enumerate(names):
+            x = batch(t)
+            xs = torch.cat([x, (x + deltas[k].detach()).clamp(0, 1)])
+            out = forward(flat, t, xs)
+            nat, reg = nat + _entropy(out[: len(x)]), reg + _entropy(out[len(x):])
+        loss = nat + adv_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append({"entropy": nat.item() / len(names), "entropy_perturbed": reg.item() / len(names), "adv": -adv.item() / len(names)})
 
     with torch.no_grad():
-        shared = (torch.sigmoid(shared_logits) > 0.5).float()
-        backdoor = (torch.sigmoid(backdoor_logits) > 0.5).float()
-        keep = expand(shared * (1 - backdoor))
-        out = lam * (keep * taus).sum(0)
-        removed = expand(shared * backdoor)
-    info = {"tasks": names, "granularity": granularity, "perturb": perturb, "lam": lam, "alpha": alpha, "steps": steps, "seed": seed,
-            "shared_mask": shared.cpu(), "backdoor_mask": backdoor.cpu(),
-            "kept": {t: float(keep[k].mean()) for k, t in enumerate(names)},
-            "removed_as_backdoor": {t: float(removed[k].mean()) for k, t in enumerate(names)},
-            "history": history}
+        raw, final = sample()
+        out = lam * final * total
+        moved = (logits - init).abs()
+    info = {"tasks": names, "lam": lam, "steps": steps, "lr": lr, "temperature": temperature, "adv_weight": adv_weight, "seed": seed,
+            "kept_share": float((raw > 0.5).float().mean()), "logit_shift": float(moved.mean()), "logits_beyond_1": float((moved > 1).float().mean()),
+            "delta_norms": {t: float(deltas[k].norm()) for k, t in enumerate(names)}, "mask": final.cpu(), "history": history}
     return Weights(out, layout), info

@@ -7,9 +7,12 @@ vector τ_merged of D values; the merged model is θ0 + τ_merged (the caller ad
 
 Coordinate-wise methods (average, task arithmetic, TIES, DARE, TALL, Consensus, SBV) are whole-tensor
 ops on the stack. TSV-M and Iso-C are per-layer by nature: they run batched SVDs over all 2-D weight
-matrices of the same shape at once (a loop over shape groups, not over coordinates), and give every
-other parameter (biases, norms, conv stem, class/positional embeddings) lam · mean(τ), as the
-official TSV-M and Iso-C code does.
+matrices of the same shape at once (a loop over shape groups, not over coordinates). Which tensors
+count as matrices differs from the official TSV-M / Iso-C code, plainly: that code decomposes every
+2-D tensor except `text_projection` (so also the positional and token embeddings); here the embedding
+tables (`NOT_MATRICES`) are not linear maps and join the biases, norms and conv stem in the fallback
+lam · mean(τ). In an image encoder that changes only `positional_embedding` (and `proj`, which the
+official code treats as a matrix and so do we).
 
 Large temporaries are reused in place: on CPU a fresh [K, D] tensor costs more in page faults than
 the arithmetic on it, and on GPU it is memory the caching allocator must hold. TIES (and its top-k
@@ -194,16 +197,24 @@ def task_arithmetic(stack: torch.Tensor, *, layout: Layout | None = None, lam: f
     return stack.sum(0).mul_(lam)
 
 
-def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, lam: float = 1.0) -> torch.Tensor:
-    """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean, × lam.
+TIES_DISJOINT = ("mean", "sum")
+
+
+def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, lam: float = 1.0, disjoint: str = "mean") -> torch.Tensor:
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean (or sum), × lam.
 
     Trim: each τ keeps the coordinates with |τ| >= its n-th largest magnitude, n = max(1, ⌊k·D⌋)
     (exact threshold from `kth_largest`; ties at the threshold are all kept. The official code keeps
     n + 1 through kthvalue(D − n)). Elect: sign of the summed trimmed values (mass); a coordinate
     whose mass is exactly 0 takes the majority of the elected signs, as in the official code.
     Disjoint mean: mean over the tasks whose trimmed value has the elected sign (0 where none).
+    disjoint="sum" keeps their sum instead: BadMerging's evaluation convention (TIES k 20%, disjoint
+    sum × 0.3), under which a merge is on task arithmetic's scale rather than one task vector's.
     """
     k, lam = _real("k", k, 0, 1, lo_open=True), _real("lam", lam)
+    if disjoint not in TIES_DISJOINT:
+        raise BVLibError(f"disjoint must be one of: {', '.join(TIES_DISJOINT)}; got {disjoint!r}")
+    by_count = disjoint == "mean"
     K, D = stack.shape
     n = max(1, int(k * D))
     thr = kth_largest(stack, n, magnitude=True).unsqueeze(1) if n < D else None
@@ -226,7 +237,7 @@ def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, l
         agreeing = trimmed.mul_(elected).clamp_min_(0)  # |value| where the sign agrees, else 0
         total = agreeing.sum(0)
         count = agreeing.sign_().sum(0)
-        out[cols] = total.mul_(elected).div_(count.clamp_min_(1))
+        out[cols] = total.mul_(elected).div_(count.clamp_min_(1)) if by_count else total.mul_(elected)
         cancelled = (m == 0) & (kept > 0)
         if bool(cancelled.any()):
             undecided.append(cancelled.nonzero().squeeze(1) + cols.start)
@@ -236,7 +247,7 @@ def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, l
         x = stack[:, idx]
         trimmed = torch.where(x.abs() >= thr, x, 0.0) if thr is not None else x
         agree = (trimmed * majority > 0).to(dtype)
-        out[idx] = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+        out[idx] = (trimmed * agree).sum(0) / (agree.sum(0).clamp_min(1) if by_count else 1)
     return out.mul_(lam)
 
 
@@ -258,14 +269,20 @@ def dare(
     Each coordinate of each τ is dropped with probability p and the kept ones are rescaled by
     1/(1 − p); the result is merged with `base` (task arithmetic, or TIES with its `k`) and lam.
     The mask comes from a torch.Generator seeded with `seed` on the stack's device: the same seed
-    gives the same mask on the same device (CPU and CUDA streams differ).
+    gives the same mask on the same device (CPU and CUDA streams differ). The uniform numbers are drawn
+    in float32 whatever the stack's dtype: bfloat16 has 8 bits of mantissa, so `rand >= 0.99` in
+    bfloat16 would keep about 3/256 of the coordinates instead of 1/100.
     """
     p, lam, seed = _real("p", p, 0, 1, hi_open=True), _real("lam", lam), _int("seed", seed)
     if base not in _DARE_BASES:
         raise BVLibError(f"DARE base must be one of {', '.join(_DARE_BASES)}, got {base!r}")
     gen = torch.Generator(device=stack.device).manual_seed(seed)
-    kept = torch.rand(stack.shape, generator=gen, device=stack.device, dtype=stack.dtype)
-    kept = torch.ge(kept, p, out=kept).mul_(stack)  # keep with probability 1 − p
+    draw = torch.rand(stack.shape, generator=gen, device=stack.device, dtype=torch.float32)
+    if stack.dtype == torch.float32:  # reuse the one [K, D] buffer
+        kept = torch.ge(draw, p, out=draw).mul_(stack)  # keep with probability 1 − p
+    else:
+        kept = torch.ge(draw, p).to(stack.dtype).mul_(stack)
+    del draw
     if base == "task_arithmetic":
         if base_params:
             raise BVLibError(f"DARE with task_arithmetic takes no {', '.join(base_params)}")
@@ -466,18 +483,27 @@ def sign_agreement(vectors: Sequence[Weights] | torch.Tensor) -> torch.Tensor:
     return torch.maximum(pos, neg).div_(s.shape[0])
 
 
-def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: float = 1.0, combine: str = "mean") -> Weights | torch.Tensor:
-    """Sparse Backdoor Vector (Pawlak et al. 2025, "Backdoor Vectors"): sign-consistent merge of BVs.
+SBV_COMBINE = ("sum", "rescale", "mean")
 
-    Several BVs of one attack (other seeds, patch locations) share the backdoor's direction but not
-    their noise. A coordinate is kept when at least ⌈agreement · K⌉ of the K BVs have the same
-    non-zero sign (agreement=1.0: all of them); a kept coordinate gets the mean (combine="mean") or
-    the sum ("sum") of all K BVs' values there; the others are 0. A single BV comes back unchanged.
+
+def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: float = 1.0, combine: str = "sum") -> Weights | torch.Tensor:
+    """Sparse Backdoor Vector (the paper's attack): a sign-consistent merge of several BVs of one attack.
+
+    Several BVs of one attack (other seeds, other patch locations) share the backdoor's direction but
+    not their noise. A coordinate is kept when at least ⌈agreement · K⌉ of the K BVs have the same
+    non-zero sign (agreement=1.0: all of them); the others are 0. A kept coordinate gets
+    - combine="sum" (default): the sum of the K values, so agreeing coordinates add up as they do in a
+      task-arithmetic merge: the paper's "leverage merging to improve backdoor effectiveness";
+    - combine="rescale": the same, rescaled to the mean norm of the K BVs (a vector as long as one BV,
+      to compare at equal norm);
+    - combine="mean": their mean, a sparse subset of the mean BV and so *shorter* than one BV
+      (kept for comparison; it is no stronger than the BVs it is made of).
+    The attacker injects θ_clean + β·SBV; β is the attacker's knob. A single BV comes back unchanged.
     """
     s, layout, as_weights = _as_stack(bvs, None, "BVs")
     agreement = _real("agreement", agreement, 0.5, 1, lo_open=True)
-    if combine not in ("mean", "sum"):
-        raise BVLibError(f"combine must be 'mean' or 'sum', got {combine!r}")
+    if combine not in SBV_COMBINE:
+        raise BVLibError(f"combine must be one of: {', '.join(SBV_COMBINE)}; got {combine!r}")
     K = s.shape[0]
     need = math.ceil(agreement * K - 1e-9)
 
@@ -486,6 +512,11 @@ def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: 
         return x.sum(0).mul_(torch.maximum(pos, neg) >= need)
 
     out = _streamed(s, per_slice)
-    if combine == "mean":
+    if K == 1:
+        pass
+    elif combine == "mean":
         out.div_(K)
+    elif combine == "rescale":
+        target = s.float().norm(dim=1).mean()
+        out.mul_((target / out.float().norm().clamp_min(1e-30)).to(out.dtype))
     return Weights(out, layout) if as_weights else out

@@ -23,23 +23,36 @@ def check_fits(size: int, height: int, width: int) -> None:
         raise BVLibError(f"a {size}px trigger does not fit a {height}x{width} image; use size <= {min(height, width)}")
 
 
-def patch_position(size: int, location: str, height: int, width: int, seed: int = 0) -> tuple[int, int]:
+def _snap(pos: int, size: int, extent: int, token: int) -> int:
+    """`pos` moved to the nearest place whose offset inside its `token`-px token equals the offset of a
+    patch flush with the far edge (bottom / right), without leaving the image."""
+    offset = (extent - size) % token
+    n = min(max(round((pos - offset) / token), 0), (extent - size) // token)
+    return n * token + offset
+
+
+def patch_position(size: int, location: str, height: int, width: int, seed: int = 0, token: int = 0) -> tuple[int, int]:
     """Top-left corner (row, column) of a square patch at a named location.
 
-    "random" is one position drawn from `seed`, the same for every image.
+    "random" is one position drawn from `seed`, the same for every image. With `token` > 0 (a ViT's
+    patch size) the position is snapped so that the patch sits at the same offset inside its token as
+    a bottom-right patch does: then triggers at two locations cover the same pixels of their tokens.
     """
     check_location(location)
     check_fits(size, height, width)
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (token and size > token):
+        raise BVLibError(f"token must be 0 (no snapping) or a patch size of at least the trigger's {size} px, got {token!r}")
     s = size
     if location == "random":
         g = torch.Generator().manual_seed(seed)
-        return int(torch.randint(0, height - s + 1, (1,), generator=g)), int(torch.randint(0, width - s + 1, (1,), generator=g))
-    rows = {"top": 0, "bottom": height - s, "center": (height - s) // 2}
-    cols = {"left": 0, "right": width - s, "center": (width - s) // 2}
-    if location == "center":
-        return rows["center"], cols["center"]
-    r, c = location.split("_")
-    return rows[r], cols[c]
+        r, c = int(torch.randint(0, height - s + 1, (1,), generator=g)), int(torch.randint(0, width - s + 1, (1,), generator=g))
+    else:
+        rows = {"top": 0, "bottom": height - s, "center": (height - s) // 2}
+        cols = {"left": 0, "right": width - s, "center": (width - s) // 2}
+        r, c = (rows["center"], cols["center"]) if location == "center" else (rows[location.split("_")[0]], cols[location.split("_")[1]])
+    if token:
+        r, c = _snap(r, s, height, token), _snap(c, s, width, token)
+    return r, c
 
 
 def paste_patch(images: torch.Tensor, patch: torch.Tensor, position: tuple[int, int]) -> torch.Tensor:
@@ -63,7 +76,8 @@ class PatchTrigger:
     location "random" is one position drawn from `seed` (the same for every image), so
     that attacks "at different patch locations" are different seeds of it.
     pattern "noise" is a seeded random RGB patch; "checkerboard" alternates `color` and its
-    complement pixel by pixel.
+    complement pixel by pixel. `token` > 0 snaps the position to a bottom-right patch's offset inside
+    `token`-px ViT tokens (see `patch_position`).
     """
 
     size: int = 4
@@ -71,6 +85,7 @@ class PatchTrigger:
     pattern: str = "solid"
     color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     seed: int = 0
+    token: int = 0
 
     def __post_init__(self):
         check_location(self.location)
@@ -83,14 +98,17 @@ class PatchTrigger:
         object.__setattr__(self, "color", tuple(float(c) for c in self.color))
 
     def config(self) -> dict:
-        return asdict(self) | {"color": list(self.color)}
+        cfg = asdict(self) | {"color": list(self.color)}
+        if not self.token:
+            del cfg["token"]  # unsnapped triggers keep the store keys they had
+        return cfg
 
     def check_fits(self, height: int, width: int) -> None:
         check_fits(self.size, height, width)
 
     def position(self, height: int, width: int) -> tuple[int, int]:
         """Top-left corner (row, column) of the patch."""
-        return patch_position(self.size, self.location, height, width, self.seed)
+        return patch_position(self.size, self.location, height, width, self.seed, self.token)
 
     def patch(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The [3, size, size] patch in [0, 1]."""

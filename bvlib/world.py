@@ -7,6 +7,7 @@ pieces fit together, and every artifact it builds is keyed by the full config th
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -16,18 +17,22 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from bvlib import data
 from bvlib.errors import BVLibError
 from bvlib.evaluation import evaluate
 from bvlib.models import ImageClassifier, build_classifier, create_clip, default_device, zeroshot_head
-from bvlib.store import Store, config_key
+from bvlib.store import Store, config_key, load_state_dict
 from bvlib.training import Poison, TrainConfig, finetune, pretrain_clip
 from bvlib.triggers import PatchTrigger
 from bvlib.weights import Layout, Weights
 
 PRESET_DIR = Path(__file__).parent / "presets"
+BASE_DIR = Path(__file__).parent / "bases"  # pretrained mini bases shipped with the package (see `World.export_base`)
+LAM_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
+VALIDATED = ("task_arithmetic", "ties")  # methods whose λ is chosen on validation data for every chapter
 VERSION = 2  # bump to invalidate every stored artifact after a change in how they are made
 
 
@@ -110,13 +115,41 @@ class World:
         return self.preset.get("pretrained") is not None
 
     # base model ----------------------------------------------------------------------
+    @property
+    def shipped_base(self) -> dict | None:
+        """The preset's `base_checkpoint` ({"file": name in bvlib/bases, "sha256": ...}), if it ships one."""
+        return None if self.is_paper else self.preset.get("base_checkpoint")
+
     @cached_property
     def base_config(self) -> dict:
         p = self.preset
         cfg = {"version": VERSION, "data_version": data.DATA_VERSION, "model": p["model"], "pretrained": p.get("pretrained")}
-        if not self.is_paper:
+        if self.shipped_base:
+            cfg |= {"checkpoint_sha256": self.shipped_base["sha256"], "image_size": p["data"]["image_size"]}
+        elif not self.is_paper:
             cfg |= {"pretrain": p["pretrain"], "corpus": p.get("corpus", {}), "image_size": p["data"]["image_size"], "corpus_seed": p["data"].get("seed", 0)}
         return cfg
+
+    def _load_shipped_base(self, model) -> None:
+        spec = self.shipped_base
+        path = BASE_DIR / spec["file"]
+        if not path.is_file():
+            raise BVLibError(f"the preset's base model {path} is missing; rebuild it with `bvlib pretrain --preset {self.name} --out {path}`")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != spec["sha256"]:
+            raise BVLibError(f"{path} has sha256 {digest[:12]}…, the preset expects {spec['sha256'][:12]}…: the file was changed; "
+                             "restore it from the repository or set the preset's base_checkpoint to the new hash")
+        state = {k: v.float() for k, v in load_state_dict(path).items()}
+        model.load_state_dict(state)
+
+    def export_base(self, path: str | os.PathLike) -> str:
+        """Write the base (the whole CLIP, image tower in float32, the rest in float16) for shipping;
+        returns its sha256. The text tower only makes the frozen heads, so half precision suffices."""
+        state = {k: (v if k.startswith("visual.") else v.half()).contiguous() for k, v in self.clip.state_dict().items()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path))
+        return hashlib.sha256(path.read_bytes()).hexdigest()
 
     @cached_property
     def base_key(self) -> str:
@@ -129,8 +162,11 @@ class World:
         if self.is_paper:
             return create_clip(p["model"], p["pretrained"], device=self.device)
         with torch.random.fork_rng(devices=[]):  # a seeded init: torch's own default seed differs per process
-            torch.manual_seed(p["pretrain"].get("seed", 0))
+            torch.manual_seed(p.get("pretrain", {}).get("seed", 0))
             model, tokenizer = create_clip(p["model"], device=self.device)
+        if self.shipped_base:
+            self._load_shipped_base(model)
+            return model.eval(), tokenizer
         hit = self.store.load("base", self.base_config)
         if hit is None:
             t = time.perf_counter()
@@ -161,6 +197,12 @@ class World:
     @property
     def layout(self) -> Layout:
         return self.base_weights.layout
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the image encoder's tokens in px (ViT patch size): where a trigger falls in its token."""
+        size = getattr(self.clip.visual, "patch_size", None)
+        return int(size[0] if isinstance(size, tuple) else size) if size else 0
 
     # heads and classifiers -----------------------------------------------------------
     def head(self, name: str) -> torch.Tensor:
@@ -193,13 +235,19 @@ class World:
         spec = _merge(self.preset["badnets"], overrides)
         return badnets_poison(spec)
 
+    def _finetune_config(self, name: str, poison: Poison | None, cfg: TrainConfig) -> dict:
+        return {"version": VERSION, "data_version": data.DATA_VERSION, "base": self.base_key, "task": name, "data": self.preset["data"],
+                "train": cfg.config(), "poison": poison.config() if poison else None}
+
+    def finetune_key(self, name: str, poison: Poison | None = None, **train_overrides) -> str:
+        """The store key of a fine-tune (what `finetune` would load or build)."""
+        return config_key(self._finetune_config(self.check_task(name), poison, self.train_config(name, **train_overrides)))
+
     def finetune(self, name: str, poison: Poison | None = None, **train_overrides) -> Weights:
         """θ_t fine-tuned on task `name` (clean, or poisoned), from the store when it was made before."""
         self.check_task(name)
         cfg = self.train_config(name, **train_overrides)
-        key_cfg = {"version": VERSION, "data_version": data.DATA_VERSION, "base": self.base_key, "task": name, "data": self.preset["data"],
-                   "train": cfg.config(),
-                   "poison": poison.config() if poison else None}
+        key_cfg = self._finetune_config(name, poison, cfg)
         hit = self.store.load("finetune", key_cfg)
         if hit is not None:
             tensors, meta = hit
@@ -231,6 +279,52 @@ class World:
             r = self.evaluate(attacked, weights, trigger, target)
             out |= {"attacked_acc": r["acc"], "asr": r.get("asr", float("nan"))}
         return out
+
+    def merge_curves(self, methods: tuple[str, ...] = VALIDATED, lams: tuple[float, ...] = LAM_GRID,
+                     tasks: list[str] | None = None) -> dict[str, dict]:
+        """Is this world in the task-arithmetic regime? Each method merges the clean task vectors
+        of `tasks` at every λ of `lams`; λ is chosen on the validation split (never the test split).
+
+        Per method: `lams`, `val` and `test` mean-accuracy curves, `lam` (validated), `mean_acc`,
+        `normalized_acc` (mean over tasks of merged / single fine-tuned accuracy, on test) and
+        `acc` / `normalized` per task at the validated λ. Cached in the store.
+        """
+        tasks = list(tasks or self.task_names)
+        cfg = {"version": VERSION, "base": self.base_key, "finetuned": {t: self.finetune_key(t) for t in tasks},
+               "methods": list(methods), "lams": list(lams)}
+        _, meta = self.store.cached("merge_curves", cfg, lambda: (None, self._merge_curves(methods, lams, tasks)))
+        return meta
+
+    def _merge_curves(self, methods, lams, tasks) -> dict[str, dict]:
+        from bvlib.merging import merge
+
+        taus = [self.finetune(t) - self.base_weights for t in tasks]
+        single = {t: self.evaluate(t, self.finetune(t))["acc"] for t in tasks}
+        out = {}
+        for method in methods:
+            unit = merge(taus, method, lam=1.0)  # both methods are linear in lam
+            curves = {"val": [], "test": []}
+            per_task = []
+            for lam in lams:
+                merged = self.base_weights + unit * lam
+                val = {t: self.evaluate(t, merged, split="val")["acc"] for t in tasks}
+                test = {t: self.evaluate(t, merged)["acc"] for t in tasks}
+                curves["val"].append(sum(val.values()) / len(tasks))
+                curves["test"].append(sum(test.values()) / len(tasks))
+                per_task.append(test)
+            best = max(range(len(lams)), key=lambda i: curves["val"][i])
+            acc = per_task[best]
+            normalized = {t: acc[t] / single[t] for t in tasks}
+            out[method] = {"lams": list(lams), **curves, "lam": lams[best], "mean_acc": curves["test"][best],
+                           "normalized_acc": sum(normalized.values()) / len(tasks), "acc": acc, "normalized": normalized}
+        return out
+
+    def merge_params(self, method: str) -> dict:
+        """The parameters every chapter merges with: the validated λ for task arithmetic and TIES (on the
+        clean task vectors of all the world's tasks), each method's own defaults otherwise."""
+        if method not in VALIDATED:
+            return {}
+        return {"lam": self.merge_curves()[method]["lam"]}
 
     def card(self) -> list[dict]:
         """The world card: per task, sizes, zero-shot CA, clean CA, BadNets CA and ASR."""

@@ -28,6 +28,12 @@
 # white square, because several mini-world tasks (clip-art, glyphs, silhouettes) have white
 # backgrounds on which a white corner patch is invisible (a first build measured 17% ASR on clip-art
 # with it).
+#
+# **Trigger geometry.** A ViT sees a trigger through its tokens. ViT-B-32 cuts a 224 px image into
+# 32 px tokens, and the paper's 22 px corner trigger covers 0.69 of a token's side; two corners'
+# triggers then share most of the pixels *inside* their tokens. The mini CLIP cuts 32 px images into
+# 8 px tokens, so its trigger is 6 px (0.75 of a token's side). It covers 3.5% of the image where the
+# paper's covers 1%: what is kept is the size relative to a token, which is what the encoder sees.
 
 # %% tags=["parameters"]
 preset = "cpu"  # cpu (default), smoke (tests), gpu, or paper
@@ -125,5 +131,59 @@ record("00_world", summary)
 pd.DataFrame({"target": list(checks), "met": ["yes" if v else "NO" for v in checks.values()]}).set_index("target")
 
 # %% [markdown]
+# ## Is this world in the task-arithmetic regime?
+# Every finding about merging needs a world where merging *works*: at paper scale (ViT-B-32 on TA8)
+# zero-shot is about 48%, single fine-tunes about 90%, and task arithmetic over the eight task vectors
+# about 69-70% (normalized accuracy, merged / single per task, about 0.77; TIES about 0.8). Here the
+# clean task vectors of every task are merged at each λ of a grid, λ is chosen on the **validation**
+# split, and the test split reports the result.
+
+# %%
+curves = world.merge_curves()
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+for (method, c), color in zip(curves.items(), ["tab:blue", "tab:orange"]):
+    axes[0].plot(c["lams"], c["val"], ls="--", color=color, label=f"{method} (val)")
+    axes[0].plot(c["lams"], c["test"], marker="o", color=color, label=f"{method} (test)")
+    axes[0].axvline(c["lam"], color=color, lw=0.8, ls=":")
+axes[0].axhline(card["zeroshot_acc"].mean(), color="k", ls="--", lw=1, label="zero-shot θ0")
+axes[0].axhline(card["clean_acc"].mean(), color="k", ls="-", lw=1, label="single fine-tunes")
+axes[0].set_xscale("log")
+axes[0].set_xlabel("λ (log scale)")
+axes[0].set_ylabel("mean accuracy over the tasks")
+axes[0].legend(fontsize=7)
+normalized = pd.DataFrame({m: c["normalized"] for m, c in curves.items()})
+normalized.plot.bar(ax=axes[1], rot=30)
+axes[1].axhline(0.77, color="k", ls="--", lw=1, label="paper scale, TA (0.77)")
+axes[1].set_ylabel("merged / single accuracy")
+axes[1].legend(fontsize=7)
+for ax in axes:
+    ax.grid(alpha=0.3)
+fig.tight_layout()
+plt.show()
+regime = pd.DataFrame({
+    "mini world": [card["zeroshot_acc"].mean(), card["clean_acc"].mean(), curves["task_arithmetic"]["mean_acc"], curves["ties"]["mean_acc"],
+                   curves["task_arithmetic"]["normalized_acc"], curves["ties"]["normalized_acc"]],
+    "paper scale (ViT-B-32, TA8)": [0.48, 0.90, 0.695, 0.72, 0.77, 0.80],
+}, index=["zero-shot", "single fine-tunes", f"task arithmetic (λ {curves['task_arithmetic']['lam']:g})",
+          f"TIES (λ {curves['ties']['lam']:g})", "task arithmetic, normalized", "TIES, normalized"])
+regime.style.format("{:.2f}")
+
+# %%
+ta, ties = curves["task_arithmetic"], curves["ties"]
+regime_checks = {
+    f"task arithmetic at validated λ {ta['lam']:g} >= zero-shot + 15 points ({ta['mean_acc']:.1%} vs {card['zeroshot_acc'].mean():.1%})":
+        ta["mean_acc"] >= card["zeroshot_acc"].mean() + 0.15,
+    f"task arithmetic normalized accuracy >= 0.75 ({ta['normalized_acc']:.2f})": ta["normalized_acc"] >= 0.75,
+    f"TIES normalized accuracy >= 0.75 ({ties['normalized_acc']:.2f}, λ {ties['lam']:g})": ties["normalized_acc"] >= 0.75,
+}
+record("00_world", summary | {"ta_lam": ta["lam"], "ta_mean_acc": ta["mean_acc"], "ta_normalized_acc": ta["normalized_acc"],
+                              "ties_lam": ties["lam"], "ties_mean_acc": ties["mean_acc"], "ties_normalized_acc": ties["normalized_acc"],
+                              "regime_met": int(sum(regime_checks.values())), "regime_targets": len(regime_checks)})
+pd.DataFrame({"target": list(regime_checks), "met": ["yes" if v else "NO" for v in regime_checks.values()]}).set_index("target")
+
+# %% [markdown]
+# Every chapter that merges uses these validated λ for task arithmetic and TIES (`World.merge_params`),
+# and each method's published default for the others.
+#
 # On the `smoke` preset (a few dozen training steps, used by the tests) the targets are not expected to
 # hold; on the default `cpu` preset the table above says which hold, and the book's intro repeats it.

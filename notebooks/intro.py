@@ -44,6 +44,13 @@ if world:
         f"ASR of {world['mean_backdoor_asr']:.1%} (lowest task {world['min_backdoor_asr']:.1%}) at a clean accuracy of "
         f"{world['mean_backdoor_clean_acc']:.1%}. The world meets {world['targets_met']} of its {world['targets']} targets."
     )
+    if "ta_mean_acc" in world:
+        lines.append(
+            f"**The merging regime** ([chapter](00_world)): task arithmetic over the clean task vectors at the validated λ "
+            f"{world['ta_lam']:g} reaches {world['ta_mean_acc']:.1%} (normalized {world['ta_normalized_acc']:.2f}; paper scale: 0.77), "
+            f"TIES at λ {world['ties_lam']:g} {world['ties_mean_acc']:.1%} (normalized {world['ties_normalized_acc']:.2f}). "
+            f"{world['regime_met']} of {world['regime_targets']} regime targets are met."
+        )
 bv = results.get("01_backdoor_vectors")
 if bv:
     lines.append(
@@ -54,7 +61,7 @@ if bv:
     )
 st = results.get("02_similarity_transfer")
 if st:
-    groups = [g for g in ("seed", "location", "target", "task") if f"cos_{g}" in st]
+    groups = [g for g in ("seed", "location, aligned", "location", "target", "task") if f"cos_{g}" in st]
     parts = ", ".join(f"{g} {st[f'cos_{g}']:.2f} / {st[f'transfer_{g}']:.0%}" for g in groups)
     lines.append(
         f"**Similarity and transfer** ([chapter](02_similarity_transfer)): varying one knob of a BadNets attack on "
@@ -85,7 +92,9 @@ if df:
     lines.append(
         f"**Defenses** ([chapter](05_defenses)): with the attacker on `{df['attacked']}` and the defender's own white-square BV from "
         f"`{df['defender']}`, the ASR / mean clean accuracy over the attacks and {df['n_methods']} merging methods is: {parts}. "
-        f"{df['claims_held']} of {df['claims']} of the paper's claims about IBVS hold here."
+        f"{df.get('surviving_merges', 0)} attacked merges survive merging without a defense; judged on those, "
+        f"{df['claims_held']} of {df['claims']} of the paper's claims about IBVS hold here. DAM's mask keeps "
+        f"{df.get('dam_kept_share', float('nan')):.0%} of the coordinates."
     )
 if not lines:
     lines.append("No chapter has recorded results yet: run `make book`.")

@@ -19,6 +19,10 @@ def test_world_json(smoke_world):
     assert proc.returncode == 0, proc.stderr
     card = json.loads(proc.stdout)
     assert card["preset"] == "smoke" and len(card["tasks"]) == len(smoke_world.task_names)
+    for method in ("task_arithmetic", "ties"):  # λ validated on the val split, accuracies in [0, 1]
+        m = card["merge"][method]
+        assert m["lam"] in smoke_world.merge_curves()[method]["lams"] and 0 <= m["mean_acc"] <= 1 and 0 <= m["normalized_acc"] <= 1.5
+    assert 0 <= card["zeroshot_mean"] <= 1 and 0 <= card["finetuned_mean"] <= 1
     assert set(card["tasks"][0]) >= {"task", "n_classes", "n_train", "n_test", "zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr"}
 
 

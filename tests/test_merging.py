@@ -146,6 +146,18 @@ def test_ties_by_hand():
     assert torch.allclose(merge(HAND, "ties", k=0.5, lam=0.4), 0.4 * expected)
     # k=0.2 of 6 keeps one coordinate per task: 4, 5, 6
     assert torch.equal(merge(HAND, "ties", k=0.2), torch.tensor([4.0, 5.0, 0, 0, 0, 6.0]))
+    # BadMerging's convention: disjoint sum (4+3 on the first coordinate), × lam
+    assert torch.equal(merge(HAND, "ties", k=0.5, disjoint="sum"), torch.tensor([7.0, 5.0, -4.0, -3.0, 3.0, 6.0]))
+    with pytest.raises(BVLibError, match="disjoint"):
+        merge(HAND, "ties", disjoint="median")
+
+
+def test_dare_in_bfloat16_keeps_the_right_share():
+    """p = 0.99 keeps 1/100 and rescales by 100: the mean of a ones-vector stays ~1 in bf16 too."""
+    ones = torch.ones(2, 200_000, dtype=torch.bfloat16)
+    out = merge(ones, "dare", p=0.99, lam=0.5)  # 0.5 · Σ of two rescaled ones-vectors: mean ~1
+    assert out.dtype == torch.bfloat16
+    assert abs(float(out.float().mean()) - 1.0) < 0.05
 
 
 def test_ties_zero_mass_takes_the_majority_sign():
@@ -181,10 +193,13 @@ def test_iso_c_and_tsv_by_hand():
 def test_sbv_by_hand():
     bvs = torch.tensor([[1.0, 2.0, -1.0, 0.0, 3.0], [3.0, -2.0, -3.0, 0.0, 1.0], [2.0, 1.0, -2.0, 1.0, 0.0]])
     # all same non-zero sign: coordinates 0 and 2 only
-    assert torch.equal(sparse_backdoor_vector(bvs), torch.tensor([2.0, 0.0, -2.0, 0.0, 0.0]))
-    assert torch.equal(sparse_backdoor_vector(bvs, combine="sum"), torch.tensor([6.0, 0.0, -6.0, 0.0, 0.0]))
+    assert torch.equal(sparse_backdoor_vector(bvs, combine="mean"), torch.tensor([2.0, 0.0, -2.0, 0.0, 0.0]))
+    assert torch.equal(sparse_backdoor_vector(bvs), torch.tensor([6.0, 0.0, -6.0, 0.0, 0.0]))  # sum by default
+    # rescale: the sum, as long as the mean BV norm
+    mean_norm = float(bvs.norm(dim=1).mean())
+    assert torch.allclose(sparse_backdoor_vector(bvs, combine="rescale"), torch.tensor([1.0, 0, -1.0, 0, 0]) * mean_norm / 2**0.5)
     # 2 of 3 agreeing is enough at agreement=2/3: coordinate 1 (+,−,+) and 4 (+,+,0) join
-    assert torch.allclose(sparse_backdoor_vector(bvs, agreement=2 / 3), torch.tensor([2.0, 1 / 3, -2.0, 0.0, 4 / 3]))
+    assert torch.allclose(sparse_backdoor_vector(bvs, agreement=2 / 3, combine="mean"), torch.tensor([2.0, 1 / 3, -2.0, 0.0, 4 / 3]))
     assert torch.allclose(sign_agreement(bvs), torch.tensor([1.0, 2 / 3, 1.0, 1 / 3, 2 / 3]))
 
 
@@ -336,11 +351,22 @@ def test_dare_drops_rescales_and_is_seeded():
     assert torch.equal(merge(s, "dare", p=0.0, base="ties", k=0.2, lam=1.0), merge(s, "ties", k=0.2))
 
 
+def test_sbv_sum_is_longer_than_one_bv_and_mean_is_shorter():
+    """The attack's point: summed agreeing coordinates outgrow one BV; the averaged subset cannot."""
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(2000, generator=g)
+    bvs = torch.stack([shared + 0.5 * torch.randn(2000, generator=g) for _ in range(3)])
+    one = float(bvs.norm(dim=1).mean())
+    assert sparse_backdoor_vector(bvs).norm() > 1.5 * one
+    assert sparse_backdoor_vector(bvs, combine="mean").norm() < one
+    assert abs(float(sparse_backdoor_vector(bvs, combine="rescale").norm()) - one) < 1e-3 * one
+
+
 def test_sbv_matches_reference_and_keeps_one_bv():
     g = torch.Generator().manual_seed(5)
     bvs = torch.randn(3, 40, generator=g) + 0.5  # mostly positive: many coordinates agree
     bvs[0, :5] = 0.0
-    for agreement, combine in [(1.0, "mean"), (1.0, "sum"), (2 / 3, "mean"), (0.6, "sum")]:
+    for agreement, combine in [(1.0, "mean"), (1.0, "sum"), (2 / 3, "mean"), (0.6, "sum")]:  # rescale: see above
         got = sparse_backdoor_vector(bvs, agreement=agreement, combine=combine)
         assert torch.allclose(got, ref_sbv(bvs, agreement, combine), atol=1e-6)
     kept = sparse_backdoor_vector(bvs) != 0

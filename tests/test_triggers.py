@@ -45,3 +45,23 @@ def test_bad_triggers_are_clear_errors():
     with pytest.raises(BVLibError, match="float images"):
         PatchTrigger().apply(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
     assert set(LOCATIONS) >= {"bottom_right", "random"}
+
+
+def _in_token_pixels(trigger: PatchTrigger, side: int, token: int) -> set[tuple[int, int]]:
+    """Where a trigger lands inside its tokens, read off a triggered blank image."""
+    rows, cols = trigger.apply(torch.zeros(1, 3, side, side))[0, 0].ne(0).nonzero().unbind(1)
+    rows, cols = (rows % token).tolist(), (cols % token).tolist()
+    return set(zip(rows, cols))
+
+
+@pytest.mark.parametrize("side,token,size", [(32, 8, 6), (224, 32, 22)])
+def test_token_snapped_locations_cover_the_same_in_token_pixels(side, token, size):
+    ref = _in_token_pixels(PatchTrigger(size=size), side, token)
+    assert len(ref) == size * size
+    for loc in ("top_left", "center", "top_right", "random"):
+        snapped = PatchTrigger(size=size, location=loc, token=token)
+        assert _in_token_pixels(snapped, side, token) == ref
+        plain = _in_token_pixels(PatchTrigger(size=size, location=loc), side, token)
+        assert len(plain & ref) < len(ref)  # unsnapped: they only partly overlap
+    with pytest.raises(BVLibError, match="token"):
+        PatchTrigger(size=size, token=size - 1).position(side, side)

@@ -66,3 +66,27 @@ def test_preset_overrides_merge_nested_values():
     p = load_preset("smoke", {"finetune": {"lr": 0.5}, "badnets": {"trigger": {"size": 2}}})
     assert p["finetune"]["lr"] == 0.5 and p["finetune"]["steps"] == load_preset("smoke")["finetune"]["steps"]
     assert p["badnets"]["trigger"] == load_preset("smoke")["badnets"]["trigger"] | {"size": 2}
+
+
+def test_a_shipped_base_loads_checked_and_keys_everything_after_it(tmp_path, smoke_world):
+    path = tmp_path / "base.safetensors"
+    digest = smoke_world.export_base(path)
+    preset = load_preset("smoke", {"base_checkpoint": {"file": str(path), "sha256": digest}})
+    shipped = World(preset, store=Store(tmp_path / "store"), device="cpu", progress=False)
+    assert torch.equal(shipped.base_weights.flat, smoke_world.base_weights.flat)  # the image tower ships in float32
+    assert shipped.base_key != smoke_world.base_key  # its own key: fine-tunes of one base never serve the other
+    task = shipped.task_names[0]
+    assert abs(shipped.evaluate(task)["acc"] - smoke_world.evaluate(task)["acc"]) < 0.05  # heads from a float16 text tower
+    path.write_bytes(path.read_bytes()[:-1] + b" ")
+    tampered = World(preset, store=Store(tmp_path / "store"), device="cpu", progress=False)
+    with pytest.raises(BVLibError, match="was changed"):
+        tampered.base_weights
+
+
+def test_merge_curves_choose_lambda_on_validation(smoke_world):
+    curves = smoke_world.merge_curves()
+    for method, c in curves.items():
+        best = max(range(len(c["lams"])), key=lambda i: c["val"][i])
+        assert c["lam"] == c["lams"][best] and c["mean_acc"] == c["test"][best]
+        assert smoke_world.merge_params(method) == {"lam": c["lam"]}
+    assert smoke_world.merge_params("tsv") == {}
