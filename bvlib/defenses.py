@@ -393,5 +393,5 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
         moved = (logits - init).abs()
     info = {"tasks": names, "lam": lam, "steps": steps, "lr": lr, "temperature": temperature, "adv_weight": adv_weight, "seed": seed,
             "kept_share": float((raw > 0.5).float().mean()), "logit_shift": float(moved.mean()), "logits_beyond_1": float((moved > 1).float().mean()),
-            "delta_norms": {t: float(deltas[k].norm()) for k, t in enumerate(names)}, "mask": final.cpu(), "history": history}
+            "delta_norms": {t: float(deltas[k].detach().norm()) for k, t in enumerate(names)}, "mask": final.cpu(), "history": history}
     return Weights(out, layout), info

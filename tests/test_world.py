@@ -90,3 +90,17 @@ def test_merge_curves_choose_lambda_on_validation(smoke_world):
         assert c["lam"] == c["lams"][best] and c["mean_acc"] == c["test"][best]
         assert smoke_world.merge_params(method) == {"lam": c["lam"]}
     assert smoke_world.merge_params("tsv") == {}
+
+
+def test_the_cpu_preset_ships_the_base_it_names(tmp_path):
+    """The shipped base is in the repository and is the file the preset's hash names (no pretraining here)."""
+    import hashlib
+
+    from bvlib.world import BASE_DIR
+
+    world = World("cpu", store=Store(tmp_path), device="cpu", progress=False)
+    spec = world.shipped_base
+    path = BASE_DIR / spec["file"]
+    assert path.is_file() and path.stat().st_size < 25 * 2**20
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == spec["sha256"]
+    assert world.base_weights.layout.numel > 0  # loads without pretraining
