@@ -80,7 +80,7 @@ def test_a_shipped_base_loads_checked_and_keys_everything_after_it(tmp_path, smo
     path.write_bytes(path.read_bytes()[:-1] + b" ")
     tampered = World(preset, store=Store(tmp_path / "store"), device="cpu", progress=False)
     with pytest.raises(BVLibError, match="was changed"):
-        tampered.base_weights
+        _ = tampered.base_weights
 
 
 def test_merge_curves_choose_lambda_on_validation(smoke_world):
