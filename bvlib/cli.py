@@ -43,10 +43,16 @@ def cmd_world(args) -> None:
 
 def _attack(world, args):
     if not args.backdoor:
+        given = [f"--{k.replace('_', '-')}" for k in ("trigger_size", "trigger_location", "target") if getattr(args, k) is not None]
+        if given:
+            raise BVLibError(f"{', '.join(given)} only apply with --backdoor")
         return None
     trigger = {k: v for k, v in {"size": args.trigger_size, "location": args.trigger_location}.items() if v is not None}
     over = {"trigger": trigger} if trigger else {}
     if args.target is not None:
+        n = world.task(world.check_task(args.task)).n_classes
+        if not 0 <= args.target < n:
+            raise BVLibError(f"--target {args.target} is out of range for task '{args.task}' with {n} classes (0..{n - 1})")
         over["target"] = args.target
     return world.badnets(**over)
 

@@ -52,6 +52,8 @@ class Store:
         self.root = Path(root) if root is not None else default_root()
 
     def _paths(self, kind: str, config: Mapping) -> tuple[Path, Path]:
+        if not kind or not kind.replace("_", "").replace("-", "").isalnum():
+            raise BVLibError(f"a store kind is a plain name (letters, digits, - and _), got {kind!r}")
         base = self.root / kind / config_key(config)
         return base.with_suffix(".safetensors"), base.with_suffix(".json")
 

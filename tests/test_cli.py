@@ -47,3 +47,11 @@ def test_errors_are_one_line(tmp_path, smoke_world):
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0
     proc = run("world", "--preset", "nope")
     assert proc.returncode == 2 and "unknown preset" in proc.stderr
+
+
+def test_attack_options_are_checked_before_any_work(smoke_world):
+    task = smoke_world.task_names[0]
+    proc = run("eval", "--preset", "smoke", "--task", task, "--backdoor", "--target", "99")
+    assert proc.returncode == 2 and "--target 99 is out of range" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    proc = run("finetune", "--preset", "smoke", "--task", task, "--trigger-size", "6")
+    assert proc.returncode == 2 and "--trigger-size only apply with --backdoor" in proc.stderr

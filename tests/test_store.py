@@ -83,3 +83,11 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
     save_file({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.safetensors")
     with pytest.raises(BVLibError, match="NaN"):
         load_state_dict(tmp_path / "nan.safetensors")
+
+
+def test_a_kind_cannot_leave_the_store(tmp_path):
+    store = Store(tmp_path / "store")
+    for kind in ("../../x", "a/b", "", ".."):
+        with pytest.raises(BVLibError, match="plain name"):
+            store.save(kind, {"a": 1}, None, {})
+    assert not (tmp_path / "x").exists() and store.save("merge_curves", {"a": 1}, None, {})
