@@ -512,11 +512,9 @@ def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: 
         return x.sum(0).mul_(torch.maximum(pos, neg) >= need)
 
     out = _streamed(s, per_slice)
-    if K == 1:
-        pass
-    elif combine == "mean":
+    if K > 1 and combine == "mean":
         out.div_(K)
-    elif combine == "rescale":
+    elif K > 1 and combine == "rescale":
         target = s.float().norm(dim=1).mean()
         out.mul_((target / out.float().norm().clamp_min(1e-30)).to(out.dtype))
     return Weights(out, layout) if as_weights else out

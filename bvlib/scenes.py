@@ -18,8 +18,6 @@ from bvlib.errors import BVLibError
 from bvlib.merging import merge, sparse_backdoor_vector
 from bvlib.weights import Weights
 
-ATTACK_KINDS = ("BadNets", "BV", "mean BV", "SBV", "BadMerging")
-
 
 @dataclass(frozen=True)
 class AttackVector:

@@ -87,6 +87,7 @@ class World:
         self.progress = progress
         self._tasks: dict[str, data.Task] = {}
         self._heads: dict[str, torch.Tensor] = {}
+        self._curves: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
 
     # tasks -------------------------------------------------------------------------
@@ -292,14 +293,17 @@ class World:
         tasks = list(tasks or self.task_names)
         cfg = {"version": VERSION, "base": self.base_key, "finetuned": {t: self.finetune_key(t) for t in tasks},
                "methods": list(methods), "lams": list(lams)}
-        _, meta = self.store.cached("merge_curves", cfg, lambda: (None, self._merge_curves(methods, lams, tasks)))
-        return meta
+        key = config_key(cfg)
+        if key not in self._curves:  # merge_params asks for it on every merge: read the store once
+            self._curves[key] = self.store.cached("merge_curves", cfg, lambda: (None, self._merge_curves(methods, lams, tasks)))[1]
+        return self._curves[key]
 
     def _merge_curves(self, methods, lams, tasks) -> dict[str, dict]:
         from bvlib.merging import merge
 
-        taus = [self.finetune(t) - self.base_weights for t in tasks]
-        single = {t: self.evaluate(t, self.finetune(t))["acc"] for t in tasks}
+        finetuned = {t: self.finetune(t) for t in tasks}
+        taus = [w - self.base_weights for w in finetuned.values()]
+        single = {t: self.evaluate(t, w)["acc"] for t, w in finetuned.items()}
         out = {}
         for method in methods:
             unit = merge(taus, method, lam=1.0)  # both methods are linear in lam

@@ -76,7 +76,7 @@ attacks = {"BadNets": scene.badnets(sbv_seeds[0]), "mean BV": scene.mean_bv(sbv_
            "SBV": scene.sbv(sbv_seeds, agreement=sbv_agreement)}
 if include_badmerging:
     attacks["BadMerging"] = scene.badmerging()
-sbv_vec = attacks["SBV"].tau - (world.finetune(scene.attacked, seed=sbv_seeds[0]) - world.base_weights)
+sbv_vec = attacks["SBV"].tau - scene.tau[scene.attacked]
 print(f"SBV keeps {float((sbv_vec.flat != 0).float().mean()):.1%} of coordinates; norms: "
       + ", ".join(f"{k} {a.injected_norm:.2f}" for k, a in attacks.items() if a.injected_norm == a.injected_norm))
 alone = pd.DataFrame({name: scene.alone(a) for name, a in attacks.items()}).T

@@ -90,9 +90,8 @@ print(f"preset {world.name}: merging {len(scene.names)} tasks ({', '.join(scene.
 # %%
 make = {"BadNets": lambda: scene.badnets(sbv_seeds[0]), "SBV": lambda: scene.sbv(sbv_seeds), "BadMerging": scene.badmerging}
 attack_vectors = {name: make[name]() for name in attacks}
-attacker_bv = {"BadNets": scene.seed_bvs(sbv_seeds[:1])[0], "SBV": attack_vectors["SBV"].tau - scene.tau[scene.attacked] if "SBV" in attacks else None}
-if "BadMerging" in attacks:  # BadMerging's "BV": its model minus the clean model of the same seed
-    attacker_bv["BadMerging"] = attack_vectors["BadMerging"].tau - scene.tau[scene.attacked]
+# each attack's "BV": the attacker's model minus the clean model (for BadMerging too)
+attacker_bv = {name: a.tau - scene.tau[scene.attacked] for name, a in attack_vectors.items()}
 defender_trigger = ibvs_trigger(world, size=ibvs_size or None)
 defender_bv = ibvs_vector(world, defender, trigger=defender_trigger, target=defender_target)
 defender_sparse = ibvs_vector(world, defender, trigger=defender_trigger, target=defender_target, seeds=sbv_seeds)
@@ -117,7 +116,7 @@ anatomy = pd.DataFrame({
 anatomy["cos with the attacker's BadNets BV"] = [float(cosine_matrix([v, seed_bvs[0]])[0, 1]) for v in
                                                  (scene.tau[scene.attacked], seed_bvs[0], noise, defender_bv, defender_sparse)]
 print(f"cosine between the attacker's seed BVs: {float(cosine_matrix(seed_bvs)[0, 1:].mean()):.2f} (mean over pairs with seed {sbv_seeds[0]})")
-cos_defender = pd.DataFrame({d: {a: float(cosine_matrix([v, bv])[0, 1]) for a, bv in attacker_bv.items() if bv is not None}
+cos_defender = pd.DataFrame({d: {a: float(cosine_matrix([v, bv])[0, 1]) for a, bv in attacker_bv.items()}
                              for d, v in defenders.items()})
 anatomy.style.format({"norm": "{:.2f}", "cos with the attacker's BadNets BV": "{:+.3f}"})
 
@@ -239,8 +238,7 @@ if defender_variants:
         bv = ibvs_vector(world, defender, trigger=trig, target=tgt)
         row = {"defender trigger": label, "norm": bv.norm()}
         for attack_name, attack in attack_vectors.items():
-            if attacker_bv.get(attack_name) is not None:
-                row[f"cos {attack_name} BV"] = float(cosine_matrix([bv, attacker_bv[attack_name]])[0, 1])
+            row[f"cos {attack_name} BV"] = float(cosine_matrix([bv, attacker_bv[attack_name]])[0, 1])
             r = scene.judge(merge_with_ibvs(scene.vectors(attack), sweep_method, bv, ibvs_strength, **params), attack)
             row[f"ASR {attack_name}"] = r["asr"]
         variant_rows.append(row)
