@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,59 @@ def preset_parameters(name: str, preset) -> dict:
     return dict(load_preset(preset).get("notebooks", {}).get(name, {}))
 
 
+def notebook_parameters(name: str, root: Path | None = None) -> dict:
+    """The names and default values of notebook `name`'s `parameters` cell."""
+    import ast
+
+    import jupytext
+
+    root = root or project_root()
+    nb = jupytext.read(_notebook_source(name, root))
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        return {}
+    out = {}
+    for stmt in ast.parse(cell.source).body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            try:
+                out[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+            except ValueError:
+                out[stmt.targets[0].id] = None
+    return out
+
+
+def _type_name(value) -> str:
+    return "a list" if isinstance(value, list) else {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+                                                     dict: "a JSON object"}.get(type(value), type(value).__name__)
+
+
+def check_parameters(name: str, parameters: dict, root: Path | None = None) -> None:
+    """Refuse, before anything runs, a parameter the notebook does not have, a name that is not an
+    identifier (papermill pastes names into code), or a value whose type differs from the default's."""
+    defaults = notebook_parameters(name, root)
+    for key, value in parameters.items():
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise BVLibError(f"parameter name {key!r} is not a Python identifier")
+        if key not in defaults:
+            raise BVLibError(f"notebook {name} has no parameter '{key}'; it has: {', '.join(defaults)}")
+        default = defaults[key]
+        if default is None:  # "None for the preset default": any value
+            continue
+        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        ok = ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise BVLibError(f"parameter '{key}' of notebook {name} takes {_type_name(default)} (default {default!r}), got {value!r}")
+
+
+def _notebook_source(name: str, root: Path) -> Path:
+    if not isinstance(name, str) or not name.replace("_", "").isalnum():
+        raise BVLibError(f"give a notebook by name (e.g. 00_world), not a path: {name!r}")
+    src = root / "notebooks" / f"{name}.py"
+    if not src.exists():
+        raise BVLibError(f"no notebook '{name}'; choose one of: {', '.join(notebook_names(root))}")
+    return src
+
+
 def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path | None = None) -> Path:
     """Execute notebooks/NAME.py with papermill into out_dir/NAME.ipynb.
 
@@ -72,26 +126,29 @@ def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path
     import papermill
 
     root = root or project_root()
-    src = root / "notebooks" / f"{name}.py"
-    if not src.exists():
-        raise BVLibError(f"no notebook '{name}'; choose one of: {', '.join(notebook_names(root))}")
+    src = _notebook_source(name, root)
     parameters = dict(parameters or {})
     if "preset" in parameters:
         parameters = preset_parameters(name, parameters["preset"]) | parameters
+    check_parameters(name, parameters, root)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.ipynb"
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / f"{name}.ipynb"
+    with tempfile.TemporaryDirectory() as tmp:  # the chapter in book/ is replaced only by a run that succeeded
+        raw, executed = Path(tmp) / f"{name}.py.ipynb", Path(tmp) / f"{name}.ipynb"
         nb = jupytext.read(src)
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         jupytext.write(nb, raw)
         try:
-            papermill.execute_notebook(str(raw), str(out), parameters=parameters, kernel_name="python3", cwd=str(root),
+            papermill.execute_notebook(str(raw), str(executed), parameters=parameters, kernel_name="python3", cwd=str(root),
                                        progress_bar=False, log_output=False)
         except papermill.PapermillExecutionError as e:
-            raise BVLibError(f"notebook {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (see {out})") from None
-    if name == INTRO:
-        _remove_parameter_cells(out)
+            failed = Path(tempfile.gettempdir()) / f"bvlib-failed-{name}.ipynb"
+            shutil.copyfile(executed, failed)
+            raise BVLibError(f"notebook {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                             f"(the chapter in {out_dir.name}/ is unchanged; the failed run is {failed})") from None
+        if name == INTRO:
+            _remove_parameter_cells(executed)
+        shutil.move(executed, out)
     return out
 
 

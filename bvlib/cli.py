@@ -1,4 +1,6 @@
-"""Command line: `bvlib world | finetune | eval`. Errors are one line on stderr, exit code 2."""
+"""Command line: `bvlib world | finetune | eval | merge | inspect | pretrain | notebook | book`.
+
+Errors are one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ def _attack(world, args):
 
 
 def cmd_finetune(args) -> None:
+    from bvlib.store import check_output_path, save_state_dict
+
+    if args.out:
+        check_output_path(args.out)  # before training, not after
     world = _world(args)
     poison = _attack(world, args)
     weights = world.finetune(args.task, poison=poison, seed=args.seed)
@@ -65,10 +71,11 @@ def cmd_finetune(args) -> None:
     if poison:
         result |= {"asr": world.evaluate(args.task, weights, poison.trigger, poison.target)["asr"]}
     if args.out:
-        from safetensors.torch import save_file
-
-        save_file(weights.state_dict(), args.out)
-        result["saved"] = args.out
+        try:
+            result["saved"] = str(save_state_dict(weights.state_dict(), args.out))
+        except BVLibError:
+            print(json.dumps(result))  # the result is still reported; the error names where the weights went
+            raise
     print(json.dumps(result))
 
 
@@ -116,6 +123,58 @@ def cmd_pretrain(args) -> None:
           f"{{\"file\": \"<name in bvlib/bases>\", \"sha256\": \"{digest}\"}}")
 
 
+def _param_pairs(pairs: list[str] | None) -> dict:
+    """--param k=0.2 --param lam=0.3: values read as JSON when they parse (numbers, lists), else strings."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise BVLibError(f"--param takes NAME=VALUE (e.g. --param lam=0.3), got {pair!r}")
+        out[key] = _parse_params([[key, raw]])[key]
+    return out
+
+
+def cmd_merge(args) -> None:
+    from bvlib.checkpoints import merge_files
+    from bvlib.store import check_output_path, save_state_dict
+
+    check_output_path(args.out)  # before reading gigabytes
+    if args.defense == "ibvs" and not args.defender_bv:
+        raise BVLibError("--defense ibvs needs --defender-bv (a Backdoor Vector file)")
+    if args.defender_bv and args.defense != "ibvs":
+        raise BVLibError("--defender-bv only applies with --defense ibvs")
+    state, report = merge_files(args.base, args.checkpoints, args.method, params=_param_pairs(args.param),
+                                defender_bv=args.defender_bv, strength=args.strength)
+    report["out"] = str(save_state_dict(state, args.out))
+    if args.report:
+        from pathlib import Path
+
+        Path(args.report).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("method", "params", "defense", "out")} | {"vectors": report["vectors"]}))
+
+
+def cmd_inspect(args) -> None:
+    from bvlib.checkpoints import inspect_files
+
+    report = inspect_files(args.base, args.checkpoints, bv=tuple(args.bv) if args.bv else None)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"base {report['base']}: {report['parameters']:,} image-encoder parameters")
+    rows = [{"task vector": v["name"], "norm": v["norm"], "nonzero": v["nonzero_share"], "top1%_mass": v["top1pct_mass"]}
+            for v in report["task_vectors"]]
+    _print_table(rows)
+    names = [v["name"] for v in report["task_vectors"]]
+    print("cosine of task vectors:")
+    _print_table([{"": n, **{str(j): row[j] for j in range(len(names))}} for n, row in zip(names, report["cosine"])])
+    sa = report["sign_agreement"]
+    print(f"sign agreement: {sa['unanimous_share']:.3f} of the coordinates where 2+ task vectors are nonzero have one sign")
+    if "bv" in report:
+        b = report["bv"]
+        print(f"BV = {b['suspect']} − {b['clean']}: norm {b['norm']:.4g}, nonzero {b['nonzero_share']:.3f}, "
+              f"top-1% mass {b['top1pct_mass']:.3f}; cosine with " + ", ".join(f"{n} {c:.3f}" for n, c in b["cosine_with"].items()))
+
+
 def cmd_book(args) -> None:
     from bvlib.book import build
 
@@ -145,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--target", type=int)
         if name == "finetune":
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--out", help="also write the encoder weights to this .safetensors file")
+            p.add_argument("--out", help="also write the encoder weights to this file (.safetensors, or .pt/.pth/.bin for torch)")
         else:
             p.add_argument("--checkpoint", help="image-encoder state_dict (.safetensors or a weights-only torch file); default θ0")
         p.set_defaults(func=func)
@@ -154,6 +213,27 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.set_defaults(func=cmd_pretrain)
+
+    from bvlib.merging import METHODS
+
+    p = sub.add_parser("merge", help="merge your own fine-tuned open_clip image encoders (files), optionally with IBVS")
+    p.add_argument("checkpoints", nargs="+", help="fine-tuned checkpoints (.safetensors or weights-only torch files)")
+    p.add_argument("--base", required=True, help="the pretrained checkpoint they were fine-tuned from")
+    p.add_argument("--method", default="task_arithmetic", choices=sorted(METHODS))
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a merging parameter, e.g. --param k=0.2 --param lam=0.3")
+    p.add_argument("--defense", choices=["ibvs"], help="ibvs: inject the defender's −BV into the merge (needs --defender-bv)")
+    p.add_argument("--defender-bv", help="the defender's Backdoor Vector file (θ_backdoored − θ_clean)")
+    p.add_argument("--strength", type=float, default=1.0, help="IBVS strength (1: the merge's own scale)")
+    p.add_argument("--out", required=True, help="the merged checkpoint, in the base's key layout (.safetensors or .pt)")
+    p.add_argument("--report", help="also write a JSON report (inputs and hashes, norms, cosines, sign agreement)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="task-vector and Backdoor-Vector diagnostics of your own checkpoints")
+    p.add_argument("checkpoints", nargs="+", help="fine-tuned checkpoints")
+    p.add_argument("--base", required=True, help="the pretrained checkpoint they were fine-tuned from")
+    p.add_argument("--bv", nargs=2, metavar=("SUSPECT", "CLEAN"), help="a suspect and a clean model of one task: their BV")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("notebook", help="execute one notebook with papermill into book/ (parameters with -p NAME VALUE)")
     p.add_argument("name", help="e.g. 00_world")

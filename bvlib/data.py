@@ -171,8 +171,10 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
 
 
 def cache_dir() -> Path:
-    """Where built tasks and corpora are cached: $BVLIB_CACHE or ~/.cache/bvlib/data."""
-    return Path(os.environ.get("BVLIB_CACHE") or Path.home() / ".cache" / "bvlib" / "data")
+    """Where built tasks and corpora are cached: $BVLIB_CACHE, else `data/` beside the default store."""
+    from bvlib.store import bvlib_home
+
+    return Path(os.environ.get("BVLIB_CACHE") or bvlib_home() / "data")
 
 
 def _cache_path(kind: str, config: dict) -> Path:
@@ -956,6 +958,15 @@ class CorpusMix:
     n_clipart_other: int = 2000
     n_patterns: int = 4000
     generic_caption_fraction: float = 0.2
+    unnamed: tuple[str, ...] = ()  # kinds shown with captions that never name the class ("letters": glyphs, no letter names)
+
+    def config(self) -> dict:
+        out = dict(self.__dict__)
+        if not self.unnamed:  # keys of corpora made before the option stay the same
+            out.pop("unnamed")
+        else:
+            out["unnamed"] = list(self.unnamed)
+        return out
 
 
 def _pool_pick(name: str, n: int, seed: int) -> tuple[_Source, np.ndarray, np.ndarray]:
@@ -965,7 +976,14 @@ def _pool_pick(name: str, n: int, seed: int) -> tuple[_Source, np.ndarray, np.nd
     return src, np.sort(rng.permutation(pool)[:n]), task_idx
 
 
-def _captions(kind: str, names: Sequence[str], labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+_UNNAMED_CAPTIONS = {"letters": ("a printed character.", "a character in a font.", "a glyph.", "a typed symbol.",
+                                  "a letter of the alphabet.")}
+
+
+def _captions(kind: str, names: Sequence[str], labels: np.ndarray, rng: np.random.Generator, unnamed: bool = False) -> list[str]:
+    if unnamed:  # the concept is seen, its class names never
+        pool = _UNNAMED_CAPTIONS.get(kind, GENERIC_CAPTIONS)
+        return [pool[i] for i in rng.integers(len(pool), size=len(labels))]
     templates = _CAPTIONS[kind]
     choice = rng.integers(len(templates), size=len(labels))
     out = []
@@ -1000,7 +1018,7 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
             for kind, chars, sub, n in (("digits", "0123456789", bank[:, 26:], mix.n_digits), ("letters", LETTERS, bank[:, :26], mix.n_letters)):
                 y = _balanced_labels(n, len(chars), rng)
                 images.append(_glyph_images(sub, y, image_size, int(rng.integers(2 ** 31))))
-                captions.extend(_captions(kind, list(chars), y, rng))
+                captions.extend(_captions(kind, list(chars), y, rng, unnamed=kind in mix.unnamed))
         elif step == "fashion" and mix.n_fashion > 0:
             from_pool("fashion", mix.n_fashion, FASHION_CLASSES)
         elif step == "animals" and mix.n_animals > 0:
@@ -1033,7 +1051,8 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
                        n_letters: int = CorpusMix.n_letters, n_fashion: int = CorpusMix.n_fashion, n_animals: int = CorpusMix.n_animals,
                        n_clipart_task: int = CorpusMix.n_clipart_task, n_clipart_other: int = CorpusMix.n_clipart_other,
                        n_patterns: int = CorpusMix.n_patterns,
-                       generic_caption_fraction: float = CorpusMix.generic_caption_fraction) -> tuple[torch.Tensor, list[str]]:
+                       generic_caption_fraction: float = CorpusMix.generic_caption_fraction,
+                       unnamed: Sequence[str] = ()) -> tuple[torch.Tensor, list[str]]:
     """Captioned images (uint8 [N, 3, H, W], captions) to pretrain the mini CLIP, in a seeded shuffled order.
 
     The corpus shows the tasks' *concepts* but never their evaluation images, so the base
@@ -1051,6 +1070,8 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
       finer frequencies, small shapes, curved gradients).
     - generic_caption_fraction: the share whose caption is replaced by a generic one
       ("an image.", "a picture of something."), which weakens zero-shot transfer.
+    - unnamed: kinds (so far "letters") whose captions never name the class ("a printed character."):
+      the base learns to see glyphs, as CLIP saw most of TA8's images, yet cannot name them.
     Nothing is drawn from mnist, digits or textiles. Images identical (at this size) to any
     task-side image of a shared source are dropped.
     """
@@ -1064,8 +1085,11 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
         raise BVLibError(f"generic_caption_fraction must be in [0, 1], got {generic_caption_fraction}")
     if n_per_source is not None:
         counts = {k: min(v, n_per_source) for k, v in counts.items()}
-    mix = CorpusMix(**counts, generic_caption_fraction=generic_caption_fraction)
-    config = {"image_size": image_size, "seed": seed, "mix": mix.__dict__, "fonts": _fonts_fingerprint()}
+    unknown = sorted(set(unnamed) - set(_UNNAMED_CAPTIONS))
+    if unknown:
+        raise BVLibError(f"unnamed takes kinds among: {', '.join(_UNNAMED_CAPTIONS)}; got {unknown[0]!r}")
+    mix = CorpusMix(**counts, generic_caption_fraction=generic_caption_fraction, unnamed=tuple(unnamed))
+    config = {"image_size": image_size, "seed": seed, "mix": mix.config(), "fonts": _fonts_fingerprint()}
     path = _cache_path("corpus", config)
     hit = _cache_load(path)
     if hit is not None and "captions" in hit[1]:

@@ -35,7 +35,6 @@ from bvlib.training import TrainConfig, _autocast, _to_float, finetune
 from bvlib.trigger_optimization import Trigger, _digest, inherent_trigger
 from bvlib.triggers import PatchTrigger, check_location
 from bvlib.weights import Layout, Weights, apply_vector, backdoor_vector, stack
-from bvlib.world import VERSION
 
 TBAR_VERSION = 1  # bump to invalidate stored TBAR trigger-task fine-tunes after a change in how they are made
 ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)  # TBAR's alpha="auto" sweep
@@ -201,9 +200,8 @@ def trigger_task_model(world, weights: Weights, task: str, trigger: Trigger, tar
     """
     recipe = dict(world.preset["finetune"])
     cfg = TrainConfig(**(recipe | {"steps": steps, "seed": seed, "weight_decay": 0.0, "warmup_steps": min(recipe.get("warmup_steps", 0), steps // 4)}))
-    key = {"version": VERSION, "tbar_version": TBAR_VERSION, "base": world.base_key, "task": task, "data": world.preset["data"], "split": "val",
-           "weights": f"sha256:{_digest(weights.flat)}", "trigger": trigger.config(), "target": target, "clean_share": clean_share,
-           "train": cfg.config()}
+    key = world.artifact_config(task, tbar_version=TBAR_VERSION, split="val", weights=f"sha256:{_digest(weights.flat)}",
+                                trigger=trigger.config(), target=target, clean_share=clean_share, train=cfg.config())
 
     def loss(classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         k = len(x) - round(clean_share * len(x))  # triggered images first, then clean ones

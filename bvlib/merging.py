@@ -22,9 +22,11 @@ column slices (`column_slices`), so their several elementwise steps read main me
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -211,13 +213,39 @@ def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, l
     disjoint="sum" keeps their sum instead: BadMerging's evaluation convention (TIES k 20%, disjoint
     sum × 0.3), under which a merge is on task arithmetic's scale rather than one task vector's.
     """
-    k, lam = _real("k", k, 0, 1, lo_open=True), _real("lam", lam)
+    lam = _real("lam", lam)
+    if disjoint not in TIES_DISJOINT:
+        raise BVLibError(f"disjoint must be one of: {', '.join(TIES_DISJOINT)}; got {disjoint!r}")
+    part = ties_part(stack, ties_thresholds(stack, k), disjoint=disjoint)
+    return ties_finish([part], disjoint=disjoint)[0].mul_(lam)
+
+
+def ties_thresholds(stack: torch.Tensor, k: float = 0.2) -> torch.Tensor | None:
+    """TIES's trim: the [K, 1] magnitude each τ must reach to be kept (None: keep all)."""
+    k = _real("k", k, 0, 1, lo_open=True)
+    K, D = stack.shape
+    n = max(1, int(k * D))
+    return kth_largest(stack, n, magnitude=True).unsqueeze(1) if n < D else None
+
+
+@dataclass
+class TiesPart:
+    """TIES on some columns: merged values, the count of positive minus negative elected signs, and
+    the coordinates whose mass cancelled exactly (resolved once every column is seen)."""
+
+    out: torch.Tensor
+    sign_balance: int
+    undecided: torch.Tensor  # indices into `out`
+    undecided_trimmed: torch.Tensor  # [K, len(undecided)]
+
+
+def ties_part(stack: torch.Tensor, thresholds: torch.Tensor | None, *, disjoint: str = "mean") -> TiesPart:
+    """TIES on the columns of `stack` with given (whole-vector) trim thresholds, before λ: what a
+    streamed merge runs per group of tensors. `ties_finish` resolves the cancelled coordinates."""
     if disjoint not in TIES_DISJOINT:
         raise BVLibError(f"disjoint must be one of: {', '.join(TIES_DISJOINT)}; got {disjoint!r}")
     by_count = disjoint == "mean"
     K, D = stack.shape
-    n = max(1, int(k * D))
-    thr = kth_largest(stack, n, magnitude=True).unsqueeze(1) if n < D else None
     dev, dtype = stack.device, stack.dtype
     out, mass = torch.empty(D, dtype=dtype, device=dev), torch.empty(D, dtype=dtype, device=dev)
     undecided = []  # coordinates whose trimmed values cancel exactly: mass 0, yet something was kept
@@ -226,10 +254,10 @@ def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, l
     for cols in slices:  # streamed: every temporary is one cache-sized slice (the whole stack on GPU)
         x = stack[:, cols]
         keep, trimmed = (buf[: x.numel()].view_as(x) for buf in bufs)
-        if thr is None:
+        if thresholds is None:
             keep.fill_(1.0)
         else:
-            torch.ge(torch.abs(x, out=keep), thr, out=keep)  # 1.0 / 0.0
+            torch.ge(torch.abs(x, out=keep), thresholds, out=keep)  # 1.0 / 0.0
         kept = keep.sum(0)
         torch.mul(keep, x, out=trimmed)
         m = torch.sum(trimmed, 0, out=mass[cols])
@@ -241,14 +269,22 @@ def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, l
         cancelled = (m == 0) & (kept > 0)
         if bool(cancelled.any()):
             undecided.append(cancelled.nonzero().squeeze(1) + cols.start)
-    if undecided:  # they take the majority of the elected signs, as in the official code
-        idx = torch.cat(undecided)
-        majority = torch.sign(torch.sign(mass).sum())
-        x = stack[:, idx]
-        trimmed = torch.where(x.abs() >= thr, x, 0.0) if thr is not None else x
-        agree = (trimmed * majority > 0).to(dtype)
-        out[idx] = (trimmed * agree).sum(0) / (agree.sum(0).clamp_min(1) if by_count else 1)
-    return out.mul_(lam)
+    idx = torch.cat(undecided) if undecided else torch.empty(0, dtype=torch.long, device=dev)
+    x = stack[:, idx]
+    trimmed = torch.where(x.abs() >= thresholds, x, 0.0) if thresholds is not None else x
+    return TiesPart(out, int(torch.sign(mass).sum(dtype=torch.int64)), idx, trimmed)
+
+
+def ties_finish(parts: Sequence[TiesPart], *, disjoint: str = "mean") -> list[torch.Tensor]:
+    """The cancelled coordinates of every part take the majority of all elected signs, as in the
+    official code; returns each part's merged values (before λ)."""
+    balance = sum(p.sign_balance for p in parts)
+    majority = float((balance > 0) - (balance < 0))
+    for p in parts:
+        if len(p.undecided):
+            agree = (p.undecided_trimmed * majority > 0).to(p.out.dtype)
+            p.out[p.undecided] = (p.undecided_trimmed * agree).sum(0) / (agree.sum(0).clamp_min(1) if disjoint == "mean" else 1)
+    return [p.out for p in parts]
 
 
 _DARE_BASES = ("task_arithmetic", "ties")
@@ -268,16 +304,15 @@ def dare(
 
     Each coordinate of each τ is dropped with probability p and the kept ones are rescaled by
     1/(1 − p); the result is merged with `base` (task arithmetic, or TIES with its `k`) and lam.
-    The mask comes from a torch.Generator seeded with `seed` on the stack's device: the same seed
-    gives the same mask on the same device (CPU and CUDA streams differ). The uniform numbers are drawn
+    The mask comes from torch.Generators on the stack's device (`dare_draw`): the same seed gives
+    the same mask on the same device (CPU and CUDA streams differ). The uniform numbers are drawn
     in float32 whatever the stack's dtype: bfloat16 has 8 bits of mantissa, so `rand >= 0.99` in
     bfloat16 would keep about 3/256 of the coordinates instead of 1/100.
     """
     p, lam, seed = _real("p", p, 0, 1, hi_open=True), _real("lam", lam), _int("seed", seed)
     if base not in _DARE_BASES:
         raise BVLibError(f"DARE base must be one of {', '.join(_DARE_BASES)}, got {base!r}")
-    gen = torch.Generator(device=stack.device).manual_seed(seed)
-    draw = torch.rand(stack.shape, generator=gen, device=stack.device, dtype=torch.float32)
+    draw = dare_draw(stack, seed, layout)
     if stack.dtype == torch.float32:  # reuse the one [K, D] buffer
         kept = torch.ge(draw, p, out=draw).mul_(stack)  # keep with probability 1 − p
     else:
@@ -288,6 +323,21 @@ def dare(
             raise BVLibError(f"DARE with task_arithmetic takes no {', '.join(base_params)}")
         return kept.sum(0).mul_(lam / (1.0 - p))
     return _call(base, kept.div_(1.0 - p), layout, {"lam": lam, **base_params})
+
+
+def dare_draw(stack: torch.Tensor, seed: int, layout: Layout | None = None) -> torch.Tensor:
+    """DARE's uniform numbers for a [K, D] stack. With a layout, each parameter tensor has its own
+    generator, seeded by `seed` and the tensor's name, so that a merge streamed tensor by tensor
+    (`bvlib.checkpoints`) draws the same mask as one over the whole stack."""
+    dev = stack.device
+    if layout is None:
+        return torch.rand(stack.shape, generator=torch.Generator(device=dev).manual_seed(seed), device=dev, dtype=torch.float32)
+    draw = torch.empty(stack.shape, device=dev, dtype=torch.float32)
+    for name, off, numel in zip(layout.names, layout.offsets, layout.numels):
+        digest = hashlib.sha256(f"dare:{seed}:{name}".encode()).digest()
+        gen = torch.Generator(device=dev).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        draw[:, off : off + numel] = torch.rand((stack.shape[0], numel), generator=gen, device=dev, dtype=torch.float32)
+    return draw
 
 
 def _tall_mask_values(stack: torch.Tensor, total: torch.Tensor, tall_lambda) -> torch.Tensor:

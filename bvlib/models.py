@@ -46,6 +46,10 @@ def create_clip(name: str, pretrained: str | None = None, device: torch.device |
     quiet.setLevel(logging.ERROR)  # open_clip warns that a model without `pretrained` is randomly initialised
     try:
         model = open_clip.create_model(name, pretrained=None if local else pretrained, device=device)
+    except (OSError, RuntimeError, ValueError) as e:  # offline hub, unknown tag: a chained download traceback otherwise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise BVLibError(f"could not get the '{pretrained}' weights of {name} ({first}); offline, set the preset's "
+                         "\"pretrained\" to a local checkpoint file") from None
     finally:
         quiet.setLevel(level)
     if local:

@@ -11,6 +11,7 @@ it has no official split at all (EuroSAT, RESISC45, SUN397), a seeded stratified
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ class _PaperSpec:
     layout: str  # shown to the user when the dataset is missing
     templates: tuple[str, ...]
     build: Callable[[Path, int], tuple[list[str], tuple[Dataset, np.ndarray, np.ndarray], ...]]
+    folders: tuple[str, ...]  # the sub-folders of ROOT it may read (what `fingerprint` covers)
 
 
 def _train_test(train: Dataset, test: Dataset, seed: int) -> tuple[tuple[Dataset, np.ndarray, np.ndarray], ...]:
@@ -213,26 +215,49 @@ def _build_svhn(root: Path, seed: int):
 _SPECS: dict[str, _PaperSpec] = {s.name.lower(): s for s in (
     _PaperSpec("Cars", "ROOT/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
                "cars_test_annos_withlabels.mat, cars_test/} (torchvision StanfordCars)",
-               ("a photo of a {}.", "a photo of my {}.", "a photo of the {}, a type of car.", "a {} parked outside."), _build_cars),
+               ("a photo of a {}.", "a photo of my {}.", "a photo of the {}, a type of car.", "a {} parked outside."), _build_cars, ("stanford_cars",)),
     _PaperSpec("DTD", "ROOT/dtd/dtd/{images/<class>/*.jpg, labels/train1.txt, val1.txt, test1.txt} (torchvision DTD)",
-               ("a photo of a {} texture.", "a photo of a {} pattern.", "a close-up of a {} surface.", "a {} object."), _build_dtd),
+               ("a photo of a {} texture.", "a photo of a {} pattern.", "a close-up of a {} surface.", "a {} object."), _build_dtd, ("dtd",)),
     _PaperSpec("EuroSAT", "ROOT/EuroSAT/<class>/*.jpg (ImageFolder; torchvision's eurosat/2750/ also works)",
-               ("a centered satellite photo of {}.", "a satellite image of {}.", "an aerial view of {}."), _build_eurosat),
+               ("a centered satellite photo of {}.", "a satellite image of {}.", "an aerial view of {}."), _build_eurosat, ("EuroSAT", "eurosat")),
     _PaperSpec("GTSRB", "ROOT/gtsrb/{GTSRB/Training/<class id>/*.ppm, GTSRB/Final_Test/Images/*.ppm, GT-final_test.csv} "
                "(torchvision GTSRB)",
                ('a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
-                'a photo of the "{}" road sign.'), _build_gtsrb),
+                'a photo of the "{}" road sign.'), _build_gtsrb, ("gtsrb",)),
     _PaperSpec("MNIST", "ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (torchvision MNIST)",
-               ('a photo of the number: "{}".', "a handwritten digit {}.", "an image of the number {}."), _build_mnist),
+               ('a photo of the number: "{}".', "a handwritten digit {}.", "an image of the number {}."), _build_mnist, ("MNIST",)),
     _PaperSpec("RESISC45", "ROOT/RESISC45/<class>/*.jpg (ImageFolder; resisc45/NWPU-RESISC45/ also works)",
-               ("satellite imagery of {}.", "an aerial photograph of {}.", "a remote sensing image of {}."), _build_resisc45),
+               ("satellite imagery of {}.", "an aerial photograph of {}.", "a remote sensing image of {}."), _build_resisc45, ("RESISC45", "resisc45")),
     _PaperSpec("SUN397", "ROOT/SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg} (torchvision SUN397)",
-               ("a photo of a {}.", "a photo of the {} scene.", "a picture taken in a {}."), _build_sun397),
+               ("a photo of a {}.", "a photo of the {} scene.", "a picture taken in a {}."), _build_sun397, ("SUN397",)),
     _PaperSpec("SVHN", "ROOT/svhn/{train_32x32.mat, test_32x32.mat} (torchvision SVHN files)",
                ('a photo of the number: "{}".', "a street photo of the house number {}.", "a cropped photo of the digit {}."),
-               _build_svhn),
+               _build_svhn, ("svhn",)),
 )}
 assert {s.name for s in _SPECS.values()} == set(PAPER_TASKS)
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def fingerprint(name: str, root: str | os.PathLike) -> str:
+    """A digest of the files a TA8 task reads under `root` (relative names, sizes, mtimes): part of
+    every store key made from that data, so that another copy of a dataset is never served the
+    fine-tunes of the first. Computed once per process (a stat per file, no reading)."""
+    spec = _SPECS[str(name).lower()]
+    root_path = Path(root).expanduser().resolve()
+    key = (spec.name, str(root_path))
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for sub in spec.folders:
+            for dirpath, dirnames, filenames in os.walk(root_path / sub):
+                dirnames.sort()
+                for f in sorted(filenames):
+                    path = os.path.join(dirpath, f)
+                    st = os.stat(path)
+                    h.update(f"{os.path.relpath(path, root_path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        _FINGERPRINTS[key] = h.hexdigest()[:20]
+    return _FINGERPRINTS[key]
 
 
 def load_paper_task(name: str, root: str | os.PathLike, *, image_size: int = 224, split_seed: int = 0) -> Task:

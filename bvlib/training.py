@@ -9,7 +9,7 @@ trigger on part of each batch and relabels it to the target class. Any poison wi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -157,10 +157,14 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
 
 
 def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], cfg: TrainConfig,
-                  device: torch.device | str = "cpu", max_shift: int = 2, progress: bool = True) -> dict[str, float]:
+                  device: torch.device | str = "cpu", max_shift: int = 2, progress: bool = True,
+                  resume: Mapping | None = None, checkpoint: Callable[[dict], None] | None = None,
+                  checkpoint_every: int = 250) -> dict[str, float]:
     """Contrastive (CLIP) pretraining in place on uint8 images and their captions.
 
-    Light augmentation: a random shift of up to `max_shift` pixels per batch.
+    Light augmentation: a random shift of up to `max_shift` pixels per batch. Every
+    `checkpoint_every` steps `checkpoint(state)` receives the whole training state; passing that
+    state back as `resume` continues the run to bit-identical weights (the data stream is replayed).
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -176,8 +180,22 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], c
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     loss_fn = ClipLoss()
     stream = _endless(Split(images, cap_ids), cfg.batch_size, g)
-    losses = []
-    for _ in tqdm(range(cfg.steps), desc="pretrain", leave=False, mininterval=2, disable=not progress):
+    losses, start = [], 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        start, losses = int(resume["step"]), resume["losses"].tolist()
+        for _ in range(start):  # replay the shuffles and shifts drawn so far
+            next(stream)
+            if max_shift:
+                torch.randint(-max_shift, max_shift + 1, (2,), generator=g)
+        torch.set_rng_state(resume["torch_rng"])
+    for step in tqdm(range(start, cfg.steps), desc="pretrain", leave=False, mininterval=2, disable=not progress, initial=start,
+                     total=cfg.steps):
+        if checkpoint is not None and step > start and step % checkpoint_every == 0:
+            checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                        "losses": torch.tensor(losses, dtype=torch.float64), "torch_rng": torch.get_rng_state()})
         batch, ids = next(stream)
         x = _to_float(batch, device)
         if max_shift:

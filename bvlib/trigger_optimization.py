@@ -28,7 +28,6 @@ from bvlib.evaluation import predict
 from bvlib.training import _autocast, _endless, _image_hw, _to_float
 from bvlib.triggers import PatchTrigger, check_fits, check_location, paste_patch, patch_position
 from bvlib.weights import Weights
-from bvlib.world import VERSION
 
 TRIGGER_VERSION = 1  # bump to invalidate stored optimised triggers after a change in how they are made
 
@@ -168,9 +167,8 @@ def inherent_trigger(world, task: str, target: int, *, size: int, location: str 
     world.check_task(task)
     key, weights = _model_key(model)
     check_location(location)
-    cfg = {"version": VERSION, "trigger_version": TRIGGER_VERSION, "base": world.base_key, "task": task,
-           "data": world.preset["data"], "split": "val", "model": key, "target": target, "size": size, "location": location,
-           "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+    cfg = world.artifact_config(task, trigger_version=TRIGGER_VERSION, split="val", model=key, target=target, size=size,
+                                location=location, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     source = f"inherent:{task}:target{target}" + ("" if key == "base" else f":{key[:19]}")
 
     def build():

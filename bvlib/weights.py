@@ -95,9 +95,12 @@ class Weights:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], layout: Layout | None = None) -> Weights:
-        """Pack `state` in `layout` order (or its own order); extra keys are ignored."""
+        """Pack `state` in `layout` order (or its own order); extra keys are ignored. A whole CLIP
+        state dict (image tower under `visual.`) is recognised when the layout is an image encoder's."""
         layout = layout or Layout.of(state)
         missing = [n for n in layout.names if n not in state]
+        if missing and all(f"visual.{n}" in state for n in layout.names):
+            state, missing = {n: state[f"visual.{n}"] for n in layout.names}, []
         if missing:
             raise BVLibError(f"checkpoint lacks {len(missing)} parameters of the model (e.g. '{missing[0]}')")
         Layout.of({n: state[n] for n in layout.names}).check_same(layout, "checkpoint and model")

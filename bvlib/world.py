@@ -24,7 +24,7 @@ from bvlib import data
 from bvlib.errors import BVLibError
 from bvlib.evaluation import evaluate
 from bvlib.models import ImageClassifier, build_classifier, create_clip, default_device, zeroshot_head
-from bvlib.store import Store, config_key, load_state_dict
+from bvlib.store import Store, config_key, file_sha256, load_state_dict
 from bvlib.training import Poison, TrainConfig, finetune, pretrain_clip
 from bvlib.triggers import PatchTrigger
 from bvlib.weights import Layout, Weights
@@ -57,8 +57,46 @@ def load_preset(preset: str | Mapping = "cpu", overrides: Mapping | None = None)
             path = Path(preset)
         if not path.exists():
             raise BVLibError(f"unknown preset '{preset}'; choose one of: {', '.join(preset_names())} or a .json path")
-        cfg = json.loads(path.read_text())
-    return _merge(cfg, overrides or {})
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BVLibError(f"preset {path} is not valid JSON ({e})") from None
+    cfg = _merge(cfg, overrides or {})
+    _check_preset(cfg, preset if isinstance(preset, str) else "given as a dict")
+    return cfg
+
+
+PRESET_KEYS = {"name", "description", "model", "pretrained", "base_checkpoint", "tasks", "data", "corpus", "pretrain",
+               "finetune", "epochs", "badnets", "notebooks"}
+
+
+def _check_preset(cfg: Mapping, source: str) -> None:
+    """One line naming the preset and the key, for a preset that is not one bvlib can run."""
+    if not isinstance(cfg, Mapping):
+        raise BVLibError(f"preset {source}: a preset is a JSON object")
+    unknown = sorted(set(cfg) - PRESET_KEYS)
+    if unknown:
+        raise BVLibError(f"preset {source}: unknown key '{unknown[0]}'; a preset has: {', '.join(sorted(PRESET_KEYS))}")
+    needs = ["model", "tasks", "data", "finetune", "badnets"]
+    if cfg.get("pretrained") is None and not cfg.get("base_checkpoint"):
+        needs.append("pretrain")
+    for key in needs:
+        if key not in cfg:
+            raise BVLibError(f"preset {source}: the key '{key}' is missing")
+    if not isinstance(cfg["tasks"], list) or not cfg["tasks"] or not all(isinstance(t, str) for t in cfg["tasks"]):
+        raise BVLibError(f"preset {source}: 'tasks' must be a non-empty list of task names")
+    for key in ("data", "finetune", "badnets") + (("pretrain",) if "pretrain" in needs else ()):
+        if not isinstance(cfg[key], Mapping):
+            raise BVLibError(f"preset {source}: '{key}' must be a JSON object")
+    fields = set(TrainConfig.__dataclass_fields__)
+    for key in ("finetune",) + (("pretrain",) if "pretrain" in needs else ()):
+        extra = sorted(set(cfg[key]) - fields)
+        if extra:
+            raise BVLibError(f"preset {source}: unknown key '{key}.{extra[0]}'; training takes: {', '.join(sorted(fields))}")
+    if "image_size" not in cfg["data"]:
+        raise BVLibError(f"preset {source}: the key 'data.image_size' is missing")
+    if "trigger" not in cfg["badnets"]:
+        raise BVLibError(f"preset {source}: the key 'badnets.trigger' is missing")
 
 
 def badnets_poison(spec: Mapping) -> Poison:
@@ -125,6 +163,8 @@ class World:
     def base_config(self) -> dict:
         p = self.preset
         cfg = {"version": VERSION, "data_version": data.DATA_VERSION, "model": p["model"], "pretrained": p.get("pretrained")}
+        if self.is_paper and Path(p["pretrained"]).expanduser().is_file():  # the bytes, not the path, make the base
+            cfg["pretrained_sha256"] = file_sha256(Path(p["pretrained"]).expanduser())
         if self.shipped_base:
             cfg |= {"checkpoint_sha256": self.shipped_base["sha256"], "image_size": p["data"]["image_size"]}
         elif not self.is_paper:
@@ -168,17 +208,21 @@ class World:
         if self.shipped_base:
             self._load_shipped_base(model)
             return model.eval(), tokenizer
-        hit = self.store.load("base", self.base_config)
-        if hit is None:
+
+        def build():
             t = time.perf_counter()
             images, captions = data.pretraining_corpus(image_size=p["data"]["image_size"], seed=p["data"].get("seed", 0), **p.get("corpus", {}))
-            stats = pretrain_clip(model, tokenizer, images, captions, TrainConfig(**p["pretrain"]), device=self.device,
-                                  progress=self.progress)
+            cfg, train = self.base_config, TrainConfig(**p["pretrain"])  # a killed pretraining resumes from its last checkpoint
+            stats = pretrain_clip(model, tokenizer, images, captions, train, device=self.device, progress=self.progress,
+                                  resume=self.store.load_checkpoint("base", cfg), checkpoint_every=max(10, train.steps // 20),
+                                  checkpoint=lambda state: self.store.save_checkpoint("base", cfg, state))
             stats |= {"seconds": time.perf_counter() - t, "n_images": len(images)}
-            self.store.save("base", self.base_config, model.state_dict(), stats)
             self.timings["pretrain"] = stats["seconds"]
-        else:
-            model.load_state_dict(hit[0])
+            return model.state_dict(), stats
+
+        tensors, _ = self.store.cached("base", self.base_config, build)
+        self.store.drop_checkpoint("base", self.base_config)
+        model.load_state_dict(tensors)
         model.eval()
         return model, tokenizer
 
@@ -236,9 +280,23 @@ class World:
         spec = _merge(self.preset["badnets"], overrides)
         return badnets_poison(spec)
 
+    def data_fingerprint(self, name: str) -> str:
+        """What a task's data *is*: the bundled data's version in the mini world, a digest of the
+        files read under BVLIB_DATA_ROOT for the paper's tasks."""
+        if not self.is_paper:
+            return data.DATA_VERSION
+        from bvlib.ta8 import fingerprint
+
+        return fingerprint(name, _paper_root())
+
+    def artifact_config(self, task: str, **fields) -> dict:
+        """The config (hence the store key) of anything made from the base and task `task`'s data:
+        the one place where keys get what they must cover (code version, base, data and its bytes)."""
+        return {"version": VERSION, "data_version": self.data_fingerprint(task), "base": self.base_key, "task": task,
+                "data": self.preset["data"], **fields}
+
     def _finetune_config(self, name: str, poison: Poison | None, cfg: TrainConfig) -> dict:
-        return {"version": VERSION, "data_version": data.DATA_VERSION, "base": self.base_key, "task": name, "data": self.preset["data"],
-                "train": cfg.config(), "poison": poison.config() if poison else None}
+        return self.artifact_config(name, train=cfg.config(), poison=poison.config() if poison else None)
 
     def finetune_key(self, name: str, poison: Poison | None = None, **train_overrides) -> str:
         """The store key of a fine-tune (what `finetune` would load or build)."""
@@ -248,20 +306,19 @@ class World:
         """θ_t fine-tuned on task `name` (clean, or poisoned), from the store when it was made before."""
         self.check_task(name)
         cfg = self.train_config(name, **train_overrides)
-        key_cfg = self._finetune_config(name, poison, cfg)
-        hit = self.store.load("finetune", key_cfg)
-        if hit is not None:
-            tensors, meta = hit
-            return Weights(tensors["flat"], Layout.from_json(meta["layout"])).to(self.device)
-        t = time.perf_counter()
-        kind = "badnets" if poison else "clean"
-        model = self.classifier(name)
-        weights = finetune(model, self.task(name).train, cfg, poison, device=self.device, desc=f"{kind} {name} seed {cfg.seed}",
-                           progress=self.progress)
-        seconds = time.perf_counter() - t
-        self.timings[f"finetune/{name}/{kind}/{cfg.seed}"] = seconds
-        self.store.save("finetune", key_cfg, {"flat": weights.flat}, {"layout": weights.layout.to_json(), "seconds": seconds})
-        return weights
+
+        def build():
+            t = time.perf_counter()
+            kind = "badnets" if poison else "clean"
+            model = self.classifier(name)
+            weights = finetune(model, self.task(name).train, cfg, poison, device=self.device, desc=f"{kind} {name} seed {cfg.seed}",
+                               progress=self.progress)
+            seconds = time.perf_counter() - t
+            self.timings[f"finetune/{name}/{kind}/{cfg.seed}"] = seconds
+            return {"flat": weights.flat}, {"layout": weights.layout.to_json(), "seconds": seconds}
+
+        tensors, meta = self.store.cached("finetune", self._finetune_config(name, poison, cfg), build)
+        return Weights(tensors["flat"], Layout.from_json(meta["layout"])).to(self.device)
 
     # evaluation ------------------------------------------------------------------------
     def evaluate(self, name: str, weights: Weights | None = None, trigger: PatchTrigger | None = None, target: int | None = None,

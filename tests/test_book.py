@@ -2,9 +2,11 @@
 
 import shutil
 
+import pytest
 import yaml
 
-from bvlib.book import build_html, execute, notebook_names, project_root
+from bvlib import BVLibError
+from bvlib.book import build_html, execute, notebook_names, notebook_parameters, project_root
 
 
 def test_book_builds_with_every_page_and_figure(tmp_path, monkeypatch, smoke_world):
@@ -37,8 +39,6 @@ def test_book_builds_with_every_page_and_figure(tmp_path, monkeypatch, smoke_wor
 def test_preset_notebook_parameters_name_real_parameters():
     # A preset may lighten a notebook's sweeps ("notebooks" in its JSON); each name must be a parameter
     # of that notebook's parameters cell, or papermill would inject a variable nothing reads.
-    import jupytext
-
     from bvlib.book import preset_parameters
     from bvlib.world import load_preset, preset_names
 
@@ -47,11 +47,20 @@ def test_preset_notebook_parameters_name_real_parameters():
     for preset in preset_names():
         for name in load_preset(preset).get("notebooks", {}):
             assert name in notebook_names(root), f"preset {preset} sets parameters of an unknown notebook {name}"
-            nb = jupytext.read(root / "notebooks" / f"{name}.py")
-            cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-            declared = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line and not line.startswith("#")}
             params = preset_parameters(name, preset)
-            assert params and set(params) <= declared, f"{preset}/{name}: {sorted(set(params) - declared)} are not parameters"
+            declared = notebook_parameters(name, root)
+            assert params and set(params) <= set(declared), f"{preset}/{name}: {sorted(set(params) - set(declared))} are not parameters"
             seen += 1
     assert seen >= 1
     assert preset_parameters("05_defenses", "cpu") == {}
+
+
+def test_a_failed_run_keeps_the_chapter(tmp_path, smoke_world):
+    chapter = tmp_path / "book" / "01_backdoor_vectors.ipynb"
+    chapter.parent.mkdir()
+    chapter.write_text("the good chapter")
+    with pytest.raises(BVLibError, match="unchanged"):  # fails inside a cell, after parameters were checked
+        execute("01_backdoor_vectors", tmp_path / "book", {"preset": "smoke", "tasks": ["no_such_task"]})
+    assert chapter.read_text() == "the good chapter"
+    with pytest.raises(BVLibError, match="no parameter"):  # refused before anything runs
+        execute("01_backdoor_vectors", tmp_path / "book", {"preset": "smoke", "scale": [1.0]})

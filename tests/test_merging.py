@@ -380,7 +380,7 @@ ALL = {
     "average": {},
     "task_arithmetic": {},
     "ties": {},
-    "dare": {},
+    "dare": {"layout": LAYOUT},  # with a layout, DARE draws per parameter tensor (as a streamed merge does)
     "tall": {},
     "consensus": {},
     "tsv": {"layout": LAYOUT},

@@ -78,7 +78,7 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
     with pytest.raises(BVLibError, match="does not exist"):
         load_state_dict(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(BVLibError, match="not a valid safetensors"):
+    with pytest.raises(BVLibError, match="not a checkpoint"):
         load_state_dict(tmp_path / "junk.safetensors")
     save_file({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.safetensors")
     with pytest.raises(BVLibError, match="NaN"):
