@@ -175,6 +175,7 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
 
         t = time.perf_counter()
         world = World(preset)
+        print(f"world '{world.name}': store {world.store.root}", flush=True)
         world.card()
         world.merge_curves()  # the validated λ every merging chapter uses
         timings["world"] = time.perf_counter() - t

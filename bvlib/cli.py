@@ -66,6 +66,8 @@ def cmd_finetune(args) -> None:
         check_output_path(args.out)  # before training, not after
     world = _world(args)
     poison = _attack(world, args)
+    if not world.store.has("finetune", world._finetune_config(args.task, poison, world.train_config(args.task, seed=args.seed))):
+        print(f"fine-tuning into store {world.store.root}", file=sys.stderr)
     weights = world.finetune(args.task, poison=poison, seed=args.seed)
     result = {"task": args.task, "seed": args.seed, "backdoor": bool(poison), **world.evaluate(args.task, weights)}
     if poison:

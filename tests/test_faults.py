@@ -290,3 +290,38 @@ def test_a_killed_pretraining_resumes_to_identical_weights(tmp_path):
     a, b = load_state_dict(tmp_path / "a.safetensors"), load_state_dict(tmp_path / "b.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed pretraining differs from the uninterrupted one"
     assert not list(ckpts.glob("*.pt")), "the checkpoint is removed once the base is stored"
+
+
+def _mnist_root(root, seed):
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", 40), ("t10k", 12)):
+        for kind, arr, dims in (("images-idx3", rng.integers(0, 256, (n, 28, 28)), (n, 28, 28)), ("labels-idx1", np.arange(n) % 10, (n,))):
+            header = bytes([0, 0, 8, len(dims)]) + b"".join(int(d).to_bytes(4, "big") for d in dims)
+            (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + np.asarray(arr, dtype=np.uint8).tobytes())
+    return root
+
+
+def test_paper_store_keys_cover_the_data_and_the_checkpoint_bytes(tmp_path, monkeypatch):
+    from bvlib.models import create_clip
+    from bvlib.world import World, load_preset
+
+    torch.manual_seed(0)
+    model, _ = create_clip("mini-clip-w64-l2")
+    ckpt = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
+    preset = load_preset("paper") | {"model": "mini-clip-w64-l2", "pretrained": str(ckpt), "tasks": ["MNIST"],
+                                     "data": {"image_size": 32, "seed": 0}}
+    keys = {}
+    for name, seed in (("A", 0), ("B", 1)):
+        monkeypatch.setenv("BVLIB_DATA_ROOT", str(_mnist_root(tmp_path / name, seed)))
+        keys[name] = World(preset, store=Store(tmp_path / "store"), progress=False).finetune_key("MNIST")
+    assert keys["A"] != keys["B"], "another copy of the dataset must not be served the first one's fine-tunes"
+    before = World(preset, store=Store(tmp_path / "store"), progress=False).base_key
+    with torch.no_grad():
+        model.visual.conv1.weight.add_(1.0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)  # the base overwritten in place
+    assert World(preset, store=Store(tmp_path / "store"), progress=False).base_key != before
