@@ -11,7 +11,7 @@ export BVLIB_CACHE ?= $(CURDIR)/.bvlib/data
 export HF_HUB_OFFLINE := 1
 unexport MPLBACKEND
 
-.PHONY: setup book notebook html world test unit nbval baselines bench lint clean
+.PHONY: setup book notebook html world test unit nbval baselines bench lint clean device-wheels device-check
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml scripts/setup.sh
@@ -44,6 +44,13 @@ baselines: setup       ## re-execute the smoke baselines that nbval compares aga
 
 bench: setup
 	$(BIN)/python benchmarks/bench_world.py
+
+device-wheels: setup  ## the pure-Python wheels a GPU machine with torch lacks, into .whl/ (carried to it)
+	mkdir -p .whl && $(BIN)/python -m pip download -q --no-deps -d .whl open_clip_torch==3.3.0 ftfy wcwidth
+
+device-check:          ## on a GPU machine with torch (no venv, no network): the prepared check of the GPU path
+	[ ! -d .whl ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bvlib-site .whl/*.whl
+	PYTHONPATH=$(CURDIR):/tmp/bvlib-site PYTHONUNBUFFERED=1 python3 scripts/device_check.py $(if $(OUT),--out $(OUT)/device-check.json)
 
 lint: setup
 	$(BIN)/ruff check bvlib tests benchmarks notebooks

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bvlib.errors import BVLibError
@@ -43,8 +44,45 @@ def results_dir() -> Path:
     return Path(env) if env else project_root() / "book" / "results"
 
 
-def record(name: str, results: dict) -> Path:
-    """Save a notebook's headline numbers as JSON for the intro page."""
+def page_setup() -> None:
+    """How the chapters print numbers: three significant decimals in tables, not pandas' six."""
+    import pandas as pd
+
+    pd.set_option("display.precision", 3)
+    pd.set_option("styler.format.precision", 3)
+    pd.set_option("display.width", 100)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper as a chapter checks it: the claim in a sentence, what the paper reports
+    (a number or a direction), what this book measured, and whether the claim holds here."""
+
+    claim: str
+    paper: str
+    ours: str
+    holds: bool
+
+    def __post_init__(self):
+        object.__setattr__(self, "holds", bool(self.holds))  # numpy booleans from the comparisons
+
+
+def claims_frame(claims: list[Claim] | list[dict], chapter: bool = False):
+    """The claims as a table for a page (the scoreboard's rows; `chapter` adds its column)."""
+    import pandas as pd
+
+    rows = [c if isinstance(c, dict) else asdict(c) for c in claims]
+    cols = (["chapter"] if chapter else []) + ["claim", "paper", "ours", "holds"]
+    frame = pd.DataFrame([{k: r.get(k, "") for k in cols} for r in rows], columns=cols)
+    frame["holds"] = frame["holds"].map({True: "yes", False: "NO"})
+    return frame.rename(columns={"paper": "the paper", "ours": "this book", "holds": "holds here"})
+
+
+def record(name: str, results: dict, claims: list[Claim] | None = None) -> Path:
+    """Save a notebook's headline numbers (and the paper's claims it checked) as JSON for the intro page."""
+    results = dict(results)
+    if claims is not None:
+        results |= {"claims_table": [asdict(c) for c in claims], "claims_held": sum(c.holds for c in claims), "claims": len(claims)}
     path = results_dir() / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=float))
@@ -146,21 +184,30 @@ def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path
             shutil.copyfile(executed, failed)
             raise BVLibError(f"notebook {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
                              f"(the chapter in {out_dir.name}/ is unchanged; the failed run is {failed})") from None
-        if name == INTRO:
-            _remove_parameter_cells(executed)
+        _tidy(executed, intro=name == INTRO)
         shutil.move(executed, out)
     return out
 
 
-def _remove_parameter_cells(path: Path) -> None:
-    """Hide the parameters and papermill's injected cell from the rendered page (the intro is prose)."""
+FOLD_LINES = 12  # code cells longer than this are folded behind a "show code" toggle on the page
+
+
+def _tidy(path: Path, intro: bool = False) -> None:
+    """What a reader sees: the parameter cells (and papermill's injected one) folded, or removed on
+    the intro (prose only); set-up and other long code cells folded, unless tagged "show-input"."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
         tags = set(cell.get("metadata", {}).get("tags", []))
         if tags & {"parameters", "injected-parameters"}:
-            cell.metadata["tags"] = sorted(tags | {"remove-cell"})
+            tags.add("remove-cell" if intro else "hide-input")
+        elif len(cell.source.splitlines()) > FOLD_LINES and not tags & {"show-input", "remove-input", "remove-cell"}:
+            tags.add("hide-input")
+        if tags:
+            cell.metadata["tags"] = sorted(tags)
     nbformat.write(nb, path)
 
 
@@ -169,16 +216,20 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     """Execute notebooks with `preset` into book/, then build the HTML; returns seconds per step."""
     root = project_root()
     out_dir = out_dir or root / "book"
-    timings = {}
+    timings, start, cold = {}, time.perf_counter(), None
     if names is None:  # build the world first, with progress bars; the notebooks then read it from the store
         from bvlib.world import World
 
         t = time.perf_counter()
         world = World(preset)
         print(f"world '{world.name}': store {world.store.root}", flush=True)
+        cold = not any(world.store.has("finetune", world._finetune_config(n, None, world.train_config(n))) for n in world.task_names)
         world.card()
         world.merge_curves()  # the validated λ every merging chapter uses
         timings["world"] = time.perf_counter() - t
+        for key, seconds in world.timings.items():  # pretrain, finetune/TASK/KIND/SEED
+            stage = "world/" + ("/".join(key.split("/")[::2]) if key.startswith("finetune/") else key)
+            timings[stage] = timings.get(stage, 0.0) + seconds
     for name in names if names is not None else notebook_names(root):
         t = time.perf_counter()
         print(f"executing {name} (preset {preset})", flush=True)
@@ -189,6 +240,11 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
         index = build_html(root)
         timings["html"] = time.perf_counter() - t
         print(f"book: {index}")
+    if names is None:  # a later build compares itself with this one
+        path = root / "_build" / "timings.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"preset": preset, "total_s": time.perf_counter() - start, "cold": cold,
+                                    "stages": {k: round(v, 2) for k, v in timings.items()}}, indent=1))
     return timings
 
 

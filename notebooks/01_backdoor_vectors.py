@@ -37,8 +37,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bvlib.backdoor_vectors import Attack, scale_sweep, vector_stats
-from bvlib.book import record
+from bvlib.book import Claim, claims_frame, page_setup, record
 from bvlib.world import World
+
+page_setup()
 
 world = World(preset, progress=False)
 over = {}
@@ -105,15 +107,18 @@ stats.style.format({"tau_norm": "{:.3f}", "bv_norm": "{:.3f}", "bv_over_tau": "{
 inj = mean[mean["mode"] == "inject"].set_index("scale")
 rem = mean[mean["mode"] == "remove"].set_index("scale")
 s0, s1 = min(scales), 1.0 if 1.0 in inj.index else max(scales)
-checks = {
-    f"injecting the BV (λ={s1:g}) raises mean ASR from {inj.loc[s0, 'asr']:.0%} to {inj.loc[s1, 'asr']:.0%}": inj.loc[s1, "asr"] - inj.loc[s0, "asr"] >= 0.5,
-    f"clean accuracy stays flat up to λ={s1:g} (change {inj.loc[s1, 'acc'] - inj.loc[s0, 'acc']:+.1%})": abs(inj.loc[s1, "acc"] - inj.loc[s0, "acc"]) <= 0.03,
-    f"subtracting the BV (λ={s1:g}) lowers mean ASR from {rem.loc[s0, 'asr']:.0%} to {rem.loc[s1, 'asr']:.0%}": rem.loc[s0, "asr"] - rem.loc[s1, "asr"] >= 0.5,
-    f"the BV is smaller than the task vector (mean ratio {stats['bv_over_tau'].mean():.2f})": stats["bv_over_tau"].mean() < 1.0,
-}
+claims = [
+    Claim("adding the BV to a clean model injects the backdoor", "ASR rises to about 100%",
+          f"mean ASR {inj.loc[s0, 'asr']:.0%} → {inj.loc[s1, 'asr']:.0%} (λ={s1:g})", inj.loc[s1, "asr"] - inj.loc[s0, "asr"] >= 0.5),
+    Claim("clean accuracy stays flat while the BV is injected", "unchanged", f"{inj.loc[s1, 'acc'] - inj.loc[s0, 'acc']:+.1%} at λ={s1:g}",
+          abs(inj.loc[s1, "acc"] - inj.loc[s0, "acc"]) <= 0.03),
+    Claim("subtracting the BV from the backdoored model removes the backdoor", "ASR falls to about the clean level",
+          f"mean ASR {rem.loc[s0, 'asr']:.0%} → {rem.loc[s1, 'asr']:.0%}", rem.loc[s0, "asr"] - rem.loc[s1, "asr"] >= 0.5),
+    Claim("a BV is smaller than the task vector", "‖BV‖ < ‖τ‖", f"mean ‖BV‖/‖τ‖ {stats['bv_over_tau'].mean():.2f}",
+          stats["bv_over_tau"].mean() < 1.0),
+]
 record("01_backdoor_vectors", {
     "preset": world.name, "asr_inject_0": inj.loc[s0, "asr"], "asr_inject_1": inj.loc[s1, "asr"], "acc_inject_0": inj.loc[s0, "acc"],
     "acc_inject_1": inj.loc[s1, "acc"], "asr_remove_1": rem.loc[s1, "asr"], "bv_over_tau": stats["bv_over_tau"].mean(),
-    "claims_held": int(sum(checks.values())), "claims": len(checks),
-})
-pd.DataFrame({"observation": list(checks), "agrees with the paper": ["yes" if v else "NO" for v in checks.values()]}).set_index("observation")
+}, claims)
+claims_frame(claims)

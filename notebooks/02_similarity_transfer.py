@@ -48,8 +48,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bvlib.backdoor_vectors import clean_asr, group_means, similarity_matrix, transfer_matrix, variations
-from bvlib.book import record
+from bvlib.book import Claim, claims_frame, page_setup, record
 from bvlib.world import World
+
+page_setup()
 
 world = World(preset, progress=False)
 task = world.check_task(task or world.task_names[0])
@@ -106,18 +108,20 @@ summary.style.format("{:.2f}")
 # %%
 near = [g for g in ("seed", "location, aligned", "location") if g in summary.index]
 far = [g for g in ("target", "task") if g in summary.index]
-checks = {}
+claims = []
 if near and far:
     for col in summary.columns:
         lo_near, hi_far = summary.loc[near, col].min(), summary.loc[far, col].max()
-        checks[f"{col}: every seed/location variation ({lo_near:.2f}) above every target/task one ({hi_far:.2f})"] = lo_near > hi_far
+        claims.append(Claim(f"{col}: attacks that differ in seed or location are closer than those that differ in target or task",
+                            "seeds, locations > target classes, tasks", f"lowest seed/location {lo_near:.2f}, highest target/task {hi_far:.2f}",
+                            lo_near > hi_far))
 if "location, aligned" in summary.index and "location" in summary.index:
     a, u = summary.loc["location, aligned", "transfer above the floor"], summary.loc["location", "transfer above the floor"]
-    checks[f"transfer across locations is strong once triggers share their in-token pixels (aligned {a:.2f}, unaligned {u:.2f})"] = a >= 0.5
+    claims.append(Claim("a backdoor transfers across trigger locations (once triggers share their in-token pixels)", "strong transfer",
+                        f"aligned {a:.2f}, unaligned {u:.2f} above the clean floor", a >= 0.5))
 record("02_similarity_transfer", {"preset": world.name, "task": task, **{f"cos_{g}": v for g, v in summary["cosine similarity"].items()},
                                   **{f"transfer_{g}": v for g, v in summary["transfer ASR"].items()},
                                   **{f"transfer_{g.replace(', ', '_')}_above_floor": v for g, v in summary["transfer above the floor"].items()},
                                   "transfer_location_aligned": summary["transfer above the floor"].get("location, aligned", float("nan")),
-                                  "transfer_location_unaligned": summary["transfer above the floor"].get("location", float("nan")),
-                                  "claims_held": int(sum(checks.values())), "claims": len(checks)})
-pd.DataFrame({"observation": list(checks), "agrees with the paper": ["yes" if v else "NO" for v in checks.values()]}).set_index("observation")
+                                  "transfer_location_unaligned": summary["transfer above the floor"].get("location", float("nan"))}, claims)
+claims_frame(claims)

@@ -50,10 +50,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bvlib import BVLibError
-from bvlib.book import record
+from bvlib.book import Claim, claims_frame, page_setup, record
 from bvlib.merging import METHODS
 from bvlib.scenes import AttackedScene
 from bvlib.world import World
+
+page_setup()
 
 world = World(preset, progress=False)
 unknown = [m for m in methods if m not in METHODS]
@@ -205,17 +207,20 @@ def at_cost(a: str) -> str:
     return ", ".join(f"{t} {equal_cost.loc[(t, a), 'ASR after task_arithmetic']:.0%}" if (t, a) in equal_cost.index else f"{t} -" for t in tasks_seen)
 
 
-checks = {
-    f"merging weakens BadNets (ASR alone {alone.loc['BadNets', 'asr']:.0%}, merged mean over methods {single.mean():.0%})":
-        single.mean() < alone.loc["BadNets", "asr"] - 0.05,
-    f"at equal cost SBV survives task arithmetic better than one BV (SBV {at_cost('SBV')}; BV {at_cost('BV')})": beats("SBV", "BV"),
-    f"at equal cost SBV survives better than the dense mean of the same BVs (mean BV {at_cost('mean BV')})": beats("SBV", "mean BV"),
-}
+claims = [
+    Claim("merging weakens a BadNets backdoor", "ASR drops after merging", f"alone {alone.loc['BadNets', 'asr']:.0%}, merged {single.mean():.0%} "
+          "(mean over methods)", single.mean() < alone.loc["BadNets", "asr"] - 0.05),
+    Claim("at equal cost, SBV survives task arithmetic better than one BV", "SBV > BV", f"SBV {at_cost('SBV')}; BV {at_cost('BV')}",
+          beats("SBV", "BV")),
+    Claim("at equal cost, SBV survives better than the dense mean of the same BVs", "SBV > mean BV",
+          f"SBV {at_cost('SBV')}; mean BV {at_cost('mean BV')}", beats("SBV", "mean BV")),
+]
 if include_badmerging:
-    checks[f"at equal cost SBV survives better than BadMerging (BadMerging {at_cost('BadMerging')})"] = beats("SBV", "BadMerging")
+    claims.append(Claim("at equal cost, SBV survives better than BadMerging", "SBV > BadMerging",
+                        f"SBV {at_cost('SBV')}; BadMerging {at_cost('BadMerging')}", beats("SBV", "BadMerging")))
 record("03_merging_resilience", {"preset": world.name, "attacked": scene.attacked, "attacked_tasks": attacked_list, "n_tasks": len(scene.names),
                                  "lam_task_arithmetic": lams["task_arithmetic"], "lam_ties": lams["ties"],
                                  **{f"asr_{k}": float(v) for k, v in asr.mean().items()}, **{f"ca_{k}": float(v) for k, v in ca.mean().items()},
                                  **{f"equal_cost_asr_ta_{t}_{a}": float(v) for (t, a), v in equal_cost["ASR after task_arithmetic"].items()},
-                                 "alone_asr_badnets": float(alone.loc["BadNets", "asr"]), "claims_held": int(sum(checks.values())), "claims": len(checks)})
-pd.DataFrame({"observation": list(checks), "agrees with the paper": ["yes" if v else "NO" for v in checks.values()]}).set_index("observation")
+                                 "alone_asr_badnets": float(alone.loc["BadNets", "asr"])}, claims)
+claims_frame(claims)

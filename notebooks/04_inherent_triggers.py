@@ -42,11 +42,13 @@ warnings.filterwarnings("ignore")  # before the imports: import-time warnings of
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bvlib.book import record
+from bvlib.book import Claim, claims_frame, page_setup, record
 from bvlib.merging import merge
 from bvlib.trigger_optimization import inherent_trigger, trigger_asr_table
 from bvlib.triggers import PatchTrigger
 from bvlib.world import World
+
+page_setup()
 
 world = World(preset, progress=False)
 names = [world.check_task(t) for t in (tasks or world.task_names)]
@@ -106,12 +108,15 @@ plt.show()
 m = mean.loc[big]
 opt, rnd = "inherent (optimised on θ0)", "random patch"
 merge_name = [i for i in m.index if i.startswith("clean merge")][0]
-checks = {
-    f"the optimised patch fools θ0 ({m.loc['θ0 (base)', opt]:.0%} vs random {m.loc['θ0 (base)', rnd]:.0%})": m.loc["θ0 (base)", opt] > m.loc["θ0 (base)", rnd] + 0.2,
-    f"and still works on the clean merge ({m.loc[merge_name, opt]:.0%} vs random {m.loc[merge_name, rnd]:.0%})": m.loc[merge_name, opt] > m.loc[merge_name, rnd] + 0.1,
-    f"it transfers less to a clean fine-tune ({m.loc['clean fine-tune', opt]:.0%}) than to the merge": m.loc["clean fine-tune", opt] < m.loc[merge_name, opt],
-}
+claims = [
+    Claim("the base model has inherent triggers: a patch optimised on θ0 alone fools it", "high ASR without poisoning",
+          f"{m.loc['θ0 (base)', opt]:.0%} (random patch {m.loc['θ0 (base)', rnd]:.0%})", m.loc["θ0 (base)", opt] > m.loc["θ0 (base)", rnd] + 0.2),
+    Claim("the inherent trigger still works on a clean merge", "survives merging",
+          f"{m.loc[merge_name, opt]:.0%} (random patch {m.loc[merge_name, rnd]:.0%})", m.loc[merge_name, opt] > m.loc[merge_name, rnd] + 0.1),
+    Claim("it transfers less to a clean fine-tune than to the merge", "fine-tune < merge",
+          f"fine-tune {m.loc['clean fine-tune', opt]:.0%}, merge {m.loc[merge_name, opt]:.0%}", m.loc["clean fine-tune", opt] < m.loc[merge_name, opt]),
+]
 short = {"θ0 (base)": "base", "clean fine-tune": "finetuned", merge_name: "merged"}
 asrs = {f"asr_{short[k]}_{'opt' if t == opt else 'rand'}": float(m.loc[k, t]) for k in m.index for t in (opt, rnd)}
-record("04_inherent_triggers", {"preset": world.name, "size": big, **asrs, "claims_held": int(sum(checks.values())), "claims": len(checks)})
-pd.DataFrame({"observation": list(checks), "agrees with the paper": ["yes" if v else "NO" for v in checks.values()]}).set_index("observation")
+record("04_inherent_triggers", {"preset": world.name, "size": big, **asrs}, claims)
+claims_frame(claims)

@@ -63,11 +63,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bvlib import BVLibError, cosine_matrix
-from bvlib.book import record
+from bvlib.book import Claim, claims_frame, page_setup, record
 from bvlib.defenses import dam, ibvs_trigger, ibvs_vector, merge_with_ibvs, tbar
 from bvlib.merging import METHODS
 from bvlib.scenes import AttackedScene
 from bvlib.world import World
+
+page_setup()
 
 world = World(preset, progress=False)
 scene = AttackedScene(world, attacked_task or None, tasks or None)
@@ -276,22 +278,22 @@ gone = sorted({f"{a} under {m}" for a, m in undefended.index if (a, m) not in al
 print(f"{len(alive)} of {len(undefended)} attacked merges keep ASR >= {survives:.0%} without a defense; already removed by merging: "
       + (", ".join(gone) if gone else "none"))
 means = judged.groupby("defense")[["ASR", "mean CA"]].mean() if len(judged) else pd.DataFrame(columns=["ASR", "mean CA"])
-checks = {}
+claims = []
 if len(judged) and "IBVS" in means.index:
     per_attack = judged[judged["defense"].isin(["none", "IBVS"])].groupby(["attack", "defense"])["ASR"].mean().unstack("defense")
     ca_cost = means.loc["none", "mean CA"] - means.loc["IBVS", "mean CA"]
-    checks = {
-        f"IBVS lowers the ASR of attacks that survive merging (mean {means.loc['none', 'ASR']:.0%} to {means.loc['IBVS', 'ASR']:.0%})":
-            means.loc["IBVS", "ASR"] < means.loc["none", "ASR"] - 0.05,
-        "IBVS lowers the ASR of every surviving attack (" + ", ".join(f"{a} {r['none']:.0%} to {r['IBVS']:.0%}" for a, r in per_attack.iterrows()) + ")":
-            bool((per_attack["IBVS"] < per_attack["none"]).all()),
-        f"at a small cost in clean accuracy (mean CA {means.loc['none', 'mean CA']:.1%} to {means.loc['IBVS', 'mean CA']:.1%}, at most 3 points)":
-            ca_cost <= 0.03,
-    }
+    claims = [
+        Claim("IBVS lowers the ASR of attacks that survive merging", "ASR down, up to 100%",
+              f"mean {means.loc['none', 'ASR']:.0%} → {means.loc['IBVS', 'ASR']:.0%}", means.loc["IBVS", "ASR"] < means.loc["none", "ASR"] - 0.05),
+        Claim("IBVS lowers the ASR of every surviving attack", "for every attack",
+              ", ".join(f"{a} {r['none']:.0%} → {r['IBVS']:.0%}" for a, r in per_attack.iterrows()), (per_attack["IBVS"] < per_attack["none"]).all()),
+        Claim("IBVS costs little clean accuracy", "small cost", f"mean CA {means.loc['none', 'mean CA']:.1%} → {means.loc['IBVS', 'mean CA']:.1%}",
+              ca_cost <= 0.03),
+    ]
 all_means = grid.groupby("defense")[["ASR", "mean CA"]].mean()
 record("05_defenses", {"preset": world.name, "attacked": scene.attacked, "defender": defender, "n_tasks": len(scene.names), "n_methods": len(methods),
                        **{f"asr_{d}": float(v) for d, v in all_means["ASR"].items()}, **{f"ca_{d}": float(v) for d, v in all_means["mean CA"].items()},
                        **{f"surviving_asr_{d}": float(v) for d, v in means["ASR"].items()}, "surviving_merges": len(alive),
-                       "dam_kept_share": sum(i["kept_share"] for i in dam_runs) / max(1, len(dam_runs)),
-                       "claims_held": int(sum(checks.values())), "claims": len(checks)})
-pd.DataFrame({"observation": list(checks), "agrees with the paper": ["yes" if v else "NO" for v in checks.values()]}).set_index("observation")
+                       "asr_by_attack": grid.groupby(["attack", "defense"])["ASR"].mean().unstack("defense").to_dict(orient="index"),
+                       "dam_kept_share": sum(i["kept_share"] for i in dam_runs) / max(1, len(dam_runs))}, claims)
+claims_frame(claims)

@@ -30,75 +30,50 @@
 preset = "cpu"
 
 # %% tags=["remove-input"]
-from IPython.display import Markdown
+from IPython.display import HTML, Markdown, display
 
-from bvlib.book import recorded
+from bvlib.book import claims_frame, recorded
 
 results = recorded()
-lines = []
 world = results.get("00_world")
+lines = []
 if world:
     lines.append(
-        f"**The world** (preset `{world['preset']}`, {world['n_tasks']} tasks): the base model's mean zero-shot accuracy is "
-        f"{world['mean_zeroshot_acc']:.1%}; clean fine-tunes reach {world['mean_clean_acc']:.1%}. BadNets backdoors reach a mean "
-        f"ASR of {world['mean_backdoor_asr']:.1%} (lowest task {world['min_backdoor_asr']:.1%}) at a clean accuracy of "
-        f"{world['mean_backdoor_clean_acc']:.1%}. The world meets {world['targets_met']} of its {world['targets']} targets."
+        f"**The world** (preset `{world['preset']}`, {world['n_tasks']} tasks, [chapter](00_world)): zero-shot {world['mean_zeroshot_acc']:.1%}, "
+        f"clean fine-tunes {world['mean_clean_acc']:.1%}, BadNets ASR {world['mean_backdoor_asr']:.1%} at clean accuracy "
+        f"{world['mean_backdoor_clean_acc']:.1%}; task arithmetic over the clean task vectors {world.get('ta_mean_acc', float('nan')):.1%} "
+        f"(normalized {world.get('ta_normalized_acc', float('nan')):.2f}; paper scale 0.77)."
     )
-    if "ta_mean_acc" in world:
-        lines.append(
-            f"**The merging regime** ([chapter](00_world)): task arithmetic over the clean task vectors at the validated λ "
-            f"{world['ta_lam']:g} reaches {world['ta_mean_acc']:.1%} (normalized {world['ta_normalized_acc']:.2f}; paper scale: 0.77), "
-            f"TIES at λ {world['ties_lam']:g} {world['ties_mean_acc']:.1%} (normalized {world['ties_normalized_acc']:.2f}). "
-            f"{world['regime_met']} of {world['regime_targets']} regime targets are met."
-        )
-bv = results.get("01_backdoor_vectors")
-if bv:
-    lines.append(
-        f"**Backdoor Vectors** ([chapter](01_backdoor_vectors)): adding the BV to a clean model raises the mean ASR from "
-        f"{bv['asr_inject_0']:.1%} to {bv['asr_inject_1']:.1%} while clean accuracy goes from {bv['acc_inject_0']:.1%} to "
-        f"{bv['acc_inject_1']:.1%}; subtracting it from the backdoored model leaves an ASR of {bv['asr_remove_1']:.1%}. "
-        f"A BV's norm is {bv['bv_over_tau']:.2f}× the task vector's. {bv['claims_held']} of {bv['claims']} of the paper's observations hold here."
-    )
-st = results.get("02_similarity_transfer")
-if st:
-    groups = [g for g in ("seed", "location, aligned", "location", "target", "task") if f"cos_{g}" in st]
-    parts = ", ".join(f"{g} {st[f'cos_{g}']:.2f} / {st[f'transfer_{g}']:.0%}" for g in groups)
-    lines.append(
-        f"**Similarity and transfer** ([chapter](02_similarity_transfer)): varying one knob of a BadNets attack on "
-        f"`{st['task']}`, the BV cosine similarity / transfer ASR to the reference attack is: {parts}. "
-        f"The paper's ordering (seeds and locations above target classes and tasks) holds in {st['claims_held']} of {st['claims']} comparisons."
-    )
-mr = results.get("03_merging_resilience")
-if mr:
-    attacks = [k[4:] for k in mr if k.startswith("asr_")]
-    parts = ", ".join(f"{a} {mr['asr_' + a]:.0%}" for a in attacks)
-    lines.append(
-        f"**Merging** ([chapter](03_merging_resilience)): merging {mr['n_tasks']} models, one of them attacked on "
-        f"`{mr['attacked']}` (BadNets ASR {mr['alone_asr_badnets']:.0%} before merging), the ASR averaged over the merging "
-        f"methods is: {parts}. {mr['claims_held']} of {mr['claims']} of the paper's claims hold here."
-    )
-it = results.get("04_inherent_triggers")
-if it:
-    lines.append(
-        f"**Inherent triggers** ([chapter](04_inherent_triggers)): a {it['size']}px patch optimised against θ0 alone reaches an ASR of "
-        f"{it['asr_base_opt']:.0%} on θ0 (a random patch: {it['asr_base_rand']:.0%}), {it['asr_finetuned_opt']:.0%} on clean fine-tuned "
-        f"models and {it['asr_merged_opt']:.0%} on a clean merge, with no poisoned training. {it['claims_held']} of {it['claims']} "
-        "of the paper's observations hold here."
-    )
-df = results.get("05_defenses")
-if df:
-    defenses = [k[4:] for k in df if k.startswith("asr_")]
-    parts = ", ".join(f"{d} {df['asr_' + d]:.0%} / {df['ca_' + d]:.1%}" for d in sorted(defenses, key=lambda d: d != "none"))
-    lines.append(
-        f"**Defenses** ([chapter](05_defenses)): with the attacker on `{df['attacked']}` and the defender's own white-square BV from "
-        f"`{df['defender']}`, the ASR / mean clean accuracy over the attacks and {df['n_methods']} merging methods is: {parts}. "
-        f"{df.get('surviving_merges', 0)} attacked merges survive merging without a defense; judged on those, "
-        f"{df['claims_held']} of {df['claims']} of the paper's claims about IBVS hold here. DAM's mask keeps "
-        f"{df.get('dam_kept_share', float('nan')):.0%} of the coordinates."
-    )
+rows = [(name, c) for name, r in results.items() for c in r.get("claims_table", [])]
+if rows:
+    held = sum(c["holds"] for _, c in rows)
+    lines.append(f"## The paper's claims, checked here\n\n{held} of {len(rows)} claims hold in this build; each chapter ends with "
+                 "its own rows, and the chapter's number links to it.")
 if not lines:
     lines.append("No chapter has recorded results yet: run `make book`.")
-Markdown("\n\n".join(lines))
+display(Markdown("\n\n".join(lines)))
+if rows:
+    board = claims_frame([c | {"chapter": f'<a href="{name}.html">{name[:2]}</a>'} for name, c in rows], chapter=True)
+    board["holds here"] = board["holds here"].map({"yes": "yes", "NO": "<b>NO</b>"})
+    display(HTML(board.to_html(index=False, escape=False, classes="scoreboard")))
+
+# %% tags=["remove-input"]
+import matplotlib.pyplot as plt
+import pandas as pd
+
+defense = results.get("05_defenses", {})
+if defense.get("asr_by_attack"):
+    by_attack = pd.DataFrame(defense["asr_by_attack"]).T
+    order = [d for d in ("none", "IBVS", "IBVS (sparse)", "TBAR (known)", "DAM") if d in by_attack.columns]
+    by_attack = by_attack[order + [d for d in by_attack.columns if d not in order]]
+    ax = by_attack.plot.bar(rot=0, figsize=(8, 3.2), width=0.8)
+    ax.set_ylabel("ASR after merging")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Attacks on `{defense['attacked']}` merged with {defense['n_tasks'] - 1} clean models: ASR per defense "
+                 f"(mean over {defense['n_methods']} merging methods; DAM: its own merge)", fontsize=9)
+    ax.legend(title="defense", fontsize=8, ncol=len(by_attack.columns))
+    ax.grid(axis="y", alpha=0.3)
+    plt.show()
 
 # %% [markdown]
 # ## Re-running

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-APT_PACKAGES="dataset-fashion-mnist openclipart-png fonts-urw-base35 fonts-dejavu-core"
+APT_PACKAGES="dataset-fashion-mnist openclipart-png fonts-urw-base35 fonts-dejavu-core chromium chromium-driver"
 missing=$(for p in $APT_PACKAGES; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

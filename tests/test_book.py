@@ -1,6 +1,9 @@
-"""The book end to end: every notebook executes with the smoke preset, and the HTML has every page and figure."""
+"""The book end to end: every notebook executes with the smoke preset, the HTML has every page and
+figure, and a real browser (headless Chromium) shows each page whole, offline."""
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -9,31 +12,103 @@ from bvlib import BVLibError
 from bvlib.book import build_html, execute, notebook_names, notebook_parameters, project_root
 
 
-def test_book_builds_with_every_page_and_figure(tmp_path, monkeypatch, smoke_world):
+@pytest.fixture(scope="module")
+def smoke_book(tmp_path_factory, smoke_world):
+    """The smoke book built into a temporary project folder (its own results, its own _build)."""
     smoke_world.card()  # the notebooks then only read the store
+    out = tmp_path_factory.mktemp("book")
     root = project_root()
     for f in ("_config.yml", "_toc.yml"):
-        shutil.copy(root / f, tmp_path / f)
-    monkeypatch.setenv("BVLIB_RESULTS", str(tmp_path / "book" / "results"))
+        shutil.copy(root / f, out / f)
+    shutil.copytree(root / "_static", out / "_static")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BVLIB_RESULTS", str(out / "book" / "results"))
+        for name in notebook_names(root):
+            execute(name, out / "book", {"preset": "smoke"}, root)
+        build_html(out)
+    return out
+
+
+def test_book_builds_with_every_page_and_figure(smoke_book):
+    root = project_root()
     names = notebook_names(root)
-    for name in names:
-        execute(name, tmp_path / "book", {"preset": "smoke"}, root)
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     listed = {toc["root"]} | {c["file"] for c in toc.get("chapters", [])}
     assert {f"book/{n}" for n in names} == listed, "every notebook is a page of the book, and only those"
-
-    index = build_html(tmp_path)
-    assert index.exists()
-    html = tmp_path / "_build" / "html" / "book"
+    html = smoke_book / "_build" / "html" / "book"
     for name in names:
         page = (html / f"{name}.html").read_text()
         assert "Traceback" not in page, f"{name} shows a failed cell"
-        if name != "intro":
-            assert page.count("<img") >= 1, f"{name} shows no figure"
-    for img in (tmp_path / "_build" / "html" / "_images").glob("*.png"):
+        assert page.count("<img") >= 1, f"{name} shows no figure"
+    for img in (smoke_book / "_build" / "html" / "_images").glob("*.png"):
         assert img.stat().st_size > 1000
     intro = (html / "intro.html").read_text()
     assert "The world" in intro and "preset <code" in intro
+
+
+def _claims(book: Path) -> int:
+    return sum(len(json.loads(p.read_text()).get("claims_table", [])) for p in (book / "book" / "results").glob("*.json"))
+
+
+def _browser():
+    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver; make setup does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+PAGE_CHECKS = """
+const column = document.querySelector('article') || document.querySelector('main');
+const right = column.getBoundingClientRect().right + 1;
+const out = {images: [], overflow: [], errors: [], external: [], rows: 0};
+for (const img of document.images) {
+  if (!(img.complete && img.naturalWidth > 0)) out.images.push(img.src);
+}
+for (const box of document.querySelectorAll('div.cell_input, div.cell_output, div.cell_input pre, table')) {
+  const inScroller = box.tagName === 'TABLE' && box.closest('div.cell_output');
+  if (!inScroller && box.getBoundingClientRect().right > right) out.overflow.push(box.tagName + ': ' + box.innerText.slice(0, 60));
+}
+for (const pre of document.querySelectorAll('div.cell_input pre')) {
+  if (pre.scrollWidth > pre.clientWidth + 1) out.overflow.push('code runs off its box: ' + pre.innerText.slice(0, 60));
+}
+for (const el of document.querySelectorAll('div.output.error, div.output.traceback, .output_error')) out.errors.push(el.innerText.slice(0, 80));
+if (document.body.innerText.includes('Traceback (most recent call last)')) out.errors.push('a traceback');
+for (const e of performance.getEntriesByType('resource')) if (!e.name.startsWith('file:')) out.external.push(e.name);
+for (const el of document.querySelectorAll('script[src], link[href], img[src]')) {
+  const url = el.getAttribute('src') || el.getAttribute('href');
+  if (/^(https?:)?\\/\\//.test(url) && (el.tagName !== 'LINK' || el.rel === 'stylesheet')) out.external.push(url);
+}
+const board = [...document.querySelectorAll('table')].find(t => t.innerText.includes('holds here'));
+out.rows = board ? board.querySelectorAll('tbody tr').length : 0;
+return out;
+"""
+
+
+def test_the_book_in_a_browser(smoke_book):
+    """Every page as a reader's browser shows it: images loaded, nothing wider than the text column,
+    no error output, nothing fetched from the network, and the intro's scoreboard complete."""
+    html = smoke_book / "_build" / "html"
+    driver = _browser()
+    try:
+        problems = {}
+        for name in notebook_names(project_root()):
+            driver.get((html / "book" / f"{name}.html").as_uri())
+            r = driver.execute_script(PAGE_CHECKS)
+            bad = {k: r[k] for k in ("images", "overflow", "errors", "external") if r[k]}
+            if bad:
+                problems[name] = bad
+            if name == "intro":
+                assert r["rows"] == _claims(smoke_book) > 0, f"the scoreboard has {r['rows']} rows, {_claims(smoke_book)} claims were recorded"
+        assert not problems, json.dumps(problems, indent=1)[:3000]
+    finally:
+        driver.quit()
 
 
 def test_preset_notebook_parameters_name_real_parameters():

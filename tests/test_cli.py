@@ -55,3 +55,18 @@ def test_attack_options_are_checked_before_any_work(smoke_world):
     assert proc.returncode == 2 and "--target 99 is out of range" in proc.stderr and proc.stderr.strip().count("\n") == 0
     proc = run("finetune", "--preset", "smoke", "--task", task, "--trigger-size", "6")
     assert proc.returncode == 2 and "--trigger-size only apply with --backdoor" in proc.stderr
+
+
+def test_the_device_check_runs_at_tiny_sizes(tmp_path):
+    """`make device-check`'s script, every timed part at toy sizes on the CPU (its GPU run is issue-sized)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "device.json"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "device_check.py"), "--tiny", "--skip", "tests,world", "--out", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["gpu"] and r["merge"]["ties"]["fp32_ms"] > 0 and r["merge"]["naive_ties_fp32_ms"] > 0
+    assert r["finetune"]["bvlib_img_s"] > 0 and r["finetune"]["plain_img_s"] > 0
+    assert r["paper_dry_run_s"] > 0 and r["paper_dry_run"]["tbar_s"] > 0

@@ -1,0 +1,246 @@
+"""The GPU path in one prepared check (`make device-check`): writes one JSON of results and a table.
+
+1. the CUDA-only tests;  2. merging 8 × 88M-parameter vectors (ViT-B-32's image encoder) in fp32 and
+bf16 next to the memory floor (one read of the stack) and the naive kthvalue TIES;  3. fine-tuning
+throughput of ViT-B-32 at 224 px, batch 128, bvlib's loop (bf16 autocast) against a plain fp32 loop;
+4. the `paper` preset end to end on fabricated data (a random ViT-B-32 saved as safetensors, tiny TA8
+folders), each stage timed;  5. the `gpu` preset's world card built cold.
+
+    python scripts/device_check.py                 # on a GPU: the real sizes
+    python scripts/device_check.py --tiny          # on a CPU: every part at toy sizes (CI runs this)
+
+Accuracies on random data mean nothing: part 4 reports times only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_tests(tiny: bool) -> dict:
+    """The tests that only run with CUDA (they skip on a CPU)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_merging.py",
+                           "tests/test_world.py"], cwd=ROOT, capture_output=True, text=True)
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    return {"returncode": proc.returncode, "summary": last}
+
+
+def merge_bench(device: torch.device, tiny: bool) -> dict:
+    """Each method's time at 8 × ViT-B-32 (fp32, bf16) next to the floor, and the naive kthvalue TIES."""
+    from bench_merging import NAIVE, PARAMS, timed, vit_b_32_layout, vit_layout
+
+    from bvlib.merging import METHODS, merge, sparse_backdoor_vector
+    from bvlib.weights import Weights
+
+    layout = vit_layout(64, 2) if tiny else vit_b_32_layout()
+    out = {"parameters": layout.numel, "k": 8}
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator(device=device).manual_seed(0)
+        stack = (torch.randn(8, layout.numel, generator=gen, device=device) * 1e-3).to(dtype)
+        floor, _ = timed(lambda: stack.sum(0), device, 5)  # noqa: B023
+        tag = "fp32" if dtype == torch.float32 else "bf16"
+        for name in [*METHODS, "sparse_backdoor_vector"]:
+            fn = (lambda: sparse_backdoor_vector(stack)) if name == "sparse_backdoor_vector" else (  # noqa: B023
+                lambda: merge(stack, name, layout=layout, **PARAMS.get(name, {})))  # noqa: B023
+            t, _ = timed(fn, device, 3)
+            out.setdefault(name, {})[f"{tag}_ms"] = t * 1e3
+            out[name][f"{tag}_floor_ms"] = floor * 1e3
+            out[name]["floor_ms"] = out[name].get("floor_ms", floor * 1e3)
+        if dtype == torch.float32:
+            dicts = [{n: v.clone() for n, v in Weights(row, layout).state_dict().items()} for row in stack]
+            t, _ = timed(lambda: NAIVE["ties"](dicts, **PARAMS["ties"]), device, 2)  # noqa: B023
+            out["naive_ties_fp32_ms"] = t * 1e3
+    return out
+
+
+def finetune_bench(device: torch.device, tiny: bool) -> dict:
+    """Images/s of bvlib's fine-tuning loop (bf16 autocast on CUDA) and of a plain fp32 loop."""
+    from bvlib.data import Split
+    from bvlib.models import build_classifier, create_clip
+    from bvlib.training import TrainConfig, finetune
+
+    name, size, batch, steps = ("mini-clip-w64-l2", 32, 32, 6) if tiny else ("ViT-B-32", 224, 128, 30)
+    model, _ = create_clip(name, device=device)
+    head = torch.nn.functional.normalize(torch.randn(10, model.visual.output_dim, device=device), dim=-1)
+    images = torch.randint(0, 256, (batch * 4, 3, size, size), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (batch * 4,))
+    split = Split(images, labels)
+    result = {"model": name, "image_size": size, "batch": batch}
+
+    clf = build_classifier(model, head).to(device)
+    finetune(clf, split, TrainConfig(steps=2, batch_size=batch), device=device, progress=False)  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    finetune(clf, split, TrainConfig(steps=steps, batch_size=batch), device=device, progress=False)
+    sync(device)
+    result["bvlib_img_s"] = steps * batch / (time.perf_counter() - t)
+
+    plain = build_classifier(create_clip(name, device=device)[0], head).to(device).train()
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-5)
+    x_all, y_all = images.to(device).float().div(255), labels.to(device)
+
+    def step(i):
+        x, y = x_all[(i % 4) * batch:(i % 4 + 1) * batch], y_all[(i % 4) * batch:(i % 4 + 1) * batch]
+        loss = torch.nn.functional.cross_entropy(plain(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step(0)
+    sync(device)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sync(device)
+    result["plain_img_s"] = steps * batch / (time.perf_counter() - t)
+    result["ratio"] = result["bvlib_img_s"] / result["plain_img_s"]
+    return result
+
+
+def _fake_ta8(root: Path, size: int) -> list[str]:
+    """Tiny MNIST (raw idx files) and EuroSAT (ImageFolder) in their torchvision layouts."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 200), ("t10k", 50)):
+        for kind, arr, dims in (("images-idx3", rng.integers(0, 256, (n, 28, 28)), (n, 28, 28)), ("labels-idx1", np.arange(n) % 10, (n,))):
+            header = bytes([0, 0, 8, len(dims)]) + b"".join(int(d).to_bytes(4, "big") for d in dims)
+            (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + np.asarray(arr, dtype=np.uint8).tobytes())
+    for cls in ("AnnualCrop", "Forest", "River"):
+        folder = root / "EuroSAT" / cls
+        folder.mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return ["MNIST", "EuroSAT"]
+
+
+def paper_dry_run(device: torch.device, tiny: bool) -> dict:
+    """The paper preset's protocol on fabricated data: every stage runs, each timed."""
+    from safetensors.torch import save_file
+
+    from bvlib.defenses import ibvs_vector, merge_with_ibvs, tbar
+    from bvlib.merging import merge
+    from bvlib.models import create_clip
+    from bvlib.store import Store
+    from bvlib.weights import backdoor_vector
+    from bvlib.world import World, load_preset
+
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        name, size = ("mini-clip-w64-l2", 32) if tiny else ("ViT-B-32", 224)
+        t = time.perf_counter()
+        model, _ = create_clip(name)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "base.safetensors")
+        tasks = _fake_ta8(tmp / "data", size)
+        os.environ["BVLIB_DATA_ROOT"] = str(tmp / "data")
+        times["fabricate_s"] = time.perf_counter() - t
+        steps = 4 if tiny else 30
+        preset = load_preset("paper", {"model": name, "pretrained": str(tmp / "base.safetensors"), "tasks": tasks,
+                                       "data": {"image_size": size}, "finetune": {"steps": steps, "batch_size": 32, "warmup_steps": 2}})
+        preset.pop("epochs", None)
+        world = World(preset, store=Store(tmp / "store"), device=device, progress=False)
+
+        def stage(label, fn):
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            sync(device)
+            times[label] = time.perf_counter() - t0
+            return out
+
+        attack = world.badnets()
+        clean = stage("finetune_clean_s", lambda: {t: world.finetune(t) for t in tasks})
+        bad = stage("finetune_backdoored_s", lambda: world.finetune(tasks[0], poison=attack))
+        bv = stage("bv_s", lambda: backdoor_vector(bad, clean[tasks[0]]))
+        taus = [bad - world.base_weights] + [clean[t] - world.base_weights for t in tasks[1:]]
+        merged = stage("merge_s", lambda: world.base_weights + merge(taus, "ties", lam=0.5))
+        stage("evaluate_s", lambda: world.evaluate(tasks[0], merged, attack.trigger, attack.target))
+        defender = stage("ibvs_vector_s", lambda: ibvs_vector(world, tasks[-1]))
+        stage("ibvs_merge_s", lambda: merge_with_ibvs(taus, "ties", defender, 1.0, lam=0.5))
+        stage("tbar_s", lambda: tbar(world, merged, tasks[0], trigger=attack.trigger, target=attack.target, steps=steps))
+        times["bv_norm"] = bv.norm()
+    times["total_s"] = sum(v for k, v in times.items() if k.endswith("_s"))
+    return times
+
+
+def gpu_world(device: torch.device, tiny: bool) -> float:
+    """The gpu preset's world card (and validated merge) built cold in a fresh store: seconds."""
+    from bvlib.store import Store
+    from bvlib.world import World
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        world = World("smoke" if tiny else "gpu", store=Store(tmp), device=device, progress=False)
+        world.card()
+        world.merge_curves()
+        return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, CI)")
+    ap.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/device-<gpu>-<date>.json)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tests,merge,finetune,paper,world")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    skip = set(filter(None, args.skip.split(",")))
+    results = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
+               "date": datetime.date.today().isoformat()}
+    parts = {"tests": ("cuda_tests", cuda_tests), "merge": ("merge", merge_bench), "finetune": ("finetune", finetune_bench),
+             "paper": ("paper_dry_run", paper_dry_run), "world": ("gpu_world_s", gpu_world)}
+    t0 = time.perf_counter()
+    for part, (key, fn) in parts.items():
+        if part in skip:
+            continue
+        t = time.perf_counter()
+        try:
+            results[key] = fn(device, args.tiny) if part != "tests" else fn(args.tiny)
+        except Exception as e:  # noqa: BLE001 -- one failed part must not lose the others' numbers
+            results[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"{part}: {time.perf_counter() - t:.1f} s", flush=True)
+    results["paper_dry_run_s"] = results.get("paper_dry_run", {}).get("total_s")
+    results["total_s"] = time.perf_counter() - t0
+    slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"device-{slug}-{results['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\n{gpu}, torch {torch.__version__}: results in {out}")
+    merge_rows = {k: v for k, v in results.get("merge", {}).items() if isinstance(v, dict)}
+    for name, r in merge_rows.items():
+        print(f"  {name:<24} fp32 {r.get('fp32_ms', float('nan')):8.2f} ms ({r.get('fp32_ms', 0) / max(r.get('fp32_floor_ms', 1e-9), 1e-9):4.1f}× floor)"
+              f"   bf16 {r.get('bf16_ms', float('nan')):8.2f} ms")
+    ft = results.get("finetune", {})
+    if "ratio" in ft:
+        print(f"  fine-tuning {ft['model']} {ft['image_size']} px: bvlib {ft['bvlib_img_s']:.0f} img/s, plain fp32 {ft['plain_img_s']:.0f} img/s "
+              f"({ft['ratio']:.2f}×)")
+    print(f"  paper dry run {results['paper_dry_run_s']} s; gpu world {results.get('gpu_world_s')} s; cuda tests {results.get('cuda_tests')}")
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
