@@ -65,6 +65,7 @@ def cmd_finetune(args) -> None:
     if args.out:
         check_output_path(args.out)  # before training, not after
     world = _world(args)
+    world.check_task(args.task)
     poison = _attack(world, args)
     if not world.store.has("finetune", world._finetune_config(args.task, poison, world.train_config(args.task, seed=args.seed))):
         print(f"fine-tuning into store {world.store.root}", file=sys.stderr)

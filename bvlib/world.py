@@ -285,7 +285,7 @@ class World:
         files read under BVLIB_DATA_ROOT for the paper's tasks."""
         if not self.is_paper:
             return data.DATA_VERSION
-        from bvlib.ta8 import fingerprint
+        from bvlib.data.paper import fingerprint
 
         return fingerprint(name, _paper_root())
 

@@ -18,6 +18,8 @@ from PIL import Image
 
 from bvlib import data
 from bvlib.data import MINI_TASKS, PAPER_TASKS, Split, Task, iterate_batches, load_paper_task, load_task, pretraining_corpus
+from bvlib.data.mini import corpus as corpus_module
+from bvlib.data.mini import generated, registry, sources
 from bvlib.errors import BVLibError
 
 
@@ -117,28 +119,28 @@ def test_builds_are_deterministic_and_cached(tmp_path, monkeypatch, name):
 
 def test_pretraining_pool_is_fixed_and_disjoint():
     for name in ("fashion", "animals", "clipart"):
-        src, task_side, pool = data._source_partition(name, 32)
+        src, task_side, pool = registry._source_partition(name, 32)
         assert len(pool) > 0 and len(task_side) > 0
         assert not set(task_side.tolist()) & set(pool.tolist())
         assert not set(src.keys[task_side].tolist()) & set(src.keys[pool].tolist())
-        _, task_again, pool_again = data._source_partition(name, 64)  # independent of size (and of seeds)
+        _, task_again, pool_again = registry._source_partition(name, 64)  # independent of size (and of seeds)
         assert np.array_equal(pool, pool_again) and np.array_equal(task_side, task_again)
 
 
 def test_generated_images_are_deterministic():
     labels = np.arange(40) % 8
-    assert torch.equal(data._pattern_images(labels, 32, 7, "task"), data._pattern_images(labels, 32, 7, "task"))
-    assert not torch.equal(data._pattern_images(labels, 32, 7, "task"), data._pattern_images(labels, 32, 8, "task"))
-    bank = data._glyph_bank("task", data.LETTERS, 64)
-    glyphs = data._glyph_images(bank, labels, 32, 7)
-    assert torch.equal(glyphs, data._glyph_images(bank, labels, 32, 7)) and glyphs.shape == (40, 3, 32, 32)
+    assert torch.equal(generated._pattern_images(labels, 32, 7, "task"), generated._pattern_images(labels, 32, 7, "task"))
+    assert not torch.equal(generated._pattern_images(labels, 32, 7, "task"), generated._pattern_images(labels, 32, 8, "task"))
+    bank = generated._glyph_bank("task", generated.LETTERS, 64)
+    glyphs = generated._glyph_images(bank, labels, 32, 7)
+    assert torch.equal(glyphs, generated._glyph_images(bank, labels, 32, 7)) and glyphs.shape == (40, 3, 32, 32)
 
 
 def test_letter_fonts_are_disjoint_from_corpus_fonts():
     split = data.font_split()
     assert split["task"] and split["corpus"]
     assert not set(split["task"]) & set(split["corpus"])
-    group_of = {face: group for group, face, _ in data._font_faces()}
+    group_of = {face: group for group, face, _ in generated._font_faces()}
     assert not {group_of[f] for f in split["task"]} & {group_of[f] for f in split["corpus"]}  # whole designs, not faces
     assert len(split["task"]) >= 10 and len(split["corpus"]) >= 10
 
@@ -153,13 +155,13 @@ def test_unknown_task_and_bad_arguments():
 
 
 def test_missing_debian_source_names_the_package(fresh_cache, monkeypatch):
-    data._fashion_source.cache_clear()
-    monkeypatch.setattr(data, "FASHION_DIR", "/nonexistent/fashion-mnist")
+    sources._fashion_source.cache_clear()
+    monkeypatch.setattr(sources, "FASHION_DIR", "/nonexistent/fashion-mnist")
     try:
         with pytest.raises(BVLibError, match="apt-get install dataset-fashion-mnist"):
             load_task("fashion")
     finally:
-        data._fashion_source.cache_clear()
+        sources._fashion_source.cache_clear()
 
 
 def test_other_image_size(fresh_cache):
@@ -175,7 +177,7 @@ def test_corpus_shape_and_captions(corpus):
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
     assert 15_000 <= len(images) <= 40_000 and len(captions) == len(images)
     assert all(isinstance(c, str) and c for c in captions)
-    generic = sum(c in data.GENERIC_CAPTIONS for c in captions) / len(captions)
+    generic = sum(c in corpus_module.GENERIC_CAPTIONS for c in captions) / len(captions)
     assert 0.15 < generic < 0.25
     text = " ".join(captions)
     for word in ("digit", "letter", "sneaker", "zebra", "stripes", "clip art"):
@@ -202,7 +204,7 @@ def test_corpus_is_deterministic_and_knobs_work(fresh_cache, tmp_path, monkeypat
     assert not torch.equal(images, images3)
     only_fashion, caps = pretraining_corpus(n_digits=0, n_letters=0, n_fashion=30, n_animals=0, n_clipart_task=0,
                                             n_clipart_other=0, n_patterns=0, generic_caption_fraction=0.0)
-    assert len(only_fashion) == 30 and all(any(n in c for n in data.FASHION_CLASSES) for c in caps)
+    assert len(only_fashion) == 30 and all(any(n in c for n in registry.FASHION_CLASSES) for c in caps)
     with pytest.raises(BVLibError, match="generic_caption_fraction"):
         pretraining_corpus(generic_caption_fraction=2.0)
 
@@ -381,7 +383,7 @@ def test_paper_unknown_name(tmp_path):
 def test_idx_reader_roundtrip(tmp_path):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     _idx(tmp_path / "x-idx3-ubyte", arr)
-    assert np.array_equal(data._read_idx(tmp_path / "x-idx3-ubyte"), arr)
+    assert np.array_equal(sources._read_idx(tmp_path / "x-idx3-ubyte"), arr)
     with gzip.open(tmp_path / "x-idx3-ubyte.gz", "wb") as f:
         f.write((tmp_path / "x-idx3-ubyte").read_bytes())
-    assert np.array_equal(data._read_idx(tmp_path / "x-idx3-ubyte.gz"), arr)
+    assert np.array_equal(sources._read_idx(tmp_path / "x-idx3-ubyte.gz"), arr)

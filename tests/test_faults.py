@@ -325,3 +325,31 @@ def test_paper_store_keys_cover_the_data_and_the_checkpoint_bytes(tmp_path, monk
         model.visual.conv1.weight.add_(1.0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)  # the base overwritten in place
     assert World(preset, store=Store(tmp_path / "store"), progress=False).base_key != before
+
+
+@pytest.mark.slow
+def test_a_fine_tune_killed_at_several_moments_leaves_no_half_entry(tmp_path, smoke_world):
+    """SIGKILL while a fine-tune trains or saves: no half entry, and the re-run gives the same weights."""
+    import shutil
+
+    assert smoke_world.clip is not None  # the smoke base is in the shared store; the fine-tunes go to a fresh one
+    store = tmp_path / "store"
+    (store / "base").mkdir(parents=True)
+    for suffix in (".json", ".safetensors"):
+        name = smoke_world.base_key + suffix
+        shutil.copy(smoke_world.store.root / "base" / name, store / "base" / name)
+    task = smoke_world.task_names[0]
+    args = ("finetune", "--preset", "smoke", "--task", task, "--seed", "7")
+    for delay in (0.5, 2.0, 4.0):
+        proc = _bvlib(store, *args)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        for sidecar in (store / "finetune").glob("*.json") if (store / "finetune").is_dir() else ():
+            assert Store(store).load("finetune", json.loads(sidecar.read_text())["config"]) is not None, "a half-written entry"
+    out, err = _bvlib(store, *args, "--out", str(tmp_path / "a.safetensors")).communicate(timeout=600)
+    assert '"acc"' in out, err
+    shutil.rmtree(store / "finetune")
+    out, err = _bvlib(store, *args, "--out", str(tmp_path / "b.safetensors")).communicate(timeout=600)
+    a, b = load_state_dict(tmp_path / "a.safetensors"), load_state_dict(tmp_path / "b.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "a re-run after kills differs from an uninterrupted run"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bvlib.data import PAPER_TASKS, Task
+from bvlib.data.tasks import PAPER_TASKS, Task
 from bvlib.errors import BVLibError
 
 VAL_FRACTION = 0.1
