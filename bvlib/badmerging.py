@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from bvlib.errors import BVLibError
 from bvlib.training import LossFn
-from bvlib.trigger_optimization import Trigger, inherent_trigger
+from bvlib.trigger_optimization import inherent_trigger
+from bvlib.triggers import Trigger
 from bvlib.weights import Weights
 
 

@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from bvlib.data import Split, iterate_batches
 from bvlib.errors import BVLibError
+from bvlib.evaluation import attack_success_rate
 from bvlib.merging import _real, merge, sparse_backdoor_vector
 from bvlib.training import TrainConfig, _autocast, _to_float, finetune
-from bvlib.trigger_optimization import Trigger, _digest, inherent_trigger
-from bvlib.triggers import PatchTrigger, check_location
+from bvlib.trigger_optimization import inherent_trigger
+from bvlib.triggers import PatchTrigger, Trigger, check_location, digest
 from bvlib.weights import Layout, Weights, apply_vector, backdoor_vector, stack
 
 TBAR_VERSION = 1  # bump to invalidate stored TBAR trigger-task fine-tunes after a change in how they are made
@@ -134,20 +135,17 @@ def merge_with_ibvs(task_vectors: Sequence[Weights] | Mapping[str, Weights], met
 # TBAR -----------------------------------------------------------------------------------------
 @torch.no_grad()
 def _trigger_scores(classifier, split, trigger: Trigger, target: int, device: torch.device) -> tuple[float, float]:
-    """(ASR, mean probability of `target`) of a trigger on the images of `split` not labelled `target`."""
+    """(ASR, mean probability of `target` on the images not labelled `target`) of a trigger on `split`."""
     classifier.to(device).eval()
-    hits, prob, n = 0.0, 0.0, 0
-    for images, labels in iterate_batches(split, 1024, shuffle=False):
-        keep = labels != target
-        if not keep.any():
-            continue
-        p = classifier(trigger.apply(_to_float(images[keep], device))).float().softmax(-1)
-        hits += float((p.argmax(-1) == target).sum())
-        prob += float(p[:, target].sum())
-        n += int(keep.sum())
-    if n == 0:
-        raise BVLibError(f"no images outside target class {target}: the trigger cannot be scored")
-    return hits / n, prob / n
+    preds, probs, labels = [], [], []
+    for images, y in iterate_batches(split, 1024, shuffle=False):
+        p = classifier(trigger.apply(_to_float(images, device))).float().softmax(-1)
+        preds.append(p.argmax(-1).cpu())
+        probs.append(p[:, target].cpu())
+        labels.append(y)
+    preds, probs, labels = torch.cat(preds), torch.cat(probs), torch.cat(labels)
+    asr = attack_success_rate(preds, labels, target, "images")
+    return asr, float(probs[labels != target].mean())
 
 
 @torch.no_grad()
@@ -200,7 +198,7 @@ def trigger_task_model(world, weights: Weights, task: str, trigger: Trigger, tar
     """
     recipe = dict(world.preset["finetune"])
     cfg = TrainConfig(**(recipe | {"steps": steps, "seed": seed, "weight_decay": 0.0, "warmup_steps": min(recipe.get("warmup_steps", 0), steps // 4)}))
-    key = world.artifact_config(task, tbar_version=TBAR_VERSION, split="val", weights=f"sha256:{_digest(weights.flat)}",
+    key = world.artifact_config(task, tbar_version=TBAR_VERSION, split="val", weights=f"sha256:{digest(weights.flat)}",
                                 trigger=trigger.config(), target=target, clean_share=clean_share, train=cfg.config())
 
     def loss(classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

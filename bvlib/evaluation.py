@@ -24,21 +24,28 @@ def predict(classifier, split, trigger: PatchTrigger | None = None, batch_size: 
     return torch.cat(preds), torch.cat(labels)
 
 
+def attack_success_rate(triggered_preds: torch.Tensor, labels: torch.Tensor, target: int, what: str = "test images") -> float:
+    """ASR, the one definition every module uses: the share of triggered images whose true label is
+    NOT the target that are classified as the target."""
+    keep = labels != target
+    if not keep.any():
+        raise BVLibError(f"no {what} outside target class {target}: ASR is undefined")
+    return float((triggered_preds[keep] == target).float().mean())
+
+
 def evaluate(classifier, split, trigger: PatchTrigger | None = None, target: int | None = None,
              batch_size: int = 1024, device: torch.device | str = "cpu") -> dict[str, float]:
     """{"acc": CA} plus, with a trigger and target, {"asr": ASR}.
 
-    ASR is the share of triggered images whose true label is NOT the target that are
-    classified as the target.
+    ASR as `attack_success_rate`.
     """
     preds, labels = predict(classifier, split, batch_size=batch_size, device=device)
     result = {"acc": float((preds == labels).float().mean())}
     if trigger is not None:
         if target is None:
             raise BVLibError("ASR needs the target class as well as the trigger")
-        keep = labels != target
-        if not keep.any():
+        if not (labels != target).any():  # before the second pass
             raise BVLibError(f"no test images outside target class {target}: ASR is undefined")
         tpreds, _ = predict(classifier, split, trigger=trigger, batch_size=batch_size, device=device)
-        result["asr"] = float((tpreds[keep] == target).float().mean())
+        result["asr"] = attack_success_rate(tpreds, labels, target)
     return result

@@ -7,88 +7,28 @@ exposes a vulnerability that lives in the base model, and it tends to keep worki
 models fine-tuned or merged from θ0 (the paper's "inherent triggers"); BadMerging uses it
 as the universal trigger that its fine-tuning then reinforces (`bvlib.badmerging`).
 
-An `OptimizedTrigger` has the interface of `PatchTrigger` (size, location, apply,
-check_fits, position, patch(device), config()), so it goes wherever a trigger goes:
-evaluation, BadNets poisoning, BadMerging, the store keys of poisoned fine-tunes.
+The patch found is an `OptimizedTrigger` (`bvlib.triggers`, beside `PatchTrigger`): it goes
+wherever a trigger goes (evaluation, BadNets poisoning, BadMerging, store keys).
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from bvlib.errors import BVLibError
-from bvlib.evaluation import predict
+from bvlib.evaluation import attack_success_rate, predict
 from bvlib.training import _autocast, _endless, _image_hw, _to_float
-from bvlib.triggers import PatchTrigger, check_fits, check_location, paste_patch, patch_position
+from bvlib.triggers import OptimizedTrigger, PatchTrigger, Trigger, check_location, digest, paste_patch, patch_position
 from bvlib.weights import Weights
 
 TRIGGER_VERSION = 1  # bump to invalidate stored optimised triggers after a change in how they are made
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
-
-
-@dataclass(frozen=True)
-class OptimizedTrigger:
-    """A square patch with free pixel values `values` [3, s, s] in [0, 1], pasted at `location`.
-
-    Equality and hashing go through `sha256`, the digest of the patch's float32 bytes (the
-    tensor itself is not compared). `seed` places the patch when location is "random";
-    `source` says where the patch came from (e.g. "inherent:mnist:target0").
-    """
-
-    values: torch.Tensor = field(compare=False, hash=False, repr=False)
-    location: str = "bottom_right"
-    seed: int = 0
-    source: str = ""
-    sha256: str = field(init=False)
-
-    def __post_init__(self):
-        check_location(self.location)
-        v = torch.as_tensor(self.values)
-        if v.dim() != 3 or v.shape[0] != 3 or v.shape[1] != v.shape[2] or v.shape[1] < 1:
-            raise BVLibError(f"an optimised trigger is a [3, s, s] patch, got shape {list(v.shape)}")
-        v = v.detach().to("cpu", torch.float32).contiguous()
-        if not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
-            raise BVLibError("an optimised trigger's values must be finite and in [0, 1]")
-        object.__setattr__(self, "values", v)
-        object.__setattr__(self, "sha256", _digest(v))
-
-    @property
-    def size(self) -> int:
-        return int(self.values.shape[-1])
-
-    def config(self) -> dict:
-        """JSON-able identity: the digest of the pixels, not the pixels."""
-        return {"type": "optimized", "size": self.size, "location": self.location, "seed": self.seed, "source": self.source,
-                "sha256": self.sha256}
-
-    def check_fits(self, height: int, width: int) -> None:
-        check_fits(self.size, height, width)
-
-    def position(self, height: int, width: int) -> tuple[int, int]:
-        """Top-left corner (row, column) of the patch."""
-        return patch_position(self.size, self.location, height, width, self.seed)
-
-    def patch(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The [3, size, size] patch in [0, 1]."""
-        return self.values.to(device)
-
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        """A triggered copy of a float batch [B, 3, H, W] in [0, 1]."""
-        return paste_patch(images, self.patch(images.device), self.position(*images.shape[-2:]))
-
-
-Trigger = PatchTrigger | OptimizedTrigger
-"""Anything with the trigger interface: a fixed patch or an optimised one."""
 
 
 def optimize_trigger(classifier, split, target: int, *, size: int, location: str = "bottom_right", steps: int = 200,
@@ -152,7 +92,7 @@ def _model_key(model: str | Weights) -> tuple[str, Weights | None]:
             raise BVLibError(f"model must be 'base' (θ0) or encoder Weights, got '{model}'")
         return "base", None
     if isinstance(model, Weights):
-        return f"sha256:{_digest(model.flat)}", model
+        return f"sha256:{digest(model.flat)}", model
     raise BVLibError(f"model must be 'base' (θ0) or encoder Weights, got {type(model).__name__}")
 
 
@@ -187,8 +127,7 @@ def trigger_asr_table(world, task: str, triggers: Mapping[str, Trigger], models:
     """One row per (trigger, model): {"trigger", "model", "asr", "acc"} on task `task`'s `split`.
 
     `models` maps a label to encoder weights (None is θ0). CA is computed once per model;
-    ASR as in `bvlib.evaluation.evaluate` (triggered images whose true label is not the
-    target, classified as the target).
+    ASR is `bvlib.evaluation.attack_success_rate`.
     """
     data = getattr(world.task(task), split)
     rows = []
@@ -196,10 +135,9 @@ def trigger_asr_table(world, task: str, triggers: Mapping[str, Trigger], models:
         clf = world.classifier(task, weights)
         preds, labels = predict(clf, data, device=world.device)
         acc = float((preds == labels).float().mean())
-        keep = labels != target
-        if not keep.any():
-            raise BVLibError(f"no {split} images outside target class {target}: ASR is undefined")
+        attack_success_rate(preds, labels, target, f"{split} images")  # undefined ASR: fail before the passes
         for trig_name, trig in triggers.items():
             tpreds, _ = predict(clf, data, trigger=trig, device=world.device)
-            rows.append({"trigger": trig_name, "model": model_name, "asr": float((tpreds[keep] == target).float().mean()), "acc": acc})
+            rows.append({"trigger": trig_name, "model": model_name, "asr": attack_success_rate(tpreds, labels, target, f"{split} images"),
+                         "acc": acc})
     return rows

@@ -1,8 +1,10 @@
-"""Patch triggers, applied to float image batches in [0, 1] on whatever device they live on."""
+"""Triggers, applied to float image batches in [0, 1] on whatever device they live on: a `PatchTrigger`
+(a pattern: solid, checkerboard, noise) or an `OptimizedTrigger` (free pixels, see `bvlib.trigger_optimization`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -126,3 +128,63 @@ class PatchTrigger:
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """A triggered copy of a float batch [B, 3, H, W] in [0, 1]."""
         return paste_patch(images, self.patch(images.device), self.position(*images.shape[-2:]))
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's float32 bytes: the identity of optimised patches and of weights in store keys."""
+    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class OptimizedTrigger:
+    """A square patch with free pixel values `values` [3, s, s] in [0, 1], pasted at `location`.
+
+    Equality and hashing go through `sha256`, the digest of the patch's float32 bytes (the
+    tensor itself is not compared). `seed` places the patch when location is "random";
+    `source` says where the patch came from (e.g. "inherent:mnist:target0").
+    """
+
+    values: torch.Tensor = field(compare=False, hash=False, repr=False)
+    location: str = "bottom_right"
+    seed: int = 0
+    source: str = ""
+    sha256: str = field(init=False)
+
+    def __post_init__(self):
+        check_location(self.location)
+        v = torch.as_tensor(self.values)
+        if v.dim() != 3 or v.shape[0] != 3 or v.shape[1] != v.shape[2] or v.shape[1] < 1:
+            raise BVLibError(f"an optimised trigger is a [3, s, s] patch, got shape {list(v.shape)}")
+        v = v.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+            raise BVLibError("an optimised trigger's values must be finite and in [0, 1]")
+        object.__setattr__(self, "values", v)
+        object.__setattr__(self, "sha256", digest(v))
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[-1])
+
+    def config(self) -> dict:
+        """JSON-able identity: the digest of the pixels, not the pixels."""
+        return {"type": "optimized", "size": self.size, "location": self.location, "seed": self.seed, "source": self.source,
+                "sha256": self.sha256}
+
+    def check_fits(self, height: int, width: int) -> None:
+        check_fits(self.size, height, width)
+
+    def position(self, height: int, width: int) -> tuple[int, int]:
+        """Top-left corner (row, column) of the patch."""
+        return patch_position(self.size, self.location, height, width, self.seed)
+
+    def patch(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The [3, size, size] patch in [0, 1]."""
+        return self.values.to(device)
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """A triggered copy of a float batch [B, 3, H, W] in [0, 1]."""
+        return paste_patch(images, self.patch(images.device), self.position(*images.shape[-2:]))
+
+
+Trigger = PatchTrigger | OptimizedTrigger
+"""Anything with the trigger interface: a fixed patch or an optimised one."""

@@ -70,7 +70,7 @@ for task in world.task_names:
     files.append(save_state_dict(weights.state_dict(), folder / f"ft_{task}.safetensors").name)  # image-encoder state dicts
 save_state_dict(world.finetune(attacked).state_dict(), folder / f"clean_{attacked}.safetensors")
 save_state_dict(ibvs_vector(world, defender).state_dict(), folder / "defender_bv.safetensors")
-print(f"in {folder.name}/: base.safetensors, {', '.join(files)} (ft_{attacked} is backdoored), clean_{attacked}, defender_bv")
+print(f"files: base.safetensors, {', '.join(files)} (ft_{attacked} is backdoored), clean_{attacked}, defender_bv")
 
 
 def bvlib(*args: str) -> str:

@@ -15,8 +15,8 @@ from bvlib.badmerging import BadMergingPoison, badmerging_finetune, badmerging_p
 from bvlib.models import ImageClassifier
 from bvlib.store import Store
 from bvlib.training import Poison
-from bvlib.trigger_optimization import OptimizedTrigger, inherent_trigger, optimize_trigger, trigger_asr_table
-from bvlib.triggers import PatchTrigger
+from bvlib.trigger_optimization import inherent_trigger, optimize_trigger, trigger_asr_table
+from bvlib.triggers import OptimizedTrigger, PatchTrigger
 from bvlib.world import World
 
 TASK, TARGET, SIZE = "fashion", 0, 8
