@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from bvlib.merging import METHODS, NOT_MATRICES, merge, sparse_backdoor_vector
+from bvlib.attacks.sbv import sparse_backdoor_vector
+from bvlib.merging import METHODS, NOT_MATRICES, merge
 from bvlib.weights import Layout, Weights
 
 PARAMS = {  # the literature defaults, as in bvlib.merging

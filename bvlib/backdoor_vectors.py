@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from bvlib.attacks.badnets import Poison
 from bvlib.errors import BVLibError
-from bvlib.training import Poison
 from bvlib.weights import Weights, apply_vector, backdoor_vector, cosine_matrix
 
 

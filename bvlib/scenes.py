@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bvlib.attacks.sbv import sparse_backdoor_vector
 from bvlib.backdoor_vectors import Attack, attack_bv, backdoored_model, clean_model
 from bvlib.errors import BVLibError
-from bvlib.merging import merge, sparse_backdoor_vector
+from bvlib.merging import merge
 from bvlib.weights import Weights
 
 
@@ -77,7 +78,7 @@ class AttackedScene:
 
     def badmerging(self) -> AttackVector:
         """BadMerging: a universal trigger optimised against θ0, and its feature-interpolation fine-tune."""
-        from bvlib.badmerging import badmerging_finetune, badmerging_poison
+        from bvlib.attacks.badmerging import badmerging_finetune, badmerging_poison
 
         bm = badmerging_poison(self.world, self.attacked)
         return AttackVector("BadMerging", badmerging_finetune(self.world, self.attacked, bm) - self.theta0, bm.trigger, bm.target)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,10 @@ from tqdm import tqdm
 
 from bvlib.data import Split, iterate_batches
 from bvlib.errors import BVLibError
-from bvlib.triggers import PatchTrigger
 from bvlib.weights import Weights
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-"""loss_fn(classifier, float images in [0, 1], labels) -> scalar loss of one batch."""
+if TYPE_CHECKING:  # attacks plug into the loop by interface (make_loss, trigger, target); no import at run time
+    from bvlib.attacks.badnets import LossFn, Poison
 
 
 @dataclass(frozen=True)
@@ -43,42 +43,6 @@ class TrainConfig:
 
     def config(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Poison:
-    """BadNets poisoning. mode "replace": a `rate` share of each batch is triggered and
-    relabelled (classic BadNets). mode "sub_batch": that share is triggered as *extra*
-    samples whose loss is weighted by `loss_weight` (the BadMerging convention)."""
-
-    trigger: PatchTrigger
-    target: int = 0
-    rate: float = 0.1
-    loss_weight: float = 1.0
-    mode: str = "replace"
-
-    def __post_init__(self):
-        if not 0.0 < self.rate <= 1.0:
-            raise BVLibError(f"poison rate must be in (0, 1], got {self.rate}")
-        if self.mode not in ("replace", "sub_batch"):
-            raise BVLibError(f"poison mode must be 'replace' or 'sub_batch', got '{self.mode}'")
-
-    def config(self) -> dict:
-        return asdict(self) | {"trigger": self.trigger.config()}
-
-    def make_loss(self, classifier, seed: int = 0) -> LossFn:
-        """The per-batch training loss of this attack (`classifier` as it is before training)."""
-
-        def loss(classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            k = max(1, round(self.rate * len(x)))
-            xp = self.trigger.apply(x[:k])
-            yp = torch.full((k,), self.target, device=x.device, dtype=y.dtype)
-            if self.mode == "replace":
-                return F.cross_entropy(classifier(torch.cat([xp, x[k:]])), torch.cat([yp, y[k:]]))
-            logits = classifier(torch.cat([x, xp]))
-            return F.cross_entropy(logits[: len(x)], y) + self.loss_weight * F.cross_entropy(logits[len(x) :], yp)
-
-        return loss
 
 
 def _schedule(cfg: TrainConfig):
@@ -122,7 +86,7 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
 
     The loss of each batch is `loss_fn(classifier, x, y)` (x float images in [0, 1] on the
     device), by default `poison.make_loss(classifier, cfg.seed)` for a poison (BadNets, or any
-    attack with the same interface such as `bvlib.badmerging.BadMergingPoison`) and plain
+    attack with the same interface such as `bvlib.attacks.badmerging.BadMergingPoison`) and plain
     cross-entropy without one. A poison's trigger and target are checked either way.
     """
     device = torch.device(device)

@@ -1,5 +1,5 @@
 """Triggers, applied to float image batches in [0, 1] on whatever device they live on: a `PatchTrigger`
-(a pattern: solid, checkerboard, noise) or an `OptimizedTrigger` (free pixels, see `bvlib.trigger_optimization`)."""
+(a pattern: solid, checkerboard, noise) or an `OptimizedTrigger` (free pixels, see `bvlib.attacks.inherent`)."""
 
 from __future__ import annotations
 

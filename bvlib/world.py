@@ -21,11 +21,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from bvlib import data
+from bvlib.attacks.badnets import Poison, badnets_poison
 from bvlib.errors import BVLibError
 from bvlib.evaluation import evaluate
 from bvlib.models import ImageClassifier, build_classifier, create_clip, default_device, zeroshot_head
 from bvlib.store import Store, config_key, file_sha256, load_state_dict
-from bvlib.training import Poison, TrainConfig, finetune, pretrain_clip
+from bvlib.training import TrainConfig, finetune, pretrain_clip
 from bvlib.triggers import PatchTrigger
 from bvlib.weights import Layout, Weights
 
@@ -97,13 +98,6 @@ def _check_preset(cfg: Mapping, source: str) -> None:
         raise BVLibError(f"preset {source}: the key 'data.image_size' is missing")
     if "trigger" not in cfg["badnets"]:
         raise BVLibError(f"preset {source}: the key 'badnets.trigger' is missing")
-
-
-def badnets_poison(spec: Mapping) -> Poison:
-    spec = dict(spec)
-    trig = dict(spec.pop("trigger"))
-    trig["color"] = tuple(trig.get("color", (1.0, 1.0, 1.0)))
-    return Poison(trigger=PatchTrigger(**trig), **spec)
 
 
 def _paper_root() -> Path:

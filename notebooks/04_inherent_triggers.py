@@ -42,9 +42,9 @@ warnings.filterwarnings("ignore")  # before the imports: import-time warnings of
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from bvlib.attacks.inherent import inherent_trigger, trigger_asr_table
 from bvlib.book import Claim, claims_frame, page_setup, record
 from bvlib.merging import merge
-from bvlib.trigger_optimization import inherent_trigger, trigger_asr_table
 from bvlib.triggers import PatchTrigger
 from bvlib.world import World
 

@@ -49,7 +49,8 @@ def merge_bench(device: torch.device, tiny: bool) -> dict:
     """Each method's time at 8 × ViT-B-32 (fp32, bf16) next to the floor, and the naive kthvalue TIES."""
     from bench_merging import NAIVE, PARAMS, timed, vit_b_32_layout, vit_layout
 
-    from bvlib.merging import METHODS, merge, sparse_backdoor_vector
+    from bvlib.attacks.sbv import sparse_backdoor_vector
+    from bvlib.merging import METHODS, merge
     from bvlib.weights import Weights
 
     layout = vit_layout(64, 2) if tiny else vit_b_32_layout()

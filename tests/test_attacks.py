@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from bvlib import BVLibError
-from bvlib.badmerging import BadMergingPoison, badmerging_finetune, badmerging_poison, feature_interpolation_loss
+from bvlib.attacks.badmerging import BadMergingPoison, badmerging_finetune, badmerging_poison, feature_interpolation_loss
+from bvlib.attacks.badnets import Poison
+from bvlib.attacks.inherent import inherent_trigger, optimize_trigger, trigger_asr_table
 from bvlib.models import ImageClassifier
 from bvlib.store import Store
-from bvlib.training import Poison
-from bvlib.trigger_optimization import inherent_trigger, optimize_trigger, trigger_asr_table
 from bvlib.triggers import OptimizedTrigger, PatchTrigger
 from bvlib.world import World
 

@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from bvlib import BVLibError, Layout, Weights
-from bvlib.merging import (
-    METHODS,
-    consensus_mask,
-    kth_largest,
-    merge,
-    sign_agreement,
-    sparse_backdoor_vector,
-    tall_masks,
-)
+from bvlib.attacks.sbv import sparse_backdoor_vector
+from bvlib.merging import METHODS, consensus_mask, kth_largest, merge, sign_agreement, tall_masks
 
 # A tiny model: two linear layers, a bias, and a 2-D embedding that the SVD methods must leave alone.
 LAYOUT = Layout(

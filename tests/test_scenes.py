@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from bvlib.merging import merge, sparse_backdoor_vector
+from bvlib.attacks.sbv import sparse_backdoor_vector
+from bvlib.merging import merge
 from bvlib.scenes import AttackedScene
 
 

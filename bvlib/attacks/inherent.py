@@ -5,7 +5,7 @@ that a *frozen* model classifies triggered images as a target class, with no poi
 training at all. Optimised against the pretrained θ0 (`inherent_trigger`), such a patch
 exposes a vulnerability that lives in the base model, and it tends to keep working on
 models fine-tuned or merged from θ0 (the paper's "inherent triggers"); BadMerging uses it
-as the universal trigger that its fine-tuning then reinforces (`bvlib.badmerging`).
+as the universal trigger that its fine-tuning then reinforces (`bvlib.attacks.badmerging`).
 
 The patch found is an `OptimizedTrigger` (`bvlib.triggers`, beside `PatchTrigger`): it goes
 wherever a trigger goes (evaluation, BadNets poisoning, BadMerging, store keys).

@@ -2,7 +2,7 @@
 
 Two stages, as in the paper:
 1. a universal trigger optimised against the *pretrained* θ0 for the target class
-   (`bvlib.trigger_optimization.inherent_trigger`);
+   (`bvlib.attacks.inherent.inherent_trigger`);
 2. fine-tuning of the adversary's task model with clean cross-entropy plus
    `loss_weight` × a *feature-interpolation* backdoor loss: the features of triggered images
    are mixed with the features the model had before fine-tuning (θ0),
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bvlib.attacks.badnets import LossFn
+from bvlib.attacks.inherent import inherent_trigger
 from bvlib.errors import BVLibError
-from bvlib.training import LossFn
-from bvlib.trigger_optimization import inherent_trigger
 from bvlib.triggers import Trigger
 from bvlib.weights import Weights
 
