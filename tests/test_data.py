@@ -1,4 +1,4 @@
-"""Tests of bvlib.data (mini-world tasks, pretraining corpus, batching) and bvlib.ta8 (paper datasets).
+"""Tests of bvlib.data (mini-world tasks, pretraining corpus, batching) and bvlib.data.paper (paper datasets).
 
 The full-size mini tasks and the default corpus are built once into a cache kept in
 pytest's own cache folder (.pytest_cache), so reruns are warm and the user's cache is
