@@ -45,16 +45,28 @@ def main():
         cmd = [sys.executable, "-m", "bvlib.cli", "merge", "--base", str(tmp / "base.safetensors"), *files, "--method", args.method,
                "--out", str(tmp / "merged.safetensors")]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        anon = file = 0
+        while proc.poll() is None:  # the process's own memory (RssAnon) apart from the mapped files (RssFile)
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except OSError:
+                break
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            anon = max(anon, int(fields.get("RssAnon", "0 kB").split()[0]))
+            file = max(file, int(fields.get("RssFile", "0 kB").split()[0]))
+            time.sleep(0.05)
+        out, err = proc.communicate()
         seconds = time.perf_counter() - t
         if proc.returncode != 0:
-            sys.exit(proc.stderr)
+            sys.exit(err)
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # KiB -> GB
         model_gb = numel * 4 / 1e9
         print(f"{args.model}: {numel / 1e6:.0f}M parameters ({model_gb:.2f} GB fp32), K={args.k}, {args.method}, "
               f"{torch.get_num_threads()} threads")
-        print(f"bvlib merge: {seconds:.1f} s, peak RSS {peak_gb:.2f} GB; the K task vectors stacked would be {args.k * model_gb:.2f} GB "
-              f"(peak / one model = {peak_gb / model_gb:.1f})")
+        print(f"bvlib merge: {seconds:.1f} s; peak RSS {peak_gb:.2f} GB, of which the process's own memory peaked at {anon / 1e6:.2f} GB "
+              f"({anon / 1e6 / model_gb:.1f} models) and mapped checkpoint pages (reclaimable) at {file / 1e6:.2f} GB; "
+              f"the K task vectors stacked would be {args.k * model_gb:.2f} GB")
 
 
 if __name__ == "__main__":
