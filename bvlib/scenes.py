@@ -26,7 +26,7 @@ class AttackVector:
 
     name: str
     tau: Weights  # θ_attacker − θ0
-    trigger: object  # PatchTrigger or OptimizedTrigger
+    trigger: object  # a PatchTrigger (drawn or optimised)
     target: int
     injected_norm: float = float("nan")  # norm of the vector added to θ_clean (BV attacks)
 

@@ -1,17 +1,17 @@
-"""Triggers, applied to float image batches in [0, 1] on whatever device they live on: a `PatchTrigger`
-(a pattern: solid, checkerboard, noise) or an `OptimizedTrigger` (free pixels, see `bvlib.attacks.inherent`)."""
+"""Triggers, applied to float image batches in [0, 1] on whatever device they live on: one type,
+`PatchTrigger`, drawn from a pattern (solid, checkerboard, noise) or holding optimised free pixels."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from bvlib.errors import BVLibError
 
 LOCATIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center", "random")
-PATTERNS = ("solid", "checkerboard", "noise")
+PATTERNS = ("solid", "checkerboard", "noise", "optimized")
 
 
 def check_location(location: str) -> None:
@@ -71,15 +71,23 @@ def paste_patch(images: torch.Tensor, patch: torch.Tensor, position: tuple[int, 
     return out
 
 
+def digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's float32 bytes: the identity of optimised patches and of weights in store keys."""
+    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+
 @dataclass(frozen=True)
 class PatchTrigger:
-    """A square patch pasted onto every image (BadNets style).
+    """A square patch pasted onto every image: the one trigger type.
 
-    location "random" is one position drawn from `seed` (the same for every image), so
-    that attacks "at different patch locations" are different seeds of it.
-    pattern "noise" is a seeded random RGB patch; "checkerboard" alternates `color` and its
-    complement pixel by pixel. `token` > 0 snaps the position to a bottom-right patch's offset inside
-    `token`-px ViT tokens (see `patch_position`).
+    pattern "solid" / "checkerboard" (alternating `color` and its complement) / "noise" (seeded RGB)
+    draws the patch; pattern "optimized" holds free pixel `values` [3, s, s] in [0, 1], what trigger
+    optimisation finds (`optimized_trigger`, `bvlib.attacks.inherent`): its identity is `sha256`, the
+    digest of the pixels, and `source` says where it came from (e.g. "inherent:mnist:target0").
+    location "random" is one position drawn from `seed` (the same for every image), so that attacks
+    "at different patch locations" are different seeds of it. `token` > 0 snaps the position to a
+    bottom-right patch's offset inside `token`-px ViT tokens (see `patch_position`).
     """
 
     size: int = 4
@@ -88,11 +96,26 @@ class PatchTrigger:
     color: tuple[float, float, float] = (1.0, 1.0, 1.0)
     seed: int = 0
     token: int = 0
+    values: torch.Tensor | None = field(default=None, compare=False, hash=False, repr=False)
+    source: str = ""
+    sha256: str = ""
 
     def __post_init__(self):
         check_location(self.location)
         if self.pattern not in PATTERNS:
             raise BVLibError(f"unknown trigger pattern '{self.pattern}'; choose one of: {', '.join(PATTERNS)}")
+        if self.pattern == "optimized" or self.values is not None:
+            if self.values is None:
+                raise BVLibError("an optimized trigger needs its pixel values")
+            v = torch.as_tensor(self.values)
+            if v.dim() != 3 or v.shape[0] != 3 or v.shape[1] != v.shape[2] or v.shape[1] < 1:
+                raise BVLibError(f"an optimised trigger is a [3, s, s] patch, got shape {list(v.shape)}")
+            v = v.detach().to("cpu", torch.float32).contiguous()
+            if not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+                raise BVLibError("an optimised trigger's values must be finite and in [0, 1]")
+            for name, value in (("values", v), ("pattern", "optimized"), ("size", int(v.shape[-1])), ("sha256", digest(v))):
+                object.__setattr__(self, name, value)
+            return
         if int(self.size) != self.size or self.size < 1:
             raise BVLibError(f"trigger size must be a positive integer, got {self.size}")
         if len(self.color) != 3 or not all(0.0 <= c <= 1.0 for c in self.color):
@@ -100,9 +123,13 @@ class PatchTrigger:
         object.__setattr__(self, "color", tuple(float(c) for c in self.color))
 
     def config(self) -> dict:
-        cfg = asdict(self) | {"color": list(self.color)}
-        if not self.token:
-            del cfg["token"]  # unsnapped triggers keep the store keys they had
+        """JSON-able identity (store keys): the drawing's parameters, or the digest of free pixels."""
+        if self.pattern == "optimized":
+            return {"type": "optimized", "size": self.size, "location": self.location, "seed": self.seed, "source": self.source,
+                    "sha256": self.sha256}
+        cfg = {"size": self.size, "location": self.location, "pattern": self.pattern, "color": list(self.color), "seed": self.seed}
+        if self.token:  # unsnapped triggers keep the store keys they had
+            cfg["token"] = self.token
         return cfg
 
     def check_fits(self, height: int, width: int) -> None:
@@ -114,6 +141,8 @@ class PatchTrigger:
 
     def patch(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The [3, size, size] patch in [0, 1]."""
+        if self.pattern == "optimized":
+            return self.values.to(device)
         s = self.size
         color = torch.tensor(self.color, device=device).view(3, 1, 1)
         if self.pattern == "solid":
@@ -130,61 +159,10 @@ class PatchTrigger:
         return paste_patch(images, self.patch(images.device), self.position(*images.shape[-2:]))
 
 
-def digest(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's float32 bytes: the identity of optimised patches and of weights in store keys."""
-    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+def optimized_trigger(values: torch.Tensor, location: str = "bottom_right", seed: int = 0, source: str = "") -> PatchTrigger:
+    """A trigger of free pixel values [3, s, s] in [0, 1] (what trigger optimisation finds)."""
+    return PatchTrigger(pattern="optimized", values=values, location=location, seed=seed, source=source)
 
 
-@dataclass(frozen=True)
-class OptimizedTrigger:
-    """A square patch with free pixel values `values` [3, s, s] in [0, 1], pasted at `location`.
-
-    Equality and hashing go through `sha256`, the digest of the patch's float32 bytes (the
-    tensor itself is not compared). `seed` places the patch when location is "random";
-    `source` says where the patch came from (e.g. "inherent:mnist:target0").
-    """
-
-    values: torch.Tensor = field(compare=False, hash=False, repr=False)
-    location: str = "bottom_right"
-    seed: int = 0
-    source: str = ""
-    sha256: str = field(init=False)
-
-    def __post_init__(self):
-        check_location(self.location)
-        v = torch.as_tensor(self.values)
-        if v.dim() != 3 or v.shape[0] != 3 or v.shape[1] != v.shape[2] or v.shape[1] < 1:
-            raise BVLibError(f"an optimised trigger is a [3, s, s] patch, got shape {list(v.shape)}")
-        v = v.detach().to("cpu", torch.float32).contiguous()
-        if not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
-            raise BVLibError("an optimised trigger's values must be finite and in [0, 1]")
-        object.__setattr__(self, "values", v)
-        object.__setattr__(self, "sha256", digest(v))
-
-    @property
-    def size(self) -> int:
-        return int(self.values.shape[-1])
-
-    def config(self) -> dict:
-        """JSON-able identity: the digest of the pixels, not the pixels."""
-        return {"type": "optimized", "size": self.size, "location": self.location, "seed": self.seed, "source": self.source,
-                "sha256": self.sha256}
-
-    def check_fits(self, height: int, width: int) -> None:
-        check_fits(self.size, height, width)
-
-    def position(self, height: int, width: int) -> tuple[int, int]:
-        """Top-left corner (row, column) of the patch."""
-        return patch_position(self.size, self.location, height, width, self.seed)
-
-    def patch(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The [3, size, size] patch in [0, 1]."""
-        return self.values.to(device)
-
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        """A triggered copy of a float batch [B, 3, H, W] in [0, 1]."""
-        return paste_patch(images, self.patch(images.device), self.position(*images.shape[-2:]))
-
-
-Trigger = PatchTrigger | OptimizedTrigger
-"""Anything with the trigger interface: a fixed patch or an optimised one."""
+Trigger = PatchTrigger
+"""The trigger type (kept as a name for annotations)."""

@@ -16,7 +16,7 @@ from bvlib.attacks.badnets import Poison
 from bvlib.attacks.inherent import inherent_trigger, optimize_trigger, trigger_asr_table
 from bvlib.models import ImageClassifier
 from bvlib.store import Store
-from bvlib.triggers import OptimizedTrigger, PatchTrigger
+from bvlib.triggers import PatchTrigger, optimized_trigger
 from bvlib.world import World
 
 TASK, TARGET, SIZE = "fashion", 0, 8
@@ -63,28 +63,28 @@ def test_trigger_cache_returns_the_identical_patch(tmp_path, smoke_world):
 
 def test_optimized_trigger_has_the_patch_trigger_interface():
     values = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(0))
-    trig = OptimizedTrigger(values, location="top_left", source="test")
+    trig = optimized_trigger(values, location="top_left", source="test")
     x = torch.zeros(2, 3, 16, 16)
     out = trig.apply(x)
     assert torch.equal(out[:, :, :5, :5], values.expand(2, 3, 5, 5)) and out[:, :, 5:].abs().sum() == 0 and x.abs().sum() == 0
     assert trig.position(16, 16) == (0, 0) and torch.equal(trig.patch("cpu"), values)
     assert {"sha256", "size", "location"} <= set(trig.config()) and len(trig.config()["sha256"]) == 64
     assert trig.config()["size"] == 5 and "values" not in trig.config()
-    assert {trig: 1}[OptimizedTrigger(values.clone(), location="top_left", source="test")] == 1  # hashable, by content
+    assert {trig: 1}[optimized_trigger(values.clone(), location="top_left", source="test")] == 1  # hashable, by content
     # the trigger also drives BadNets poisoning, and its digest keys the poisoned fine-tune
     assert Poison(trigger=trig).config()["trigger"]["sha256"] == trig.config()["sha256"]
-    assert OptimizedTrigger(values, location="random", seed=3).position(16, 16) == PatchTrigger(size=5, location="random", seed=3).position(16, 16)
+    assert optimized_trigger(values, location="random", seed=3).position(16, 16) == PatchTrigger(size=5, location="random", seed=3).position(16, 16)
 
 
 def test_bad_optimised_triggers_are_clear_errors(smoke_world):
     with pytest.raises(BVLibError, match="does not fit"):
-        OptimizedTrigger(torch.rand(3, 40, 40)).apply(torch.zeros(1, 3, 32, 32))
+        optimized_trigger(torch.rand(3, 40, 40)).apply(torch.zeros(1, 3, 32, 32))
     with pytest.raises(BVLibError, match="unknown trigger location"):
-        OptimizedTrigger(torch.rand(3, 4, 4), location="middle")
+        optimized_trigger(torch.rand(3, 4, 4), location="middle")
     with pytest.raises(BVLibError, match="in \\[0, 1\\]"):
-        OptimizedTrigger(torch.full((3, 4, 4), 2.0))
+        optimized_trigger(torch.full((3, 4, 4), 2.0))
     with pytest.raises(BVLibError, match=r"\[3, s, s\]"):
-        OptimizedTrigger(torch.rand(3, 4, 5))
+        optimized_trigger(torch.rand(3, 4, 5))
     with pytest.raises(BVLibError, match="does not fit"):
         inherent_trigger(smoke_world, TASK, TARGET, size=64, steps=1)
     with pytest.raises(BVLibError, match="unknown trigger location"):

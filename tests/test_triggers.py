@@ -65,3 +65,17 @@ def test_token_snapped_locations_cover_the_same_in_token_pixels(side, token, siz
         assert len(plain & ref) < len(ref)  # unsnapped: they only partly overlap
     with pytest.raises(BVLibError, match="token"):
         PatchTrigger(size=size, token=size - 1).position(side, side)
+
+
+def test_trigger_configs_keep_their_store_keys():
+    """Configs are store keys: folding optimised patches into PatchTrigger must not move any of them."""
+    from bvlib.triggers import optimized_trigger
+
+    drawn = PatchTrigger(size=6, pattern="checkerboard")
+    assert drawn.config() == {"size": 6, "location": "bottom_right", "pattern": "checkerboard", "color": [1.0, 1.0, 1.0], "seed": 0}
+    assert PatchTrigger(size=6, token=8).config()["token"] == 8
+    values = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    opt = optimized_trigger(values, location="top_left", source="test")
+    assert set(opt.config()) == {"type", "size", "location", "seed", "source", "sha256"} and opt.config()["type"] == "optimized"
+    assert opt.pattern == "optimized" and opt.size == 4 and opt == optimized_trigger(values.clone(), location="top_left", source="test")
+    assert opt != drawn and torch.equal(opt.patch(), values)

@@ -7,7 +7,7 @@ exposes a vulnerability that lives in the base model, and it tends to keep worki
 models fine-tuned or merged from θ0 (the paper's "inherent triggers"); BadMerging uses it
 as the universal trigger that its fine-tuning then reinforces (`bvlib.attacks.badmerging`).
 
-The patch found is an `OptimizedTrigger` (`bvlib.triggers`, beside `PatchTrigger`): it goes
+The patch found is a `PatchTrigger` holding free pixels (`bvlib.triggers.optimized_trigger`): it goes
 wherever a trigger goes (evaluation, BadNets poisoning, BadMerging, store keys).
 """
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from bvlib.errors import BVLibError
 from bvlib.evaluation import attack_success_rate, predict
 from bvlib.training import _autocast, _endless, _image_hw, _to_float
-from bvlib.triggers import OptimizedTrigger, PatchTrigger, Trigger, check_location, digest, paste_patch, patch_position
+from bvlib.triggers import PatchTrigger, Trigger, check_location, digest, optimized_trigger, paste_patch, patch_position
 from bvlib.weights import Weights
 
 TRIGGER_VERSION = 1  # bump to invalidate stored optimised triggers after a change in how they are made
@@ -33,7 +33,7 @@ TRIGGER_VERSION = 1  # bump to invalidate stored optimised triggers after a chan
 
 def optimize_trigger(classifier, split, target: int, *, size: int, location: str = "bottom_right", steps: int = 200,
                      lr: float = 0.1, batch_size: int = 128, seed: int = 0, device: torch.device | str = "cpu",
-                     progress: bool = False, source: str = "") -> OptimizedTrigger:
+                     progress: bool = False, source: str = "") -> PatchTrigger:
     """A patch that makes the frozen `classifier` predict `target` on triggered images of `split`.
 
     Adam on unconstrained logits (patch = sigmoid(param)), minimising the cross-entropy to
@@ -83,7 +83,7 @@ def optimize_trigger(classifier, split, target: int, *, size: int, location: str
         classifier.train(was_training)
     if not torch.isfinite(param).all():
         raise BVLibError("trigger optimisation diverged; lower lr")
-    return OptimizedTrigger(values=torch.sigmoid(param.detach()).cpu(), location=location, seed=seed, source=source)
+    return optimized_trigger(values=torch.sigmoid(param.detach()).cpu(), location=location, seed=seed, source=source)
 
 
 def _model_key(model: str | Weights) -> tuple[str, Weights | None]:
@@ -97,7 +97,7 @@ def _model_key(model: str | Weights) -> tuple[str, Weights | None]:
 
 
 def inherent_trigger(world, task: str, target: int, *, size: int, location: str = "bottom_right", model: str | Weights = "base",
-                     steps: int = 200, lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> OptimizedTrigger:
+                     steps: int = 200, lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> PatchTrigger:
     """A trigger optimised against θ0 (task `task`'s zero-shot classifier) on the task's *val* split.
 
     The val split stands for the attacker's own data; the test split stays for measuring
@@ -119,7 +119,7 @@ def inherent_trigger(world, task: str, target: int, *, size: int, location: str 
         return {"patch": trig.values}, {"seconds": time.perf_counter() - t, "sha256": trig.sha256}
 
     tensors, _ = world.store.cached("trigger", cfg, build)
-    return OptimizedTrigger(values=tensors["patch"], location=location, seed=seed, source=source)
+    return optimized_trigger(values=tensors["patch"], location=location, seed=seed, source=source)
 
 
 def trigger_asr_table(world, task: str, triggers: Mapping[str, Trigger], models: Mapping[str, Weights | None], target: int,

@@ -149,7 +149,7 @@ def tbar(world, weights: Weights, task: str, *, trigger: Trigger | None = None, 
                                                              seed=seed)
     else:
         if not hasattr(trigger, "apply") or not hasattr(trigger, "config"):
-            raise BVLibError(f"trigger must be a PatchTrigger or an OptimizedTrigger, got {type(trigger).__name__}")
+            raise BVLibError(f"trigger must be a PatchTrigger, got {type(trigger).__name__}")
         side = _image_side(world)
         trigger.check_fits(side, side)
         if target is None:
