@@ -223,7 +223,7 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
         t = time.perf_counter()
         world = World(preset)
         print(f"world '{world.name}': store {world.store.root}", flush=True)
-        cold = not any(world.store.has("finetune", world._finetune_config(n, None, world.train_config(n))) for n in world.task_names)
+        cold = not any(world.has_finetune(n) for n in world.task_names)
         world.card()
         world.merge_curves()  # the validated λ every merging chapter uses
         timings["world"] = time.perf_counter() - t

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from safetensors import safe_open
 
 from bvlib.errors import BVLibError
 from bvlib.merging import _call, kth_largest, ties_finish, ties_part
-from bvlib.store import checkpoint_format, file_sha256, load_state_dict, save_state_dict
+from bvlib.store import checkpoint_format, file_sha256, load_state_dict
 from bvlib.weights import Layout
 
 PREFIX = "visual."
@@ -55,7 +56,7 @@ class EncoderFile:
             raise BVLibError(f"{self.path} holds no tensors")
         self._checked: set[str] = set()
 
-    @property
+    @cached_property
     def layout(self) -> Layout:
         return Layout(tuple(self.names), tuple(self._shape(self.prefix + n) for n in self.names))
 
@@ -193,9 +194,9 @@ def _whole_vector_thresholds(base_file, files, extra, layout, k, budget_bytes) -
     n = max(1, int(float(k) * layout.numel))
     if n >= layout.numel:
         return None
-    out = []
+    out, theta0 = [], base_file.flat(layout.names)  # the base is read once, not once per vector
     for i in range(rows):
-        row = _vector_row(base_file, files, layout.names, extra, i)
+        row = _vector_row(base_file, files, layout.names, extra, i, theta0)
         out.append(kth_largest(row.unsqueeze(0), n, magnitude=True))
     return torch.cat(out).unsqueeze(1)
 
@@ -235,10 +236,6 @@ class VectorStats:
             "sign_agreement": {"unanimous_share": self.unanimous / max(self.contested, 1.0),
                                "coordinates_with_two_or_more_nonzero": int(self.contested)},
         }
-
-
-def write_merged(state: Mapping[str, torch.Tensor], out: str | os.PathLike) -> Path:
-    return save_state_dict(state, out)
 
 
 def inspect_files(base: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], *, bv: tuple[str, str] | None = None,

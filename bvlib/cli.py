@@ -67,7 +67,7 @@ def cmd_finetune(args) -> None:
     world = _world(args)
     world.check_task(args.task)
     poison = _attack(world, args)
-    if not world.store.has("finetune", world._finetune_config(args.task, poison, world.train_config(args.task, seed=args.seed))):
+    if not world.has_finetune(args.task, poison, seed=args.seed):
         print(f"fine-tuning into store {world.store.root}", file=sys.stderr)
     weights = world.finetune(args.task, poison=poison, seed=args.seed)
     result = {"task": args.task, "seed": args.seed, "backdoor": bool(poison), **world.evaluate(args.task, weights)}

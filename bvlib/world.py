@@ -296,6 +296,10 @@ class World:
         """The store key of a fine-tune (what `finetune` would load or build)."""
         return config_key(self._finetune_config(self.check_task(name), poison, self.train_config(name, **train_overrides)))
 
+    def has_finetune(self, name: str, poison: Poison | None = None, **train_overrides) -> bool:
+        """Whether `finetune` would load this fine-tune from the store rather than train it."""
+        return self.store.has("finetune", self._finetune_config(self.check_task(name), poison, self.train_config(name, **train_overrides)))
+
     def finetune(self, name: str, poison: Poison | None = None, **train_overrides) -> Weights:
         """θ_t fine-tuned on task `name` (clean, or poisoned), from the store when it was made before."""
         self.check_task(name)

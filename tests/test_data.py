@@ -387,3 +387,14 @@ def test_idx_reader_roundtrip(tmp_path):
     with gzip.open(tmp_path / "x-idx3-ubyte.gz", "wb") as f:
         f.write((tmp_path / "x-idx3-ubyte").read_bytes())
     assert np.array_equal(sources._read_idx(tmp_path / "x-idx3-ubyte.gz"), arr)
+
+
+def test_unnamed_letters_are_seen_but_never_named(session_cache):
+    """corpus `unnamed`: the glyph images stay, every caption naming a letter is replaced."""
+    names_a_letter = ("the letter", "a capital", 'the character "', "a printed letter")
+    named_images, named = pretraining_corpus(n_per_source=40)
+    images, unnamed = pretraining_corpus(n_per_source=40, unnamed=["letters"])
+    assert any(c.startswith(names_a_letter) for c in named) and not any(c.startswith(names_a_letter) for c in unnamed)
+    assert any(c in corpus_module._UNNAMED_CAPTIONS["letters"] for c in unnamed) and len(images) == len(named_images)
+    with pytest.raises(BVLibError, match="unnamed takes"):
+        pretraining_corpus(n_per_source=40, unnamed=["fashion"])

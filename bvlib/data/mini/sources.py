@@ -243,24 +243,24 @@ def _clipart_files(folder: str) -> list[Path]:
     return [p for p in files if 0 < _png_size(p) <= _MAX_PIXELS]
 
 
-@lru_cache(maxsize=1)
-def _clipart_source() -> _Source:
+def _clipart_categories(categories) -> _Source:
+    """One label per (folder, name) category, its files in that order."""
     paths, labels = [], []
-    for c, (folder, _) in enumerate(CLIPART_CLASSES):
+    for c, (folder, _) in enumerate(categories):
         files = _clipart_files(folder)
         paths += files
         labels += [c] * len(files)
     return _file_source(paths, labels, square_pad=True)
+
+
+@lru_cache(maxsize=1)
+def _clipart_source() -> _Source:
+    return _clipart_categories(CLIPART_CLASSES)
 
 
 @lru_cache(maxsize=1)
 def _clipart_corpus_source() -> _Source:
-    paths, labels = [], []
-    for c, (folder, _) in enumerate(CLIPART_CORPUS_CATEGORIES):
-        files = _clipart_files(folder)
-        paths += files
-        labels += [c] * len(files)
-    return _file_source(paths, labels, square_pad=True)
+    return _clipart_categories(CLIPART_CORPUS_CATEGORIES)
 
 
 TEXTILE_CLASSES: tuple[tuple[str, str], ...] = (("nominal", "no defect"), ("local", "a local defect"), ("global", "a global defect"))
