@@ -22,7 +22,7 @@ from safetensors import safe_open
 from bvlib.errors import BVLibError
 from bvlib.merging import _call, kth_largest, ties_finish, ties_part
 from bvlib.store import checkpoint_format, file_sha256, load_state_dict
-from bvlib.weights import Layout
+from bvlib.weights import Layout, Weights
 
 PREFIX = "visual."
 DEFAULT_BUDGET = 1 << 28  # 256 MB of task-vector values per group of tensors
@@ -186,6 +186,62 @@ def merge_files(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         "parameters": layout.numel, "key_prefix": base_file.prefix, **stats.report([f.path.name for f in files] + (["-BV"] if extra else [])),
     }
     return state, report
+
+
+DATA_DEFENSES = ("tbar", "dam")
+
+
+def _json_safe(info: Mapping) -> dict:
+    """A defense's info without its tensors (DAM's mask) and with its loss history cut to its length."""
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, torch.Tensor):
+            continue
+        out[k] = len(v) if k == "history" else v
+    return out
+
+
+def defend_merge(world, state: Mapping[str, torch.Tensor], finetuned: Mapping[str, str | os.PathLike], defense: str,
+                 params: Mapping | None = None, lam: float = 1.0) -> tuple[dict[str, torch.Tensor], dict]:
+    """A defense that needs data, on files: the merged `state` (a whole CLIP state dict in the base's
+    layout, as `merge_files` gives it) cleaned, and what the defense reports.
+
+    `world` is `World.from_files` over the base and the defender's image folders. TBAR runs on the
+    merged encoder with the one folder's task (the trigger unknown: reverse-engineered, α chosen on
+    that folder). DAM replaces the plain task arithmetic by its masked merge of the `finetuned` files
+    ({task name: file}, a folder each) at the merge's `lam`. `params` go to `bvlib.defenses.tbar` /
+    `dam` (e.g. steps, alpha, trigger_size; lr, temperature).
+    """
+    import inspect
+
+    from bvlib.defenses import dam, tbar
+
+    if defense not in DATA_DEFENSES:
+        raise BVLibError(f"unknown defense '{defense}'; the ones that need data are: {', '.join(DATA_DEFENSES)}")
+    params = dict(params or {})
+    fn = tbar if defense == "tbar" else dam
+    allowed = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and n not in ("trigger", "target", "progress")]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise BVLibError(f"--defense-param {unknown[0]} is not a parameter of {defense}; it takes: {', '.join(allowed)}")
+    layout = world.layout
+    prefix = PREFIX if any(k.startswith(PREFIX) for k in state) else ""
+    if defense == "tbar":
+        (task,) = world.task_names
+        merged = Weights.from_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, layout)
+        cleaned, info = tbar(world, merged.to(world.device), task, **({"alpha": "auto"} | params))
+    else:
+        taus = {}
+        for task, path in finetuned.items():
+            f = EncoderFile(path)
+            f.check_like(layout, "the base")
+            taus[task] = Weights(f.flat(layout.names), layout).to(world.device) - world.base_weights
+        tau, info = dam(world, taus, **({"lam": lam} | params))
+        cleaned = world.base_weights + tau
+    out = dict(state)
+    for name, t in cleaned.to("cpu").state_dict().items():
+        out[prefix + name] = t.to(state[prefix + name].dtype)
+    return out, {"name": defense, **_json_safe(info)}
 
 
 def _whole_vector_thresholds(base_file, files, extra, layout, k, budget_bytes) -> torch.Tensor | None:

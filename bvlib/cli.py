@@ -137,17 +137,66 @@ def _param_pairs(pairs: list[str] | None) -> dict:
     return out
 
 
-def cmd_merge(args) -> None:
-    from bvlib.checkpoints import merge_files
-    from bvlib.store import check_output_path, save_state_dict
+def _folders(pairs: list[str] | None) -> dict[str, str]:
+    """--data NAME=FOLDER (repeatable) -> {NAME: FOLDER}."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            raise BVLibError(f"--data takes NAME=FOLDER (e.g. --data ft_cars=cars_images), got {pair!r}")
+        if name in out:
+            raise BVLibError(f"--data gives the task '{name}' twice")
+        out[name] = folder
+    return out
 
-    check_output_path(args.out)  # before reading gigabytes
+
+def _check_defense(args, folders: dict[str, str]) -> dict[str, str]:
+    """One line for a defense asked with the wrong inputs, before any file is read; returns the
+    fine-tuned files DAM merges by task name."""
+    from pathlib import Path
+
     if args.defense == "ibvs" and not args.defender_bv:
         raise BVLibError("--defense ibvs needs --defender-bv (a Backdoor Vector file)")
     if args.defender_bv and args.defense != "ibvs":
         raise BVLibError("--defender-bv only applies with --defense ibvs")
-    state, report = merge_files(args.base, args.checkpoints, args.method, params=_param_pairs(args.param),
+    if args.defense not in ("tbar", "dam"):
+        if folders or args.model or args.defense_param:
+            raise BVLibError("--data, --model and --defense-param only apply with --defense tbar or dam")
+        return {}
+    if not args.model:
+        raise BVLibError(f"--defense {args.defense} runs the models: give their open_clip architecture with --model (e.g. ViT-B-32)")
+    by_stem = {Path(c).stem: c for c in args.checkpoints}
+    if args.defense == "tbar":
+        if len(folders) != 1:
+            raise BVLibError("--defense tbar cleans the merged model with one task's images: give exactly one --data NAME=FOLDER")
+        return {}
+    if args.method != "task_arithmetic":
+        raise BVLibError("DAM learns a mask for task arithmetic: use --method task_arithmetic with --defense dam")
+    missing = sorted(set(by_stem) - set(folders))
+    if missing or set(folders) - set(by_stem):
+        bad = missing[0] if missing else sorted(set(folders) - set(by_stem))[0]
+        raise BVLibError(f"--defense dam needs one --data NAME=FOLDER per checkpoint, NAME its file name without suffix "
+                         f"({', '.join(by_stem)}); '{bad}' " + ("has no folder" if missing else "is not a checkpoint"))
+    return by_stem
+
+
+def cmd_merge(args) -> None:
+    from bvlib.checkpoints import defend_merge, merge_files
+    from bvlib.store import check_output_path, save_state_dict
+
+    check_output_path(args.out)  # before reading gigabytes
+    folders = _folders(args.data)
+    finetuned = _check_defense(args, folders)
+    params = _param_pairs(args.param)
+    state, report = merge_files(args.base, args.checkpoints, args.method, params=params,
                                 defender_bv=args.defender_bv, strength=args.strength)
+    if args.defense in ("tbar", "dam"):
+        from bvlib.world import World
+
+        world = World.from_files(args.base, args.model, folders, preset=args.preset, progress=False)
+        state, report["defense"] = defend_merge(world, state, finetuned, args.defense, _param_pairs(args.defense_param),
+                                                lam=float(params.get("lam", 1.0)))
+        report["defense"]["data"] = folders
     report["out"] = str(save_state_dict(state, args.out))
     if args.report:
         from pathlib import Path
@@ -219,14 +268,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from bvlib.merging import METHODS
 
-    p = sub.add_parser("merge", help="merge your own fine-tuned open_clip image encoders (files), optionally with IBVS")
+    p = sub.add_parser("merge", help="merge your own fine-tuned open_clip image encoders (files), optionally defended")
     p.add_argument("checkpoints", nargs="+", help="fine-tuned checkpoints (.safetensors or weights-only torch files)")
     p.add_argument("--base", required=True, help="the pretrained checkpoint they were fine-tuned from")
     p.add_argument("--method", default="task_arithmetic", choices=sorted(METHODS))
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a merging parameter, e.g. --param k=0.2 --param lam=0.3")
-    p.add_argument("--defense", choices=["ibvs"], help="ibvs: inject the defender's −BV into the merge (needs --defender-bv)")
+    p.add_argument("--defense", choices=["ibvs", "tbar", "dam"],
+                   help="ibvs: inject the defender's −BV into the merge (needs --defender-bv); tbar: unlearn a reverse-engineered "
+                        "trigger from the merge (one --data); dam: a masked task arithmetic learnt on unlabeled images (a --data "
+                        "per checkpoint); tbar and dam need --model")
     p.add_argument("--defender-bv", help="the defender's Backdoor Vector file (θ_backdoored − θ_clean)")
     p.add_argument("--strength", type=float, default=1.0, help="IBVS strength (1: the merge's own scale)")
+    p.add_argument("--data", action="append", metavar="NAME=FOLDER",
+                   help="the defender's images of a task in ImageFolder layout (FOLDER/CLASS/IMAGE; class names from the folder "
+                        "names); for dam NAME is a checkpoint's file name without suffix")
+    p.add_argument("--model", help="open_clip architecture of the checkpoints (e.g. ViT-B-32, mini-clip-w128-l4); the base must "
+                                   "then be a whole CLIP checkpoint, its text tower makes the heads")
+    p.add_argument("--preset", default="paper", help="training settings of tbar and the trigger size it searches for (default paper)")
+    p.add_argument("--defense-param", action="append", metavar="NAME=VALUE", help="a tbar / dam parameter, e.g. steps=100")
     p.add_argument("--out", required=True, help="the merged checkpoint, in the base's key layout (.safetensors or .pt)")
     p.add_argument("--report", help="also write a JSON report (inputs and hashes, norms, cosines, sign agreement)")
     p.set_defaults(func=cmd_merge)

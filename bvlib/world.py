@@ -122,6 +122,36 @@ class World:
         self._curves: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
 
+    @classmethod
+    def from_files(cls, base: str | os.PathLike, model: str, folders: Mapping[str, str | os.PathLike], preset: str | Mapping = "paper",
+                   **kwargs) -> World:
+        """A world over your own files: `base` a whole CLIP checkpoint of architecture `model` (an
+        open_clip name; its text tower makes the zero-shot heads), one task per image folder
+        ({name: folder in ImageFolder layout}, see `bvlib.data.load_folder_task`). Training
+        settings (TBAR's fine-tuning) and the trigger size a defense searches for come from
+        `preset`, the trigger scaled from the preset's image size to the model's."""
+        import open_clip
+
+        from bvlib.checkpoints import PREFIX, EncoderFile
+
+        if not folders:
+            raise BVLibError("give at least one task as an image folder")
+        arch = open_clip.get_model_config(model)
+        if arch is None:
+            raise BVLibError(f"unknown model '{model}'; give an open_clip architecture name such as ViT-B-32")
+        if EncoderFile(base).prefix != PREFIX:
+            raise BVLibError(f"{base} holds an image encoder only; the defenses need the whole CLIP checkpoint of the base "
+                             "(its text tower makes the zero-shot heads of your tasks)")
+        cfg = load_preset(preset)
+        size = int(arch["vision_cfg"]["image_size"])
+        trigger = cfg["badnets"]["trigger"]
+        trigger["size"] = max(1, round(trigger["size"] * size / cfg["data"]["image_size"]))
+        for key in ("base_checkpoint", "epochs", "corpus", "pretrain", "notebooks"):
+            cfg.pop(key, None)
+        cfg |= {"name": "own", "model": model, "pretrained": str(Path(base).expanduser().resolve()), "tasks": list(folders),
+                "data": {"image_size": size, "seed": 0, "folders": {t: str(Path(f).expanduser().resolve()) for t, f in folders.items()}}}
+        return cls(cfg, **kwargs)
+
     # tasks -------------------------------------------------------------------------
     @property
     def task_names(self) -> list[str]:
@@ -136,7 +166,9 @@ class World:
         self.check_task(name)
         if name not in self._tasks:
             d = self.preset["data"]
-            if self.is_paper:
+            if name in d.get("folders", {}):
+                self._tasks[name] = data.load_folder_task(name, d["folders"][name], image_size=d["image_size"])
+            elif self.is_paper:
                 self._tasks[name] = data.load_paper_task(name, _paper_root(), image_size=d["image_size"], split_seed=d.get("seed", 0))
             else:
                 self._tasks[name] = data.load_task(name, image_size=d["image_size"], max_train_per_class=d.get("max_train_per_class"),
@@ -276,18 +308,19 @@ class World:
 
     def data_fingerprint(self, name: str) -> str:
         """What a task's data *is*: the bundled data's version in the mini world, a digest of the
-        files read under BVLIB_DATA_ROOT for the paper's tasks."""
-        if not self.is_paper:
-            return data.DATA_VERSION
+        files read under BVLIB_DATA_ROOT for the paper's tasks or in a task's own image folder."""
         from bvlib.data.paper import fingerprint
 
-        return fingerprint(name, _paper_root())
+        folder = self.preset["data"].get("folders", {}).get(name)
+        if folder is not None:
+            return fingerprint(None, folder)
+        return fingerprint(name, _paper_root()) if self.is_paper else data.DATA_VERSION
 
     def artifact_config(self, task: str, **fields) -> dict:
         """The config (hence the store key) of anything made from the base and task `task`'s data:
         the one place where keys get what they must cover (code version, base, data and its bytes)."""
         return {"version": VERSION, "data_version": self.data_fingerprint(task), "base": self.base_key, "task": task,
-                "data": self.preset["data"], **fields}
+                "data": {k: v for k, v in self.preset["data"].items() if k != "folders"}, **fields}  # folders: by content
 
     def _finetune_config(self, name: str, poison: Poison | None, cfg: TrainConfig) -> dict:
         return self.artifact_config(name, train=cfg.config(), poison=poison.config() if poison else None)

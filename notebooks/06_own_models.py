@@ -24,7 +24,12 @@
 # - `bvlib merge --base BASE A B ... --method ties [--param lam=0.3] [--defense ibvs --defender-bv BV.safetensors]
 #   --out merged.safetensors [--report merged.json]`: any merging method of `bvlib.merging`, optionally
 #   with the IBVS defense (the defender's own −BV merged with the task vectors), written in the base's
-#   key layout and loadable by `open_clip`.
+#   key layout and loadable by `open_clip`;
+# - the defenses that need data, with the defender's images in folders (ImageFolder layout,
+#   FOLDER/CLASS/IMAGE): `--defense tbar --data NAME=FOLDER` reverse-engineers the unknown trigger on
+#   those images and unlearns it from the merge, `--defense dam --data NAME=FOLDER ...` (a folder per
+#   checkpoint) learns DAM's mask on them. Both run the models, so they take the architecture
+#   (`--model ViT-B-32`) and a base that is a whole CLIP checkpoint (its text tower makes the heads).
 #
 # Here the mini world plays the user: its base and fine-tunes are written to files (one of them
 # backdoored by BadNets), and the commands run on those files exactly as a user would type them.
@@ -34,6 +39,8 @@ preset = "cpu"  # cpu (default), smoke (tests), gpu
 attacked_task = ""  # the task whose downloaded model is backdoored, empty for the first task of the preset
 defender_task = ""  # the task on which the defender makes its own BV, empty for the last task
 method = "ties"  # merging method of `bvlib merge`
+tbar_trigger_steps = 100  # TBAR: optimisation steps of each reverse-engineered trigger (one per class)
+dam_steps = 200  # DAM: steps of its mask
 
 # %%
 import warnings
@@ -52,6 +59,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bvlib.book import page_setup, record
+from bvlib.data import write_image_folder
 from bvlib.defenses import ibvs_vector
 from bvlib.store import save_state_dict
 from bvlib.world import World
@@ -124,8 +132,8 @@ for label, name in (("merged", "merged.safetensors"), ("merged with IBVS", "merg
     r = json.loads(bvlib("eval", "--preset", preset, "--task", attacked, "--backdoor", "--checkpoint", name))
     rows[label] = {"clean accuracy": r["acc"], "ASR": r["asr"]}
 results = pd.DataFrame(rows).T
-record("06_own_models", {"preset": world.name, "attacked": attacked, "method": method,
-                         **{f"asr_{k.replace(' ', '_')}": v["ASR"] for k, v in rows.items()}})
+headline = {"preset": world.name, "attacked": attacked, "method": method, **{f"asr_{k.replace(' ', '_')}": v["ASR"] for k, v in rows.items()}}
+record("06_own_models", headline)
 results.style.format("{:.1%}")
 
 # %% [markdown]
@@ -137,3 +145,36 @@ results.style.format("{:.1%}")
 merged_report = json.loads((folder / "merged.json").read_text())
 print(json.dumps({k: merged_report[k] for k in ("method", "params", "base", "defense")}, indent=1))
 print(f"{len(merged_report['inputs'])} inputs, e.g. {json.dumps(merged_report['inputs'][0])}")
+
+# %% [markdown]
+# ## Defenses that need the defender's images: TBAR and DAM
+# The defender holds some labelled images of each task (here each task's val split, written as PNG
+# files in ImageFolder layout; the test split stays unseen). TBAR cleans the suspect model itself
+# (a "merge" of that one file at λ = 1): it does not know the trigger, so it reverse-engineers a patch
+# for every class on the folder's images, takes the class whose patch works best as the target, and
+# subtracts the trigger task vector that patch makes. DAM merges all the files by task arithmetic
+# (λ of chapter 00) through a mask it learns on the folders' images, labels unread.
+
+# %%
+for task in world.task_names:
+    write_image_folder(world.task(task).val, world.task(task).classnames, folder / "images" / task)
+runs = ["--model", world.preset["model"], "--preset", preset]
+tbar_out = json.loads(bvlib("merge", "--base", "base.safetensors", f"ft_{attacked}.safetensors", "--param", "lam=1",
+                            "--defense", "tbar", *runs, "--data", f"{attacked}=images/{attacked}",
+                            "--defense-param", f"trigger_steps={tbar_trigger_steps}", "--out", "tbar.safetensors"))
+ta_lam = world.merge_params("task_arithmetic")["lam"]
+bvlib("merge", "--base", "base.safetensors", *files, "--param", f"lam={ta_lam:g}", "--out", "ta.safetensors")
+dam_out = json.loads(bvlib("merge", "--base", "base.safetensors", *files, "--param", f"lam={ta_lam:g}", "--defense", "dam", *runs,
+                           *[f"--data={Path(f).stem}=images/{t}" for f, t in zip(files, world.task_names)],
+                           "--defense-param", f"steps={dam_steps}", "--out", "dam.safetensors"))
+defended = {}
+for label, name in ((f"suspect ft_{attacked}", f"ft_{attacked}.safetensors"), ("after TBAR", "tbar.safetensors"),
+                    (f"task arithmetic λ {ta_lam:g}", "ta.safetensors"), ("task arithmetic with DAM", "dam.safetensors")):
+    r = json.loads(bvlib("eval", "--preset", preset, "--task", attacked, "--backdoor", "--checkpoint", name))
+    defended[label] = {"clean accuracy": r["acc"], "ASR": r["asr"]}
+t, d = tbar_out["defense"], dam_out["defense"]
+print(f"TBAR: suspected target {t['target']} (attack's: {attack.target}), α {t['alpha']}; "
+      f"DAM: mask moved by {d['logit_shift']:.2f} in the mean, {d['kept_share']:.0%} of coordinates kept")
+record("06_own_models", headline | {"tbar_target_found": t["target"] == attack.target, "asr_after_tbar": defended["after TBAR"]["ASR"],
+                                    "asr_dam": defended["task arithmetic with DAM"]["ASR"]})
+pd.DataFrame(defended).T.style.format("{:.1%}")

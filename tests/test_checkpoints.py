@@ -136,3 +136,84 @@ def test_merge_and_inspect_commands(files, tmp_path):
         base_args = ["merge", "--base", d / "base.safetensors", *paths]
         proc = _cli(*base_args, *(args if "--out" in args else (*args, "--out", out)))
         assert proc.returncode == 2 and why in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+# defenses that need data, on files ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def defended(smoke_world, tmp_path_factory):
+    """The smoke world as a user has it: a whole-CLIP base file, a backdoored fine-tune and clean ones
+    as image-encoder files, and each task's val images as an ImageFolder."""
+    from bvlib.data import write_image_folder
+    from bvlib.store import save_state_dict
+
+    w, d = smoke_world, tmp_path_factory.mktemp("own")
+    w.export_base(d / "base.safetensors")
+    attack = w.badnets()
+    files = {}
+    for t in w.task_names:
+        weights = w.finetune(t, poison=attack if t == "mnist" else None, steps=150)  # as test_defenses' scene
+        files[t] = save_state_dict(weights.state_dict(), d / f"{t}.safetensors")
+        write_image_folder(w.task(t).val, w.task(t).classnames, d / "images" / t)
+    return d, files, attack
+
+
+def _encoder(world, path):
+    return Weights.from_state_dict(load_state_dict(path), world.layout)
+
+
+def test_tbar_from_the_command_line_cleans_a_suspect_file(smoke_world, defended, tmp_path):
+    """`bvlib merge` of the one suspect model (λ 1) with TBAR on the defender's image folder: the
+    trigger is unknown, reverse-engineered, and the real trigger's ASR falls."""
+    w, (d, files, attack) = smoke_world, defended
+    out, report = tmp_path / "cleaned.safetensors", tmp_path / "cleaned.json"
+    proc = _cli("merge", "--base", d / "base.safetensors", files["mnist"], "--param", "lam=1", "--defense", "tbar",
+                "--model", w.preset["model"], "--preset", "smoke", "--data", f"mnist={d / 'images' / 'mnist'}",
+                "--defense-param", "steps=20", "--defense-param", "trigger_steps=30", "--out", out, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(report.read_text())["defense"]
+    assert info["name"] == "tbar" and info["mode"] == "unknown" and info["target"] == attack.target  # digit folders keep their order
+    before = w.evaluate("mnist", _encoder(w, files["mnist"]), attack.trigger, attack.target)
+    after = w.evaluate("mnist", _encoder(w, out), attack.trigger, attack.target)
+    assert before["asr"] > 0.6 and after["asr"] < 0.3 and after["acc"] >= before["acc"] - 0.25, (before, after)  # see test_defenses
+    assert set(load_state_dict(out)) == set(load_state_dict(d / "base.safetensors"))  # the base's whole-CLIP layout
+
+
+def test_dam_from_the_command_line_learns_its_mask_on_the_folders(smoke_world, defended, tmp_path):
+    w, (d, files, _) = smoke_world, defended
+    data = [f"--data={t}={d / 'images' / t}" for t in files]
+    plain, masked = tmp_path / "ta.safetensors", tmp_path / "dam.safetensors"
+    args = ["merge", "--base", d / "base.safetensors", *files.values(), "--param", "lam=0.5"]
+    assert _cli(*args, "--out", plain).returncode == 0
+    proc = _cli(*args, "--defense", "dam", "--model", w.preset["model"], *data, "--defense-param", "steps=30", "--out", masked,
+                "--report", tmp_path / "dam.json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((tmp_path / "dam.json").read_text())["defense"]
+    assert info["name"] == "dam" and info["lam"] == 0.5 and info["logit_shift"] > 0.05 and info["history"] == 30
+    base = w.base_weights
+    ta, dm = _encoder(w, plain) - base, _encoder(w, masked) - base
+    assert 0.3 < float(cosine_matrix([ta, dm])[0, 1]) < 0.999  # a rescaled mask of the same sum, not the plain merge
+
+
+def test_defenses_on_files_refuse_bad_inputs_in_one_line(smoke_world, defended, tmp_path):
+    w, (d, files, _) = smoke_world, defended
+    base = ["merge", "--base", d / "base.safetensors", *files.values(), "--out", tmp_path / "m.safetensors"]
+    model = ["--model", w.preset["model"]]
+    cases = [
+        (["--defense", "tbar", "--data", f"mnist={d}"], "--model"),
+        (["--defense", "tbar", *model], "exactly one --data"),
+        (["--defense", "dam", *model, "--data", f"mnist={d / 'images' / 'mnist'}"], "has no folder"),
+        (["--defense", "dam", *model, "--method", "ties"], "task_arithmetic"),
+        (["--data", f"mnist={d}"], "only apply with --defense"),
+        (["--defense", "tbar", *model, "--data", "mnist"], "NAME=FOLDER"),
+        (["--defense", "tbar", *model, "--data", f"mnist={d / 'nowhere'}"], "does not exist"),
+        (["--defense", "tbar", *model, "--data", f"mnist={d / 'images' / 'mnist'}", "--defense-param", "nope=1"], "not a parameter"),
+        (["--defense", "tbar", "--model", "no-such-model", "--data", f"mnist={d / 'images' / 'mnist'}"], "unknown model"),
+    ]
+    for extra, why in cases:
+        proc = _cli(*base, *extra)
+        assert proc.returncode == 2 and why in proc.stderr and proc.stderr.strip().count("\n") == 0, (extra, proc.stderr)
+    encoder_only = tmp_path / "encoder_base.safetensors"
+    save_file({k: v.contiguous() for k, v in w.clip.visual.state_dict().items()}, encoder_only)
+    proc = _cli("merge", "--base", encoder_only, files["mnist"], "--defense", "tbar", *model, "--data", f"mnist={d / 'images' / 'mnist'}",
+                "--out", tmp_path / "m.safetensors")
+    assert proc.returncode == 2 and "whole CLIP" in proc.stderr, proc.stderr

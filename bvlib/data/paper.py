@@ -240,24 +240,68 @@ assert {s.name for s in _SPECS.values()} == set(PAPER_TASKS)
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
-def fingerprint(name: str, root: str | os.PathLike) -> str:
-    """A digest of the files a TA8 task reads under `root` (relative names, sizes, mtimes): part of
-    every store key made from that data, so that another copy of a dataset is never served the
-    fine-tunes of the first. Computed once per process (a stat per file, no reading)."""
-    spec = _SPECS[str(name).lower()]
+def _tree_digest(root: Path, subs: Sequence[str]) -> str:
+    """sha256 over the relative names, sizes and mtimes of the files under root/sub (a stat each, no reading)."""
+    h = hashlib.sha256()
+    for sub in subs:
+        for dirpath, dirnames, filenames in os.walk(root / sub):
+            dirnames.sort()
+            for f in sorted(filenames):
+                path = os.path.join(dirpath, f)
+                st = os.stat(path)
+                h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def fingerprint(name: str | None, root: str | os.PathLike) -> str:
+    """A digest of the files a task reads: a TA8 task `name` under `root`, or with name None the
+    image folder `root` itself. Part of every store key made from that data, so that another copy of
+    a dataset is never served the fine-tunes of the first. Computed once per process."""
+    spec = None if name is None else _SPECS[str(name).lower()]
     root_path = Path(root).expanduser().resolve()
-    key = (spec.name, str(root_path))
+    key = (spec.name if spec else None, str(root_path))
     if key not in _FINGERPRINTS:
-        h = hashlib.sha256()
-        for sub in spec.folders:
-            for dirpath, dirnames, filenames in os.walk(root_path / sub):
-                dirnames.sort()
-                for f in sorted(filenames):
-                    path = os.path.join(dirpath, f)
-                    st = os.stat(path)
-                    h.update(f"{os.path.relpath(path, root_path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        _FINGERPRINTS[key] = h.hexdigest()[:20]
+        _FINGERPRINTS[key] = _tree_digest(root_path, spec.folders if spec else ("",))
     return _FINGERPRINTS[key]
+
+
+def write_image_folder(split, classnames: Sequence[str], folder: str | os.PathLike) -> Path:
+    """Write a split's images as PNG files in ImageFolder layout (folder/CLASS/00000.png; spaces in
+    class names become underscores): how a task's images reach `bvlib merge --data`."""
+    from PIL import Image
+
+    from bvlib.data.tasks import iterate_batches
+
+    root = Path(folder)
+    names = [c.replace(" ", "_").replace("/", "_") for c in classnames]
+    for name in names:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    i = 0
+    for images, labels in iterate_batches(split, 256, shuffle=False):
+        for image, label in zip(images, labels.tolist()):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / names[label] / f"{i:05d}.png")
+            i += 1
+    return root
+
+
+def load_folder_task(name: str, folder: str | os.PathLike, *, image_size: int = 224) -> Task:
+    """Your own labelled images in ImageFolder layout (folder/CLASS/IMAGE), as a task.
+
+    The class names are the sub-folder names (underscores read as spaces), the prompt template
+    "a photo of a {}.". The folder is the defender's data, so every image is the task's val
+    split (what TBAR and DAM use), and train and test are the same images.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise BVLibError(f"image folder {root} (task '{name}') does not exist")
+    try:
+        ds = _image_folder(root)
+    except (FileNotFoundError, RuntimeError, OSError) as e:
+        raise BVLibError(f"{root} is not an image folder (FOLDER/CLASS/IMAGE.png): {str(e).splitlines()[0][:120]}") from None
+    labels = _labels_of(ds)
+    split = PaperSplit(ds, np.arange(len(labels)), labels, image_size)
+    classnames = [c.replace("_", " ") for c in ds.classes]
+    return Task(str(name), classnames, ["a photo of a {}."], split, split, split)
 
 
 def load_paper_task(name: str, root: str | os.PathLike, *, image_size: int = 224, split_seed: int = 0) -> Task:
