@@ -35,7 +35,7 @@ def main():
         timed("load all tasks (cold)", lambda: [world.task(n) for n in world.task_names])
         timed("pretrain base (corpus + contrastive)", lambda: world.clip)
         timed("zero-shot heads", lambda: [world.head(n) for n in world.task_names])
-        w = timed(f"one clean fine-tune ({name}, {world.preset['finetune']['steps']} steps)", lambda: world.finetune(name))
+        w = timed(f"one clean fine-tune ({name}, {world.preset.finetune.steps} steps)", lambda: world.finetune(name))
         timed(f"one BadNets fine-tune ({name})", lambda: world.finetune(name, poison=world.badnets()))
         timed("evaluate CA + ASR on one task", lambda: world.evaluate(name, w, world.badnets().trigger, 0))
         cached = timed("the same fine-tune from the store", lambda: world.finetune(name))
@@ -43,7 +43,7 @@ def main():
     print(f"preset {world.name}, device {world.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for label, s in rows:
         print(f"{label:<55s} {s:8.2f} s")
-    steps = world.preset["finetune"]["steps"]
+    steps = world.preset.finetune.steps
     print(f"{'fine-tune time per step':<55s} {rows[3][1] / steps * 1000:8.1f} ms")
     n_ft = 2 * len(world.task_names)
     est = rows[1][1] + n_ft * rows[3][1]

@@ -96,9 +96,9 @@ def recorded() -> dict[str, dict]:
 
 def preset_parameters(name: str, preset) -> dict:
     """The notebook parameters a preset sets for notebook `name` (its "notebooks" entry, e.g. smaller sweeps for smoke)."""
-    from bvlib.world import load_preset
+    from bvlib.presets import load_preset
 
-    return dict(load_preset(preset).get("notebooks", {}).get(name, {}))
+    return dict(load_preset(preset).notebooks.get(name, {}))
 
 
 def notebook_parameters(name: str, root: Path | None = None) -> dict:

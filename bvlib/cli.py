@@ -34,10 +34,10 @@ def cmd_world(args) -> None:
     zeroshot = sum(r["zeroshot_acc"] for r in rows) / len(rows)
     finetuned = sum(r["clean_acc"] for r in rows) / len(rows)
     if args.json:
-        print(json.dumps({"preset": world.name, "model": world.preset["model"], "zeroshot_mean": zeroshot, "finetuned_mean": finetuned,
+        print(json.dumps({"preset": world.name, "model": world.preset.model, "zeroshot_mean": zeroshot, "finetuned_mean": finetuned,
                           "merge": merge, "tasks": rows}, indent=1))
     else:
-        print(f"world '{world.name}': {world.preset['model']}, {world.layout.numel:,} encoder parameters, store {world.store.root}")
+        print(f"world '{world.name}': {world.preset.model}, {world.layout.numel:,} encoder parameters, store {world.store.root}")
         _print_table(rows)
         print(f"mean zero-shot {zeroshot:.3f}, mean fine-tuned {finetuned:.3f}; merging the clean task vectors (λ on validation):")
         _print_table([{"method": m, **v} for m, v in merge.items()])

@@ -6,7 +6,7 @@ pieces fit together, and every artifact it builds is keyed by the full config th
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,80 +24,17 @@ from bvlib import data
 from bvlib.attacks.badnets import Poison, badnets_poison
 from bvlib.errors import BVLibError
 from bvlib.evaluation import evaluate
+from bvlib.presets import BaseCheckpoint, Preset, _merge, load_preset, preset_names  # noqa: F401 (re-exported)
 from bvlib.models import ImageClassifier, build_classifier, create_clip, default_device, zeroshot_head
 from bvlib.store import Store, config_key, file_sha256, load_state_dict
 from bvlib.training import TrainConfig, finetune, pretrain_clip
 from bvlib.triggers import PatchTrigger
 from bvlib.weights import Layout, Weights
 
-PRESET_DIR = Path(__file__).parent / "presets"
 BASE_DIR = Path(__file__).parent / "bases"  # pretrained mini bases shipped with the package (see `World.export_base`)
 LAM_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
 VALIDATED = ("task_arithmetic", "ties")  # methods whose λ is chosen on validation data for every chapter
 VERSION = 2  # bump to invalidate every stored artifact after a change in how they are made
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def _merge(base: dict, overrides: Mapping) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in overrides.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def load_preset(preset: str | Mapping = "cpu", overrides: Mapping | None = None) -> dict:
-    """A preset by name (bvlib/presets/NAME.json), JSON path, or dict, with nested overrides."""
-    if isinstance(preset, Mapping):
-        cfg = dict(preset)
-    else:
-        path = PRESET_DIR / f"{preset}.json"
-        if not path.exists() and Path(preset).suffix == ".json":
-            path = Path(preset)
-        if not path.exists():
-            raise BVLibError(f"unknown preset '{preset}'; choose one of: {', '.join(preset_names())} or a .json path")
-        try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BVLibError(f"preset {path} is not valid JSON ({e})") from None
-    cfg = _merge(cfg, overrides or {})
-    _check_preset(cfg, preset if isinstance(preset, str) else "given as a dict")
-    return cfg
-
-
-PRESET_KEYS = {"name", "description", "model", "pretrained", "base_checkpoint", "tasks", "data", "corpus", "pretrain",
-               "finetune", "epochs", "badnets", "notebooks"}
-
-
-def _check_preset(cfg: Mapping, source: str) -> None:
-    """One line naming the preset and the key, for a preset that is not one bvlib can run."""
-    if not isinstance(cfg, Mapping):
-        raise BVLibError(f"preset {source}: a preset is a JSON object")
-    unknown = sorted(set(cfg) - PRESET_KEYS)
-    if unknown:
-        raise BVLibError(f"preset {source}: unknown key '{unknown[0]}'; a preset has: {', '.join(sorted(PRESET_KEYS))}")
-    needs = ["model", "tasks", "data", "finetune", "badnets"]
-    if cfg.get("pretrained") is None and not cfg.get("base_checkpoint"):
-        needs.append("pretrain")
-    for key in needs:
-        if key not in cfg:
-            raise BVLibError(f"preset {source}: the key '{key}' is missing")
-    if not isinstance(cfg["tasks"], list) or not cfg["tasks"] or not all(isinstance(t, str) for t in cfg["tasks"]):
-        raise BVLibError(f"preset {source}: 'tasks' must be a non-empty list of task names")
-    for key in ("data", "finetune", "badnets") + (("pretrain",) if "pretrain" in needs else ()):
-        if not isinstance(cfg[key], Mapping):
-            raise BVLibError(f"preset {source}: '{key}' must be a JSON object")
-    fields = set(TrainConfig.__dataclass_fields__)
-    for key in ("finetune",) + (("pretrain",) if "pretrain" in needs else ()):
-        extra = sorted(set(cfg[key]) - fields)
-        if extra:
-            raise BVLibError(f"preset {source}: unknown key '{key}.{extra[0]}'; training takes: {', '.join(sorted(fields))}")
-    if "image_size" not in cfg["data"]:
-        raise BVLibError(f"preset {source}: the key 'data.image_size' is missing")
-    if "trigger" not in cfg["badnets"]:
-        raise BVLibError(f"preset {source}: the key 'badnets.trigger' is missing")
 
 
 def _paper_root() -> Path:
@@ -110,10 +47,10 @@ def _paper_root() -> Path:
 class World:
     """The preset's models and tasks, built lazily and cached in `store`."""
 
-    def __init__(self, preset: str | Mapping = "cpu", store: Store | None = None, device: str | torch.device | None = None,
+    def __init__(self, preset: str | Mapping | Preset = "cpu", store: Store | None = None, device: str | torch.device | None = None,
                  overrides: Mapping | None = None, progress: bool = True):
         self.preset = load_preset(preset, overrides)
-        self.name = self.preset.get("name", "custom")
+        self.name = self.preset.name
         self.store = store or Store()
         self.device = torch.device(device) if device is not None else default_device()
         self.progress = progress
@@ -142,7 +79,7 @@ class World:
         if EncoderFile(base).prefix != PREFIX:
             raise BVLibError(f"{base} holds an image encoder only; the defenses need the whole CLIP checkpoint of the base "
                              "(its text tower makes the zero-shot heads of your tasks)")
-        cfg = load_preset(preset)
+        cfg = load_preset(preset).to_dict()
         size = int(arch["vision_cfg"]["image_size"])
         trigger = cfg["badnets"]["trigger"]
         trigger["size"] = max(1, round(trigger["size"] * size / cfg["data"]["image_size"]))
@@ -155,7 +92,7 @@ class World:
     # tasks -------------------------------------------------------------------------
     @property
     def task_names(self) -> list[str]:
-        return list(self.preset["tasks"])
+        return list(self.preset.tasks)
 
     def check_task(self, name: str) -> str:
         if name not in self.task_names:
@@ -165,46 +102,46 @@ class World:
     def task(self, name: str) -> data.Task:
         self.check_task(name)
         if name not in self._tasks:
-            d = self.preset["data"]
-            if name in d.get("folders", {}):
-                self._tasks[name] = data.load_folder_task(name, d["folders"][name], image_size=d["image_size"])
+            d = self.preset.data
+            if name in d.folders:
+                self._tasks[name] = data.load_folder_task(name, d.folders[name], image_size=d.image_size)
             elif self.is_paper:
-                self._tasks[name] = data.load_paper_task(name, _paper_root(), image_size=d["image_size"], split_seed=d.get("seed", 0))
+                self._tasks[name] = data.load_paper_task(name, _paper_root(), image_size=d.image_size, split_seed=d.seed)
             else:
-                self._tasks[name] = data.load_task(name, image_size=d["image_size"], max_train_per_class=d.get("max_train_per_class"),
-                                                   max_test_per_class=d.get("max_test_per_class"), seed=d.get("seed", 0))
+                self._tasks[name] = data.load_task(name, image_size=d.image_size, max_train_per_class=d.max_train_per_class,
+                                                   max_test_per_class=d.max_test_per_class, seed=d.seed)
         return self._tasks[name]
 
     @property
     def is_paper(self) -> bool:
-        return self.preset.get("pretrained") is not None
+        return self.preset.is_paper
 
     # base model ----------------------------------------------------------------------
     @property
-    def shipped_base(self) -> dict | None:
-        """The preset's `base_checkpoint` ({"file": name in bvlib/bases, "sha256": ...}), if it ships one."""
-        return None if self.is_paper else self.preset.get("base_checkpoint")
+    def shipped_base(self) -> BaseCheckpoint | None:
+        """The preset's `base_checkpoint` (a file in bvlib/bases and its sha256), if it ships one."""
+        return None if self.is_paper else self.preset.base_checkpoint
 
     @cached_property
     def base_config(self) -> dict:
         p = self.preset
-        cfg = {"version": VERSION, "data_version": data.DATA_VERSION, "model": p["model"], "pretrained": p.get("pretrained")}
-        if self.is_paper and Path(p["pretrained"]).expanduser().is_file():  # the bytes, not the path, make the base
-            cfg["pretrained_sha256"] = file_sha256(Path(p["pretrained"]).expanduser())
+        cfg = {"version": VERSION, "data_version": data.DATA_VERSION, "model": p.model, "pretrained": p.pretrained}
+        if self.is_paper and Path(p.pretrained).expanduser().is_file():  # the bytes, not the path, make the base
+            cfg["pretrained_sha256"] = file_sha256(Path(p.pretrained).expanduser())
         if self.shipped_base:
-            cfg |= {"checkpoint_sha256": self.shipped_base["sha256"], "image_size": p["data"]["image_size"]}
+            cfg |= {"checkpoint_sha256": self.shipped_base.sha256, "image_size": p.data.image_size}
         elif not self.is_paper:
-            cfg |= {"pretrain": p["pretrain"], "corpus": p.get("corpus", {}), "image_size": p["data"]["image_size"], "corpus_seed": p["data"].get("seed", 0)}
+            cfg |= {"pretrain": p.pretrain.config(), "corpus": dict(p.corpus), "image_size": p.data.image_size, "corpus_seed": p.data.seed}
         return cfg
 
     def _load_shipped_base(self, model) -> None:
         spec = self.shipped_base
-        path = BASE_DIR / spec["file"]
+        path = BASE_DIR / spec.file
         if not path.is_file():
             raise BVLibError(f"the preset's base model {path} is missing; rebuild it with `bvlib pretrain --preset {self.name} --out {path}`")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != spec["sha256"]:
-            raise BVLibError(f"{path} has sha256 {digest[:12]}…, the preset expects {spec['sha256'][:12]}…: the file was changed; "
+        if digest != spec.sha256:
+            raise BVLibError(f"{path} has sha256 {digest[:12]}…, the preset expects {spec.sha256[:12]}…: the file was changed; "
                              "restore it from the repository or set the preset's base_checkpoint to the new hash")
         state = {k: v.float() for k, v in load_state_dict(path).items()}
         model.load_state_dict(state)
@@ -227,18 +164,18 @@ class World:
         """(clip model, tokenizer): pretrained here on the mini corpus, or loaded from `pretrained`."""
         p = self.preset
         if self.is_paper:
-            return create_clip(p["model"], p["pretrained"], device=self.device)
+            return create_clip(p.model, p.pretrained, device=self.device)
         with torch.random.fork_rng(devices=[]):  # a seeded init: torch's own default seed differs per process
-            torch.manual_seed(p.get("pretrain", {}).get("seed", 0))
-            model, tokenizer = create_clip(p["model"], device=self.device)
+            torch.manual_seed(p.pretrain.seed if p.pretrain else 0)
+            model, tokenizer = create_clip(p.model, device=self.device)
         if self.shipped_base:
             self._load_shipped_base(model)
             return model.eval(), tokenizer
 
         def build():
             t = time.perf_counter()
-            images, captions = data.pretraining_corpus(image_size=p["data"]["image_size"], seed=p["data"].get("seed", 0), **p.get("corpus", {}))
-            cfg, train = self.base_config, TrainConfig(**p["pretrain"])  # a killed pretraining resumes from its last checkpoint
+            images, captions = data.pretraining_corpus(image_size=p.data.image_size, seed=p.data.seed, **p.corpus)
+            cfg, train = self.base_config, p.pretrain  # a killed pretraining resumes from its last checkpoint
             stats = pretrain_clip(model, tokenizer, images, captions, train, device=self.device, progress=self.progress,
                                   resume=self.store.load_checkpoint("base", cfg), checkpoint_every=max(10, train.steps // 20),
                                   checkpoint=lambda state: self.store.save_checkpoint("base", cfg, state))
@@ -295,15 +232,15 @@ class World:
 
     # fine-tuning -------------------------------------------------------------------------
     def train_config(self, name: str, **overrides) -> TrainConfig:
-        cfg = dict(self.preset["finetune"])
-        epochs = self.preset.get("epochs", {}).get(name)
+        cfg = self.preset.finetune
+        epochs = self.preset.epochs.get(name)
         if epochs is not None:
-            cfg["steps"] = math.ceil(epochs * len(self.task(name).train) / cfg["batch_size"])
-        return TrainConfig(**(cfg | overrides))
+            overrides = {"steps": math.ceil(epochs * len(self.task(name).train) / cfg.batch_size)} | overrides
+        return dataclasses.replace(cfg, **overrides)
 
     def badnets(self, **overrides) -> Poison:
         """The preset's BadNets attack, with fields (or trigger fields) overridden."""
-        spec = _merge(self.preset["badnets"], overrides)
+        spec = _merge(self.preset.badnets, overrides)
         return badnets_poison(spec)
 
     def data_fingerprint(self, name: str) -> str:
@@ -311,7 +248,7 @@ class World:
         files read under BVLIB_DATA_ROOT for the paper's tasks or in a task's own image folder."""
         from bvlib.data.paper import fingerprint
 
-        folder = self.preset["data"].get("folders", {}).get(name)
+        folder = self.preset.data.folders.get(name)
         if folder is not None:
             return fingerprint(None, folder)
         return fingerprint(name, _paper_root()) if self.is_paper else data.DATA_VERSION
@@ -320,7 +257,7 @@ class World:
         """The config (hence the store key) of anything made from the base and task `task`'s data:
         the one place where keys get what they must cover (code version, base, data and its bytes)."""
         return {"version": VERSION, "data_version": self.data_fingerprint(task), "base": self.base_key, "task": task,
-                "data": {k: v for k, v in self.preset["data"].items() if k != "folders"}, **fields}  # folders: by content
+                "data": self.preset.data.config(), **fields}
 
     def _finetune_config(self, name: str, poison: Poison | None, cfg: TrainConfig) -> dict:
         return self.artifact_config(name, train=cfg.config(), poison=poison.config() if poison else None)

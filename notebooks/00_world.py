@@ -55,7 +55,7 @@ page_setup()
 
 world = World(preset, progress=False)
 attack = world.badnets()
-print(f"preset {world.name}: model {world.preset['model']}, {world.layout.numel:,} image-encoder parameters")
+print(f"preset {world.name}: model {world.preset.model}, {world.layout.numel:,} image-encoder parameters")
 print(f"BadNets: {attack.trigger.size}px {attack.trigger.pattern} patch at {attack.trigger.location}, target class {attack.target}, "
       f"poison rate {attack.rate}")
 

@@ -158,7 +158,7 @@ print(f"{len(merged_report['inputs'])} inputs, e.g. {json.dumps(merged_report['i
 # %%
 for task in world.task_names:
     write_image_folder(world.task(task).val, world.task(task).classnames, folder / "images" / task)
-runs = ["--model", world.preset["model"], "--preset", preset]
+runs = ["--model", world.preset.model, "--preset", preset]
 tbar_out = json.loads(bvlib("merge", "--base", "base.safetensors", f"ft_{attacked}.safetensors", "--param", "lam=1",
                             "--defense", "tbar", *runs, "--data", f"{attacked}=images/{attacked}",
                             "--defense-param", f"trigger_steps={tbar_trigger_steps}", "--out", "tbar.safetensors"))

@@ -15,6 +15,7 @@ Accuracies on random data mean nothing: part 4 reports times only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -161,7 +162,7 @@ def paper_dry_run(device: torch.device, tiny: bool) -> dict:
         steps = 4 if tiny else 30
         preset = load_preset("paper", {"model": name, "pretrained": str(tmp / "base.safetensors"), "tasks": tasks,
                                        "data": {"image_size": size}, "finetune": {"steps": steps, "batch_size": 32, "warmup_steps": 2}})
-        preset.pop("epochs", None)
+        preset = dataclasses.replace(preset, epochs={})  # steps, not the paper's epochs
         world = World(preset, store=Store(tmp / "store"), device=device, progress=False)
 
         def stage(label, fn):

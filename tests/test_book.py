@@ -120,7 +120,7 @@ def test_preset_notebook_parameters_name_real_parameters():
     root = project_root()
     seen = 0
     for preset in preset_names():
-        for name in load_preset(preset).get("notebooks", {}):
+        for name in load_preset(preset).notebooks:
             assert name in notebook_names(root), f"preset {preset} sets parameters of an unknown notebook {name}"
             params = preset_parameters(name, preset)
             declared = notebook_parameters(name, root)

@@ -167,7 +167,7 @@ def test_tbar_from_the_command_line_cleans_a_suspect_file(smoke_world, defended,
     w, (d, files, attack) = smoke_world, defended
     out, report = tmp_path / "cleaned.safetensors", tmp_path / "cleaned.json"
     proc = _cli("merge", "--base", d / "base.safetensors", files["mnist"], "--param", "lam=1", "--defense", "tbar",
-                "--model", w.preset["model"], "--preset", "smoke", "--data", f"mnist={d / 'images' / 'mnist'}",
+                "--model", w.preset.model, "--preset", "smoke", "--data", f"mnist={d / 'images' / 'mnist'}",
                 "--defense-param", "steps=20", "--defense-param", "trigger_steps=30", "--out", out, "--report", report)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(report.read_text())["defense"]
@@ -184,7 +184,7 @@ def test_dam_from_the_command_line_learns_its_mask_on_the_folders(smoke_world, d
     plain, masked = tmp_path / "ta.safetensors", tmp_path / "dam.safetensors"
     args = ["merge", "--base", d / "base.safetensors", *files.values(), "--param", "lam=0.5"]
     assert _cli(*args, "--out", plain).returncode == 0
-    proc = _cli(*args, "--defense", "dam", "--model", w.preset["model"], *data, "--defense-param", "steps=30", "--out", masked,
+    proc = _cli(*args, "--defense", "dam", "--model", w.preset.model, *data, "--defense-param", "steps=30", "--out", masked,
                 "--report", tmp_path / "dam.json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads((tmp_path / "dam.json").read_text())["defense"]
@@ -197,7 +197,7 @@ def test_dam_from_the_command_line_learns_its_mask_on_the_folders(smoke_world, d
 def test_defenses_on_files_refuse_bad_inputs_in_one_line(smoke_world, defended, tmp_path):
     w, (d, files, _) = smoke_world, defended
     base = ["merge", "--base", d / "base.safetensors", *files.values(), "--out", tmp_path / "m.safetensors"]
-    model = ["--model", w.preset["model"]]
+    model = ["--model", w.preset.model]
     cases = [
         (["--defense", "tbar", "--data", f"mnist={d}"], "--model"),
         (["--defense", "tbar", *model], "exactly one --data"),

@@ -227,10 +227,13 @@ def test_bad_presets_get_one_line(tmp_path):
         load_preset(str(tmp_path / "broken.json"))
     cpu = load_preset("cpu")
     for change, why in (({"modle": "x"}, "unknown key 'modle'"), ({"finetune": {"lrr": 1}}, "finetune.lrr"),
-                        ({"tasks": "mnist"}, "'tasks' must be")):
+                        ({"tasks": "mnist"}, "'tasks' must be"), ({"data": {"imagesize": 32}}, "data.imagesize"),
+                        ({"data": {"image_size": "32"}}, "data.image_size' must be"), ({"corpus": {"n_letterz": 1}}, "corpus.n_letterz"),
+                        ({"base_checkpoint": {"file": "x.safetensors"}}, "'base_checkpoint.sha256' is missing"),
+                        ({"badnets": {"trigger": {"shape": "x"}}}, "'badnets' is not an attack")):
         with pytest.raises(BVLibError, match=why):
-            load_preset(cpu, change)
-    missing = {k: v for k, v in cpu.items() if k != "badnets"}
+            load_preset(cpu.to_dict() | change)
+    missing = {k: v for k, v in cpu.to_dict().items() if k != "badnets"}
     (tmp_path / "missing.json").write_text(json.dumps(missing))
     with pytest.raises(BVLibError, match="'badnets' is missing"):
         load_preset(str(tmp_path / "missing.json"))
@@ -313,7 +316,7 @@ def test_paper_store_keys_cover_the_data_and_the_checkpoint_bytes(tmp_path, monk
     model, _ = create_clip("mini-clip-w64-l2")
     ckpt = tmp_path / "base.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
-    preset = load_preset("paper") | {"model": "mini-clip-w64-l2", "pretrained": str(ckpt), "tasks": ["MNIST"],
+    preset = load_preset("paper").to_dict() | {"model": "mini-clip-w64-l2", "pretrained": str(ckpt), "tasks": ["MNIST"],
                                      "data": {"image_size": 32, "seed": 0}}
     keys = {}
     for name, seed in (("A", 0), ("B", 1)):

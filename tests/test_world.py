@@ -64,8 +64,8 @@ def test_bad_input_is_one_clear_error(smoke_world):
 
 def test_preset_overrides_merge_nested_values():
     p = load_preset("smoke", {"finetune": {"lr": 0.5}, "badnets": {"trigger": {"size": 2}}})
-    assert p["finetune"]["lr"] == 0.5 and p["finetune"]["steps"] == load_preset("smoke")["finetune"]["steps"]
-    assert p["badnets"]["trigger"] == load_preset("smoke")["badnets"]["trigger"] | {"size": 2}
+    assert p.finetune.lr == 0.5 and p.finetune.steps == load_preset("smoke").finetune.steps
+    assert p.badnets["trigger"] == load_preset("smoke").badnets["trigger"] | {"size": 2}
 
 
 def test_a_shipped_base_loads_checked_and_keys_everything_after_it(tmp_path, smoke_world):
@@ -100,7 +100,7 @@ def test_the_cpu_preset_ships_the_base_it_names(tmp_path):
 
     world = World("cpu", store=Store(tmp_path), device="cpu", progress=False)
     spec = world.shipped_base
-    path = BASE_DIR / spec["file"]
+    path = BASE_DIR / spec.file
     assert path.is_file() and path.stat().st_size < 25 * 2**20
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == spec["sha256"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == spec.sha256
     assert world.base_weights.layout.numel > 0  # loads without pretraining

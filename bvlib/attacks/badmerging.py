@@ -100,7 +100,7 @@ def badmerging_poison(world, task: str, target: int | None = None, *, size: int 
     compared at the same trigger size; `trigger_options` go to `inherent_trigger` (steps, lr,
     batch_size, seed); `fields` set BadMergingPoison's other fields (rate, loss_weight, interp_min).
     """
-    spec = world.preset["badnets"]
+    spec = world.preset.badnets
     target = spec["target"] if target is None else target
     trig = inherent_trigger(world, task, target, size=size or spec["trigger"]["size"],
                             location=location or spec["trigger"].get("location", "bottom_right"), **dict(trigger_options or {}))

@@ -42,4 +42,4 @@ def _vector_list(vectors, what: str = "task vectors") -> list[Weights]:
 
 
 def _image_side(world) -> int:
-    return int(world.preset["data"]["image_size"])
+    return int(world.preset.data.image_size)

@@ -3,6 +3,7 @@ known or reverse-engineered per candidate target class."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ from bvlib.defenses.common import _check_target, _check_weights, _image_side, _p
 from bvlib.errors import BVLibError
 from bvlib.evaluation import attack_success_rate
 from bvlib.merging import _real
-from bvlib.training import TrainConfig, _to_float, finetune
+from bvlib.training import _to_float, finetune
 from bvlib.triggers import Trigger, check_location, digest
 from bvlib.weights import Layout, Weights, apply_vector
 
@@ -88,8 +89,8 @@ def trigger_task_model(world, weights: Weights, task: str, trigger: Trigger, tar
     shrinkage term. Cached in `world.store` (kind "tbar") under the digest of `weights`, the
     trigger, target, clean share, schedule and seed.
     """
-    recipe = dict(world.preset["finetune"])
-    cfg = TrainConfig(**(recipe | {"steps": steps, "seed": seed, "weight_decay": 0.0, "warmup_steps": min(recipe.get("warmup_steps", 0), steps // 4)}))
+    recipe = world.preset.finetune
+    cfg = dataclasses.replace(recipe, steps=steps, seed=seed, weight_decay=0.0, warmup_steps=min(recipe.warmup_steps, steps // 4))
     key = world.artifact_config(task, tbar_version=TBAR_VERSION, split="val", weights=f"sha256:{digest(weights.flat)}",
                                 trigger=trigger.config(), target=target, clean_share=clean_share, train=cfg.config())
 
@@ -138,7 +139,7 @@ def tbar(world, weights: Weights, task: str, *, trigger: Trigger | None = None, 
     if alpha != "auto":
         alpha = _real("alpha", alpha, 0)
     clean_share, auto_asr = _real("clean_share", clean_share, 0, 1, hi_open=True), _real("auto_asr", auto_asr, 0, 1)
-    steps = _pos_int("steps", steps if steps is not None else int(world.preset["finetune"]["steps"]))
+    steps = _pos_int("steps", steps if steps is not None else world.preset.finetune.steps)
     if target is not None:
         _check_target(world, task, target)
     weights = weights.to(world.device)
