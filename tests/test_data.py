@@ -104,8 +104,8 @@ def test_builds_are_deterministic_and_cached(tmp_path, monkeypatch, name):
     args = {"max_train_per_class": 12, "max_test_per_class": 5, "seed": 3}
     monkeypatch.setenv("BVLIB_CACHE", str(tmp_path / "a"))
     first = load_task(name, **args)
-    cached = list((tmp_path / "a").glob("*.safetensors"))
-    assert len(cached) == 1 and not list((tmp_path / "a").glob(".tmp-*"))
+    cached = list((tmp_path / "a").rglob("*.safetensors"))  # one verified Store entry, no temporaries left
+    assert len(cached) == 1 and cached[0].with_suffix(".json").is_file() and not list((tmp_path / "a").rglob("*.tmp"))
     warm = load_task(name, **args)
     monkeypatch.setenv("BVLIB_CACHE", str(tmp_path / "b"))
     second = load_task(name, **args)  # built again from scratch
@@ -189,6 +189,16 @@ def test_corpus_holds_no_task_image(corpus, tasks):
     for name, task in tasks.items():
         for split in (task.test, task.val, task.train):
             assert not corpus_hashes & image_hashes(split.images), f"corpus overlaps a split of {name}"
+
+
+def test_a_damaged_cache_entry_is_moved_aside_and_rebuilt(fresh_cache):
+    """The data cache is the artifact Store: a truncated file is noticed, kept aside, rebuilt the same."""
+    args = {"max_train_per_class": 12, "max_test_per_class": 5, "seed": 3}
+    first = load_task("digits", **args)
+    (entry,) = (fresh_cache / "task").glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    again = load_task("digits", **args)
+    assert torch.equal(first.train.images, again.train.images) and list((fresh_cache / "damaged" / "task").iterdir())
 
 
 def test_corpus_is_deterministic_and_knobs_work(fresh_cache, tmp_path, monkeypatch):

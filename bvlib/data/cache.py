@@ -1,12 +1,10 @@
-"""Hashing, resizing and the cache of built tasks and corpora (safetensors under $BVLIB_CACHE, atomic writes)."""
+"""Hashing, resizing and the cache of built tasks and corpora (a `Store` under $BVLIB_CACHE)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bvlib.data.tasks import DATA_VERSION
+from bvlib.errors import BVLibError
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,40 +69,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BVLIB_CACHE") or bvlib_home() / "data")
 
 
-def _cache_path(kind: str, config: dict) -> Path:
-    blob = json.dumps({"version": DATA_VERSION, "kind": kind, **config}, sort_keys=True, default=str)
-    return cache_dir() / f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.safetensors"
+def cached_data(kind: str, config: dict, build: Callable[[], tuple[dict[str, torch.Tensor], dict]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of built data (a task's splits, a corpus) from the cache: the artifact `Store`
+    rooted at `cache_dir()`, with its verified loads, atomic writes and one builder per entry. A cache
+    that cannot be written only costs a rebuild next time (one warning)."""
+    from bvlib.store import Store
 
-
-def _cache_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        return None
+    store, config = Store(cache_dir()), {"version": DATA_VERSION, **config}
+    hit = store.load(kind, config)
+    if hit is not None:
+        return hit
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
-    except Exception:  # a truncated or foreign file: rebuild rather than fail
-        return None
-
-
-def _cache_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same folder, then os.replace: readers never see half a file."""
-    from safetensors.torch import save_file
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    except OSError as e:  # a read-only cache is not fatal: the data are just rebuilt next time
+        store.check_writable()
+    except BVLibError as e:
         import warnings
 
-        warnings.warn(f"could not cache {path.name} in {path.parent}: {e}; set BVLIB_CACHE to a writable folder", stacklevel=3)
+        warnings.warn(f"{e}; the data are built but not cached (set BVLIB_CACHE to a writable folder)", stacklevel=3)
+        return build()
+    return store.cached(kind, config, build)

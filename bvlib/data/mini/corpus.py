@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from bvlib.data.cache import _cache_load, _cache_path, _cache_save, _hash_rows, _name_seed
+from bvlib.data.cache import _hash_rows, _name_seed, cached_data
 from bvlib.data.mini.generated import _FONT_CHARS, LETTERS, PATTERN_CLASSES, _fonts_fingerprint, _glyph_bank, _glyph_images, _glyph_res, _pattern_images
 from bvlib.data.mini.registry import ANIMAL_CLASSES, FASHION_CLASSES, _check_args, _source_partition
 from bvlib.data.mini.sources import CLIPART_CLASSES, CLIPART_CORPUS_CAP, CLIPART_CORPUS_CATEGORIES, _clipart_corpus_source, _Source
@@ -185,10 +184,10 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
         raise BVLibError(f"unnamed takes kinds among: {', '.join(_UNNAMED_CAPTIONS)}; got {unknown[0]!r}")
     mix = CorpusMix(**counts, generic_caption_fraction=generic_caption_fraction, unnamed=tuple(unnamed))
     config = {"image_size": image_size, "seed": seed, "mix": mix.config(), "fonts": _fonts_fingerprint()}
-    path = _cache_path("corpus", config)
-    hit = _cache_load(path)
-    if hit is not None and "captions" in hit[1]:
-        return hit[0]["images"], json.loads(hit[1]["captions"])
-    images, captions = _build_corpus(image_size, mix, seed)
-    _cache_save(path, {"images": images}, {"captions": json.dumps(captions), "config": json.dumps(config)})
-    return images, captions
+
+    def build():
+        images, captions = _build_corpus(image_size, mix, seed)
+        return {"images": images}, {"captions": captions}
+
+    tensors, meta = cached_data("corpus", config, build)
+    return tensors["images"], list(meta["captions"])

@@ -3,14 +3,13 @@ sources, seeded splits, and `load_task`."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from bvlib.data.cache import _cache_load, _cache_path, _cache_save, _hash_rows, _mix64, _name_seed
+from bvlib.data.cache import _hash_rows, _mix64, _name_seed, cached_data
 from bvlib.data.mini.generated import LETTERS, PATTERN_CLASSES, _fonts_fingerprint, _letters_source, _patterns_source
 from bvlib.data.mini.sources import (
     CLIPART_CLASSES,
@@ -149,12 +148,6 @@ def load_task(name: str, *, image_size: int = 32, max_train_per_class: int | Non
     _check_args(image_size, {"max_train_per_class": max_train_per_class, "max_test_per_class": max_test_per_class})
     config = {"name": name, "image_size": image_size, "max_train": max_train_per_class, "max_test": max_test_per_class,
               "seed": seed, "fingerprint": spec.fingerprint() if spec.fingerprint else None}
-    path = _cache_path(f"task-{name}", config)
-    hit = _cache_load(path)
-    if hit is None:
-        tensors = _build_task(name, image_size, max_train_per_class, max_test_per_class, seed)
-        _cache_save(path, tensors, {"config": json.dumps(config)})
-    else:
-        tensors = hit[0]
+    tensors, _ = cached_data("task", config, lambda: (_build_task(name, image_size, max_train_per_class, max_test_per_class, seed), {}))
     splits = {s: Split(tensors[f"{s}_images"], tensors[f"{s}_labels"]) for s in ("train", "val", "test")}
     return Task(name, list(spec.classnames), list(spec.templates), **splits)
