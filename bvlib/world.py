@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
@@ -24,8 +23,8 @@ from bvlib import data
 from bvlib.attacks.badnets import Poison, badnets_poison
 from bvlib.errors import BVLibError
 from bvlib.evaluation import evaluate
-from bvlib.presets import BaseCheckpoint, Preset, _merge, load_preset, preset_names  # noqa: F401 (re-exported)
 from bvlib.models import ImageClassifier, build_classifier, create_clip, default_device, zeroshot_head
+from bvlib.presets import BaseCheckpoint, Preset, _merge, load_preset, preset_names  # noqa: F401 (re-exported)
 from bvlib.store import Store, config_key, file_sha256, load_state_dict
 from bvlib.training import TrainConfig, finetune, pretrain_clip
 from bvlib.triggers import PatchTrigger
