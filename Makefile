@@ -3,6 +3,7 @@
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PRESET ?= cpu
+WORKERS ?= 1
 NB     ?= 00_world
 PARAMS ?=
 
@@ -19,7 +20,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml scripts/setup.sh
 	touch $@
 
 book: setup            ## the main result: the book in _build/html/index.html
-	$(BIN)/bvlib book --preset $(PRESET)
+	$(BIN)/bvlib book --preset $(PRESET) --workers $(WORKERS)
 
 notebook: setup        ## re-run one notebook: make notebook NB=00_world PARAMS="-p show_samples false"
 	$(BIN)/bvlib notebook $(NB) --preset $(PRESET) $(PARAMS)

@@ -212,8 +212,9 @@ def _tidy(path: Path, intro: bool = False) -> None:
 
 
 def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | None = None, html: bool = True,
-          parameters: dict | None = None) -> dict[str, float]:
-    """Execute notebooks with `preset` into book/, then build the HTML; returns seconds per step."""
+          parameters: dict | None = None, workers: int = 1) -> dict[str, float]:
+    """Execute notebooks with `preset` into book/, then build the HTML; returns seconds per step.
+    With `workers` > 1 the world card's fine-tunes are first built concurrently (`bvlib.jobs`)."""
     root = project_root()
     out_dir = out_dir or root / "book"
     timings, start, cold = {}, time.perf_counter(), None
@@ -224,6 +225,11 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
         world = World(preset)
         print(f"world '{world.name}': store {world.store.root}", flush=True)
         cold = not any(world.has_finetune(n) for n in world.task_names)
+        if workers > 1:
+            from bvlib.jobs import run_jobs, world_jobs
+
+            jobs = run_jobs(world, world_jobs(world), workers=workers)
+            timings["world/jobs"] = jobs["seconds"]
         world.card()
         world.merge_curves()  # the validated λ every merging chapter uses
         timings["world"] = time.perf_counter() - t

@@ -227,10 +227,21 @@ def cmd_inspect(args) -> None:
               f"top-1% mass {b['top1pct_mass']:.3f}; cosine with " + ", ".join(f"{n} {c:.3f}" for n, c in b["cosine_with"].items()))
 
 
+def cmd_jobs(args) -> None:
+    from bvlib.jobs import run_jobs, world_jobs
+
+    world = _world(args)
+    report = run_jobs(world, world_jobs(world, seeds=args.seeds), executor=args.executor, workers=args.workers, address=args.address)
+    print(json.dumps({"built": len(report["built"]), "skipped": report["skipped"], "failed": report["failed"],
+                      "seconds": round(report["seconds"], 1)}))
+    if report["failed"]:
+        raise BVLibError(f"{len(report['failed'])} job(s) failed; the others are stored, a re-run builds only what is missing")
+
+
 def cmd_book(args) -> None:
     from bvlib.book import build
 
-    timings = build(args.preset, names=[] if args.html_only else None, parameters=_parse_params(args.param))
+    timings = build(args.preset, names=[] if args.html_only else None, parameters=_parse_params(args.param), workers=args.workers)
     print(" ".join(f"{k}={v:.1f}s" for k, v in timings.items()))
 
 
@@ -297,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("jobs", help="build the world's fine-tunes concurrently: local single-threaded processes or a Ray cluster")
+    common(p)
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--workers", type=int, help="concurrent jobs (default: one per core; for ray, of a local cluster)")
+    p.add_argument("--address", help="ray: the address of a running cluster (its workers must see the store)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (default 0)")
+    p.set_defaults(func=cmd_jobs)
+
     p = sub.add_parser("notebook", help="execute one notebook with papermill into book/ (parameters with -p NAME VALUE)")
     p.add_argument("name", help="e.g. 00_world")
     common(p)
@@ -307,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="passed to every notebook")
     p.add_argument("--html-only", action="store_true", help="only rebuild the HTML from book/*.ipynb")
+    p.add_argument("--workers", type=int, default=1, help="build the world's fine-tunes first with this many processes (bvlib jobs)")
     p.set_defaults(func=cmd_book)
 
     args = parser.parse_args(argv)
