@@ -408,3 +408,17 @@ def test_unnamed_letters_are_seen_but_never_named(session_cache):
     assert any(c in corpus_module._UNNAMED_CAPTIONS["letters"] for c in unnamed) and len(images) == len(named_images)
     with pytest.raises(BVLibError, match="unnamed takes"):
         pretraining_corpus(n_per_source=40, unnamed=["fashion"])
+
+
+def test_lowercase_letters_teach_the_names_not_the_capitals(session_cache):
+    """corpus `n_lowercase`: a-z glyphs captioned with their names (the task's class names once the
+    tokenizer lowercases), no capital glyph; corpora without the option keep their keys."""
+    from bvlib.data import CorpusMix
+
+    base = {"n_per_source": 40, "n_letters": 0, "n_clipart_other": 0}
+    plain_images, plain = pretraining_corpus(**base)
+    images, captions = pretraining_corpus(**base, n_lowercase=52)
+    lower = [c for c in captions if c.startswith(("a lowercase", "a small letter"))]
+    assert len(images) == len(plain_images) + 40 and lower  # n_per_source caps it too
+    assert all(c.split()[-1].rstrip(".") in "abcdefghijklmnopqrstuvwxyz" for c in lower[:20] if c.startswith("a lowercase"))
+    assert "n_lowercase" not in CorpusMix().config() and CorpusMix(n_lowercase=5).config()["n_lowercase"] == 5

@@ -24,6 +24,7 @@ _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", 
 _CAPTIONS: dict[str, tuple[str, ...]] = {
     "digits": ("the digit {}.", "the number {}.", "a printed {}.", 'the numeral "{}".', "the number {w}.", "a typed digit {w}."),
     "letters": ("the letter {}.", "a capital {}.", 'the character "{}".', "the letter {} in a font.", "a printed letter {}."),
+    "lowercase": ("the letter {}.", "a lowercase {}.", 'the character "{}".', "a small letter {} in a font.", "a printed letter {}."),
     "fashion": ("a photo of {a}.", "a grey photo of {a}.", "{a}.", "a picture of {a}.", "{a} on a dark background."),
     "animals": ("a silhouette of {a}.", "the shape of {a}.", "{a}.", "a white {} on black."),
     "clipart": ("clip art of {a}.", "a drawing of {a}.", "a cartoon {}.", "{a}.", "an icon of {a}."),
@@ -53,12 +54,14 @@ class CorpusMix:
     n_patterns: int = 4000
     generic_caption_fraction: float = 0.2
     unnamed: tuple[str, ...] = ()  # kinds shown with captions that never name the class ("letters": glyphs, no letter names)
+    n_lowercase: int = 0  # lowercase a-z with their names: the letters' names known, not their capitals' shapes
 
     def config(self) -> dict:
         out = dict(self.__dict__)
-        if not self.unnamed:  # keys of corpora made before the option stay the same
-            out.pop("unnamed")
-        else:
+        for key in ("unnamed", "n_lowercase"):  # keys of corpora made before these options stay the same
+            if not out[key]:
+                out.pop(key)
+        if self.unnamed:
             out["unnamed"] = list(self.unnamed)
         return out
 
@@ -109,7 +112,11 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
     for step in tqdm(("glyphs", "fashion", "animals", "clipart", "patterns"), desc="building pretraining corpus", leave=False):
         if step == "glyphs" and mix.n_digits + mix.n_letters > 0:
             bank = _glyph_bank("corpus", _FONT_CHARS, _glyph_res(image_size))  # A-Z then 0-9
-            for kind, chars, sub, n in (("digits", "0123456789", bank[:, 26:], mix.n_digits), ("letters", LETTERS, bank[:, :26], mix.n_letters)):
+            glyph_sets = [("digits", "0123456789", bank[:, 26:], mix.n_digits), ("letters", LETTERS, bank[:, :26], mix.n_letters)]
+            if mix.n_lowercase:
+                lower = LETTERS.lower()
+                glyph_sets.append(("lowercase", lower, _glyph_bank("corpus", lower, _glyph_res(image_size)), mix.n_lowercase))
+            for kind, chars, sub, n in glyph_sets:
                 y = _balanced_labels(n, len(chars), rng)
                 images.append(_glyph_images(sub, y, image_size, int(rng.integers(2 ** 31))))
                 captions.extend(_captions(kind, list(chars), y, rng, unnamed=kind in mix.unnamed))
@@ -146,7 +153,7 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
                        n_clipart_task: int = CorpusMix.n_clipart_task, n_clipart_other: int = CorpusMix.n_clipart_other,
                        n_patterns: int = CorpusMix.n_patterns,
                        generic_caption_fraction: float = CorpusMix.generic_caption_fraction,
-                       unnamed: Sequence[str] = ()) -> tuple[torch.Tensor, list[str]]:
+                       unnamed: Sequence[str] = (), n_lowercase: int = CorpusMix.n_lowercase) -> tuple[torch.Tensor, list[str]]:
     """Captioned images (uint8 [N, 3, H, W], captions) to pretrain the mini CLIP, in a seeded shuffled order.
 
     The corpus shows the tasks' *concepts* but never their evaluation images, so the base
@@ -164,13 +171,16 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
       finer frequencies, small shapes, curved gradients).
     - generic_caption_fraction: the share whose caption is replaced by a generic one
       ("an image.", "a picture of something."), which weakens zero-shot transfer.
+    - n_lowercase: lowercase a-z (corpus fonts) captioned with their names ("the letter q"; the
+      tokenizer lowercases, so these are the `letters` task's class names), capitals unseen.
     - unnamed: kinds (so far "letters") whose captions never name the class ("a printed character."):
       the base learns to see glyphs, as CLIP saw most of TA8's images, yet cannot name them.
     Nothing is drawn from mnist, digits or textiles. Images identical (at this size) to any
     task-side image of a shared source are dropped.
     """
     counts = {"n_digits": n_digits, "n_letters": n_letters, "n_fashion": n_fashion, "n_animals": n_animals,
-              "n_clipart_task": n_clipart_task, "n_clipart_other": n_clipart_other, "n_patterns": n_patterns}
+              "n_clipart_task": n_clipart_task, "n_clipart_other": n_clipart_other, "n_patterns": n_patterns,
+              "n_lowercase": n_lowercase}
     _check_args(image_size, {"n_per_source": n_per_source})
     for k, v in counts.items():
         if not isinstance(v, int) or v < 0:
