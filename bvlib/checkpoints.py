@@ -228,7 +228,7 @@ def defend_merge(world, state: Mapping[str, torch.Tensor], finetuned: Mapping[st
     prefix = PREFIX if any(k.startswith(PREFIX) for k in state) else ""
     if defense == "tbar":
         (task,) = world.task_names
-        merged = Weights.from_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, layout)
+        merged = Weights.from_state_dict(state, layout)  # recognises the whole CLIP's `visual.` keys
         cleaned, info = tbar(world, merged.to(world.device), task, **({"alpha": "auto"} | params))
     else:
         taus = {}

@@ -61,13 +61,6 @@ def world_jobs(world, seeds: Sequence[int] = (0,)) -> list[Job]:
     return [Job(preset, t, attack, tr) for tr in train for t in world.task_names for attack in (None, {})]
 
 
-def _worker_init(store_root: str) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ["BVLIB_STORE"] = store_root
-
-
 _WORLDS: dict[str, object] = {}
 
 
@@ -132,7 +125,7 @@ def run_jobs(world, jobs: Sequence[Job], *, executor: str = "local", workers: in
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # no torch state forked into the workers
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init, initargs=(root,)) as pool:
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
             futures = {pool.submit(_run_job, j, root): j for j in todo}
             for fut in as_completed(futures):
                 finished(futures[fut], fut.exception() or fut.result())

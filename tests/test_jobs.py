@@ -1,6 +1,7 @@
 """The job list and its executors: local processes and a Ray cluster build the same bits; a killed
 run resumes without rebuilding what it stored and leaves no half-written entry."""
 
+import json
 import os
 import shutil
 import signal
@@ -31,8 +32,6 @@ def _finetunes(root) -> dict[str, torch.Tensor]:
     store = Store(root)
     out = {}
     for side in sorted((root / "finetune").glob("*.json")):
-        import json
-
         cfg = json.loads(side.read_text())["config"]
         out[side.stem] = store.load("finetune", cfg)[0]["flat"]
     return out
