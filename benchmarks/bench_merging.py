@@ -175,8 +175,12 @@ def naive_sbv(dicts, **_):
 NAIVE = {name: globals()[f"naive_{name}"] for name in METHODS} | {"sparse_backdoor_vector": naive_sbv}
 
 
-def timed(fn, device: torch.device, repeats: int, budget_s: float = 20.0) -> tuple[float, object]:
-    """Median seconds over `repeats` runs after one warm-up (one run only when it takes > 2 s), and the result."""
+def timed(fn, device: torch.device, repeats: int, budget_s: float = 20.0) -> tuple[float, object, float]:
+    """(median seconds over `repeats` runs after one warm-up, the result, the warm-up's seconds).
+
+    The warm-up holds one-time costs (torch.compile of the fused GPU kernels, cuSOLVER's set-up); on
+    CPU a warm-up over 2 s (SVDs) is itself the measurement: nothing is run again.
+    """
 
     def sync():
         if device.type == "cuda":
@@ -187,15 +191,15 @@ def timed(fn, device: torch.device, repeats: int, budget_s: float = 20.0) -> tup
     out = fn()
     sync()
     first = time.perf_counter() - t0
-    if first > 2.0:  # slow (SVDs on CPU): warm-up effects are noise next to the run itself
-        return first, out
+    if first > 2.0 and device.type == "cpu":
+        return first, out, first
     times = []
     for _ in range(max(1, min(repeats, int(budget_s / max(first, 1e-6))))):
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return statistics.median(times), out, first
 
 
 def main():
@@ -220,7 +224,7 @@ def main():
     vectors = [Weights(row, layout) for row in stack]
     dicts = [{n: v.clone() for n, v in w.state_dict().items()} for w in vectors]
 
-    floor, _ = timed(lambda: stack.sum(0), device, max(args.repeats, 5))
+    floor, _, _ = timed(lambda: stack.sum(0), device, max(args.repeats, 5))
     gbps = stack.numel() * stack.element_size() / floor / 1e9
     print(
         f"{size}: K={args.k} × D={layout.numel / 1e6:.2f}M float32 on {device} "
@@ -237,10 +241,10 @@ def main():
             fast = lambda: sparse_backdoor_vector(stack)  # noqa: B023
         else:
             fast = lambda: merge(stack, name, layout=layout, **params)  # noqa: B023
-        t, out = timed(fast, device, args.repeats)
+        t, out, _ = timed(fast, device, args.repeats)
         row = f"{name:<24}{t * 1e3:>10.1f}{t / floor:>9.1f}"
         if not args.no_naive:
-            tn, ref = timed(lambda: NAIVE[name](dicts, **params), device, args.repeats)  # noqa: B023
+            tn, ref, _ = timed(lambda: NAIVE[name](dicts, **params), device, args.repeats)  # noqa: B023
             ref_flat = torch.cat([ref[n].reshape(-1) for n in layout.names])
             diff = "n/a" if name == "dare" else f"{(out - ref_flat).abs().max().item():.1e}"
             row += f"{tn * 1e3:>11.1f}{tn / t:>9.1f}×{diff:>10}"

@@ -18,13 +18,18 @@ Large temporaries are reused in place: on CPU a fresh [K, D] tensor costs more i
 the arithmetic on it, and on GPU it is memory the caching allocator must hold. TIES (and its top-k
 threshold), TALL, Consensus and SBV go further on CPU: they stream the stack through cache-sized
 column slices (`column_slices`), so their several elementwise steps read main memory about once.
+On CUDA the same steps are fused into a few GPU kernels by torch.compile (`fused`): the stack is read
+once or twice instead of once per step.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -78,6 +83,33 @@ def _int(name: str, value, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise BVLibError(f"{name} must be an integer >= {lo}, got {value!r}")
     return value
+
+
+# fused GPU kernels -----------------------------------------------------------------------------
+def fused(fn: Callable) -> Callable:
+    """`fn` compiled by torch.compile when its first argument is on CUDA: its elementwise steps and
+    reductions become a few fused kernels, each reading the [K, D] stack once (eager ops read it once
+    per step: ~10 passes for TIES). Eager on CPU (the column-sliced code there is already cache-bound),
+    with BVLIB_COMPILE=0, or if compiling fails (one warning, then eager for the process). The first
+    call per dtype and number of tasks K compiles (seconds); later calls of any width D reuse it."""
+    state: dict = {}
+
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, *args):
+        if x.device.type != "cuda" or state.get("failed") or os.environ.get("BVLIB_COMPILE", "1") == "0":
+            return fn(x, *args)
+        if "compiled" not in state:
+            state["compiled"] = torch.compile(fn)
+        try:
+            torch._dynamo.mark_dynamic(x, x.dim() - 1)  # any width D; K stays static (unrolled reductions over tasks)
+            return state["compiled"](x, *args)
+        except Exception as e:  # noqa: BLE001 -- no compiler, no Triton: the eager ops give the same result
+            state["failed"] = True
+            warnings.warn(f"torch.compile failed for {fn.__name__} ({type(e).__name__}: {str(e)[:120]}); "
+                          "merging with eager ops (set BVLIB_COMPILE=0 to skip the attempt)", stacklevel=2)
+            return fn(x, *args)
+
+    return run
 
 
 # exact per-row top-k threshold ----------------------------------------------------------------
@@ -141,10 +173,17 @@ def kth_largest(a: torch.Tensor, n: int, *, magnitude: bool = False, sample: int
     lo = picked.kthvalue(lo_i + 1, dim=1, keepdim=True).values
     hi = picked.kthvalue(hi_i + 1, dim=1, keepdim=True).values
     budget = 16 * (hi_i - lo_i + 1) * D // sample + 1  # 16 × the expected count per row: more means ties
+    slices = column_slices(K, D, dev)
+    if len(slices) == 1:  # the whole stack at once (GPU): one fused pass counts and marks, one gather
+        above, inside, n_in = _bracket(a, lo, hi, magnitude)
+        if int(n_in.max()) > budget:
+            return exact()
+        values = a[inside].abs_() if magnitude else a[inside]
+        inside_values = [[v] for v in torch.split(values, n_in.tolist())]
+        return _select_inside(inside_values, n - above, n_in, budget, dev, exact)
     above = torch.zeros(K, dtype=torch.long, device=dev)
     n_in = torch.zeros(K, dtype=torch.long, device=dev)
     inside_values: list[list[torch.Tensor]] = [[] for _ in range(K)]  # per row, its values in [lo, hi], slice by slice
-    slices = column_slices(K, D, dev)
     width = slices[0].stop - slices[0].start
     bufs = torch.empty(3, K * width, dtype=a.dtype, device=dev)  # |x|, x > hi, x >= lo: reused for every slice
     for cols in slices:
@@ -159,12 +198,24 @@ def kth_largest(a: torch.Tensor, n: int, *, magnitude: bool = False, sample: int
             row.append(values)
         if len(slices) > 1 and int(n_in.max()) > budget:
             return exact()
-    r = n - above  # rank of the answer among the values inside [lo, hi], from the top
+    return _select_inside(inside_values, n - above, n_in, budget, dev, exact)
+
+
+@fused
+def _bracket(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, magnitude: bool):
+    """Per row: the count above hi, the mask of values in [lo, hi], and its count."""
+    x = a.abs() if magnitude else a
+    inside = (x >= lo) & (x <= hi)
+    return (x > hi).sum(1), inside, inside.sum(1)
+
+
+def _select_inside(inside_values, r, n_in, budget, dev, exact) -> torch.Tensor:
+    """Each row's r-th largest value among those inside its bracket (`exact()` when it is not there)."""
     if not bool(((r >= 1) & (r <= n_in)).all()) or int(n_in.max()) > budget:
         return exact()
     out = []
     for row, rank in zip(inside_values, r.tolist()):
-        values = torch.cat(row)
+        values = torch.cat(row) if len(row) > 1 else row[0]
         if dev.type == "cpu":  # quickselect; CUDA's kthvalue is one block per row, its sort is fast
             out.append(values.kthvalue(len(values) - rank + 1).values)
         else:
@@ -247,9 +298,13 @@ def ties_part(stack: torch.Tensor, thresholds: torch.Tensor | None, *, disjoint:
     by_count = disjoint == "mean"
     K, D = stack.shape
     dev, dtype = stack.device, stack.dtype
+    slices = column_slices(K, D, dev)
+    if len(slices) == 1:  # the whole stack at once (GPU): fused kernels
+        keep_all = torch.zeros(K, 1, dtype=dtype, device=dev)  # |x| >= 0 keeps every finite value
+        out, mass, cancelled = _ties_columns(stack, keep_all if thresholds is None else thresholds, by_count)
+        return _ties_tail(stack, thresholds, out, mass, [cancelled.nonzero().squeeze(1)])
     out, mass = torch.empty(D, dtype=dtype, device=dev), torch.empty(D, dtype=dtype, device=dev)
     undecided = []  # coordinates whose trimmed values cancel exactly: mass 0, yet something was kept
-    slices = column_slices(K, D, dev)
     bufs = torch.empty(2, K * (slices[0].stop - slices[0].start), dtype=dtype, device=dev)  # reused by every slice
     for cols in slices:  # streamed: every temporary is one cache-sized slice (the whole stack on GPU)
         x = stack[:, cols]
@@ -269,7 +324,25 @@ def ties_part(stack: torch.Tensor, thresholds: torch.Tensor | None, *, disjoint:
         cancelled = (m == 0) & (kept > 0)
         if bool(cancelled.any()):
             undecided.append(cancelled.nonzero().squeeze(1) + cols.start)
-    idx = torch.cat(undecided) if undecided else torch.empty(0, dtype=torch.long, device=dev)
+    return _ties_tail(stack, thresholds, out, mass, undecided)
+
+
+@fused
+def _ties_columns(x: torch.Tensor, thresholds: torch.Tensor, by_count: bool):
+    """TIES on the whole [K, D] stack in plain ops (fused on GPU): merged values before λ, the mass
+    (sum of the trimmed values) and the coordinates whose mass cancelled although something was kept."""
+    keep = x.abs() >= thresholds
+    trimmed = x * keep
+    mass = trimmed.sum(0)
+    elected = torch.sign(mass)
+    agreeing = (trimmed * elected).clamp_min(0)  # |value| where the sign agrees, else 0
+    total = agreeing.sum(0) * elected
+    out = total / (agreeing > 0).sum(0).clamp_min(1) if by_count else total
+    return out.to(x.dtype), mass, (mass == 0) & keep.any(0)
+
+
+def _ties_tail(stack, thresholds, out, mass, undecided: list[torch.Tensor]) -> TiesPart:
+    idx = torch.cat(undecided) if undecided else torch.empty(0, dtype=torch.long, device=stack.device)
     x = stack[:, idx]
     trimmed = torch.where(x.abs() >= thresholds, x, 0.0) if thresholds is not None else x
     return TiesPart(out, int(torch.sign(mass).sum(dtype=torch.int64)), idx, trimmed)
@@ -340,19 +413,32 @@ def dare_draw(stack: torch.Tensor, seed: int, layout: Layout | None = None) -> t
     return draw
 
 
-def _tall_mask_values(stack: torch.Tensor, total: torch.Tensor, tall_lambda) -> torch.Tensor:
-    """TALL masks as a float 0/1 [K, D] tensor: |τ_t| > |τ_MTL − τ_t| · λ_t."""
+def _tall_lambdas(stack: torch.Tensor, tall_lambda) -> float | torch.Tensor:
+    """TALL's λ_t checked: a number, or a [K, 1] tensor of one number per task."""
     K = stack.shape[0]
     if isinstance(tall_lambda, (int, float)) and not isinstance(tall_lambda, bool):
-        lam_t = _real("tall_lambda", tall_lambda, 0)
-    else:
-        vals = list(tall_lambda) if isinstance(tall_lambda, Sequence) else None
-        if vals is None or len(vals) != K:
-            raise BVLibError(f"tall_lambda must be a number or one number per task ({K}), got {tall_lambda!r}")
-        lam_t = torch.tensor([_real("tall_lambda", v, 0) for v in vals], dtype=stack.dtype, device=stack.device)
-        lam_t = lam_t.unsqueeze(1)
+        return _real("tall_lambda", tall_lambda, 0)
+    vals = list(tall_lambda) if isinstance(tall_lambda, Sequence) else None
+    if vals is None or len(vals) != K:
+        raise BVLibError(f"tall_lambda must be a number or one number per task ({K}), got {tall_lambda!r}")
+    return torch.tensor([_real("tall_lambda", v, 0) for v in vals], dtype=stack.dtype, device=stack.device).unsqueeze(1)
+
+
+def _tall_mask_values(stack: torch.Tensor, total: torch.Tensor, lam_t: float | torch.Tensor) -> torch.Tensor:
+    """TALL masks as a 0/1 [K, D] tensor of the stack's dtype: |τ_t| > |τ_MTL − τ_t| · λ_t."""
     rhs = torch.sub(total, stack).abs_().mul_(lam_t)
-    return torch.gt(stack.abs(), rhs, out=rhs)
+    return (stack.abs() > rhs).to(stack.dtype)
+
+
+@fused
+def _tall_columns(x: torch.Tensor, lam_t: float | torch.Tensor) -> torch.Tensor:
+    return (_tall_mask_values(x, x.sum(0), lam_t) * x).sum(0)
+
+
+@fused
+def _consensus_columns(x: torch.Tensor, lam_t: float | torch.Tensor, k: int) -> torch.Tensor:
+    total = x.sum(0)
+    return total * (_tall_mask_values(x, total, lam_t).sum(0) >= k)
 
 
 def tall_masks(stack: torch.Tensor, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
@@ -364,7 +450,7 @@ def tall_masks(stack: torch.Tensor, tall_lambda: float | Sequence[float] = 0.4) 
     claim the coordinates that are 0 in all τ's, and any coordinate at λ_t = 0).
     """
     s, _, _ = _as_stack(stack, None)
-    return _tall_mask_values(s, s.sum(0), tall_lambda).bool()
+    return _tall_mask_values(s, s.sum(0), _tall_lambdas(s, tall_lambda)).bool()
 
 
 def tall(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
@@ -373,8 +459,8 @@ def tall(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3,
     Wang et al. use the masks to compress: task t's model is θ0 + m_t ⊙ τ_MTL. A single merged
     model needs one vector, so here each task contributes only the coordinates its mask claims.
     """
-    lam = _real("lam", lam)
-    return _streamed(stack, lambda x: _tall_mask_values(x, x.sum(0), tall_lambda).mul_(x).sum(0).mul_(lam))
+    lam, lam_t = _real("lam", lam), _tall_lambdas(stack, tall_lambda)
+    return _streamed(stack, lambda x: _tall_columns(x, lam_t)).mul_(lam)
 
 
 def consensus_mask(stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
@@ -384,19 +470,13 @@ def consensus_mask(stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequenc
     """
     s, _, _ = _as_stack(stack, None)
     k = _int("k", k)
-    return _tall_mask_values(s, s.sum(0), tall_lambda).sum(0) >= k
+    return _tall_mask_values(s, s.sum(0), _tall_lambdas(s, tall_lambda)).sum(0) >= k
 
 
 def consensus(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, k: int = 2, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
     """Consensus Task Arithmetic (Wang et al., ICML 2024): lam · (consensus mask ⊙ Σ τ)."""
-    lam, k = _real("lam", lam), _int("k", k)
-
-    def per_slice(x: torch.Tensor) -> torch.Tensor:
-        total = x.sum(0)
-        keep = _tall_mask_values(x, total, tall_lambda).sum(0) >= k
-        return total.mul_(keep).mul_(lam)
-
-    return _streamed(stack, per_slice)
+    lam, k, lam_t = _real("lam", lam), _int("k", k), _tall_lambdas(stack, tall_lambda)
+    return _streamed(stack, lambda x: _consensus_columns(x, lam_t, k)).mul_(lam)
 
 
 def _matrix_groups(layout: Layout) -> dict[tuple[int, int], list[int]]:

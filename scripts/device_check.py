@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+FUSED = ("ties", "tall", "consensus", "sparse_backdoor_vector")  # compiled into fused kernels on CUDA
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,7 +47,7 @@ def cuda_tests(tiny: bool) -> dict:
     return {"returncode": proc.returncode, "summary": last}
 
 
-def merge_bench(device: torch.device, tiny: bool) -> dict:
+def merge_bench(device: torch.device, tiny: bool, methods: tuple[str, ...] = ()) -> dict:
     """Each method's time at 8 × ViT-B-32 (fp32, bf16) next to the floor, and the naive kthvalue TIES."""
     from bench_merging import NAIVE, PARAMS, timed, vit_b_32_layout, vit_layout
 
@@ -59,19 +60,51 @@ def merge_bench(device: torch.device, tiny: bool) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         gen = torch.Generator(device=device).manual_seed(0)
         stack = (torch.randn(8, layout.numel, generator=gen, device=device) * 1e-3).to(dtype)
-        floor, _ = timed(lambda: stack.sum(0), device, 5)  # noqa: B023
+        floor, _, _ = timed(lambda: stack.sum(0), device, 5)  # noqa: B023
         tag = "fp32" if dtype == torch.float32 else "bf16"
-        for name in [*METHODS, "sparse_backdoor_vector"]:
+        for name in [m for m in [*METHODS, "sparse_backdoor_vector"] if not methods or m in methods]:
             fn = (lambda: sparse_backdoor_vector(stack)) if name == "sparse_backdoor_vector" else (  # noqa: B023
                 lambda: merge(stack, name, layout=layout, **PARAMS.get(name, {})))  # noqa: B023
-            t, _ = timed(fn, device, 3)
+            t, _, first = timed(fn, device, 3)
             out.setdefault(name, {})[f"{tag}_ms"] = t * 1e3
+            out[name][f"{tag}_first_ms"] = first * 1e3  # the first call: compiling the fused kernels
             out[name][f"{tag}_floor_ms"] = floor * 1e3
             out[name]["floor_ms"] = out[name].get("floor_ms", floor * 1e3)
+            if name in FUSED:  # the same merge with the eager ops, for the fused kernels' gain
+                os.environ["BVLIB_COMPILE"] = "0"
+                out[name][f"{tag}_eager_ms"] = timed(fn, device, 3)[0] * 1e3
+                del os.environ["BVLIB_COMPILE"]
         if dtype == torch.float32:
             dicts = [{n: v.clone() for n, v in Weights(row, layout).state_dict().items()} for row in stack]
-            t, _ = timed(lambda: NAIVE["ties"](dicts, **PARAMS["ties"]), device, 2)  # noqa: B023
+            t, _, _ = timed(lambda: NAIVE["ties"](dicts, **PARAMS["ties"]), device, 2)  # noqa: B023
             out["naive_ties_fp32_ms"] = t * 1e3
+    return out
+
+
+def svd_bench(device: torch.device, tiny: bool) -> dict:
+    """Seconds per matrix of the batched SVDs TSV-M and Iso-C run (ViT-B-32's shapes), by cuSOLVER driver,
+    through the Gram matrix's eigh, and on the CPU: which one the per-layer methods should use."""
+    shapes = [(4, 64, 32)] if tiny else [(16, 3072, 768), (16, 768, 768)]
+    out = {}
+    for b, m, n in shapes:
+        x = torch.randn(b, m, n, device=device)
+        runs = {"cpu": lambda: torch.linalg.svd(x.cpu(), full_matrices=False),  # noqa: B023
+                "eigh_gram": lambda: torch.linalg.eigh(x.mT @ x)}  # noqa: B023
+        if device.type == "cuda":
+            runs |= {d: (lambda d=d: torch.linalg.svd(x, full_matrices=False, driver=d)) for d in ("gesvdj", "gesvd", "gesvda")}  # noqa: B023
+        row = {}
+        for label, fn in runs.items():
+            try:
+                fn()
+                sync(device)
+                t = time.perf_counter()
+                fn()
+                sync(device)
+                row[label] = (time.perf_counter() - t) / b
+            except Exception as e:  # noqa: BLE001
+                row[label] = f"{type(e).__name__}: {e}"[:120]
+        out[f"{m}x{n}"] = row
+    out["cpu_threads"] = torch.get_num_threads()
     return out
 
 
@@ -205,14 +238,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, CI)")
     ap.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/device-<gpu>-<date>.json)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tests,merge,finetune,paper,world")
+    ap.add_argument("--methods", default="", help="comma-separated merging methods to time (default: all)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tests,merge,svd,finetune,paper,world")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     skip = set(filter(None, args.skip.split(",")))
     results = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
                "date": datetime.date.today().isoformat()}
-    parts = {"tests": ("cuda_tests", cuda_tests), "merge": ("merge", merge_bench), "finetune": ("finetune", finetune_bench),
+    parts = {"tests": ("cuda_tests", cuda_tests), "merge": ("merge", merge_bench), "svd": ("svd_s_per_matrix", svd_bench),
+             "finetune": ("finetune", finetune_bench),
              "paper": ("paper_dry_run", paper_dry_run), "world": ("gpu_world_s", gpu_world)}
     t0 = time.perf_counter()
     for part, (key, fn) in parts.items():
@@ -220,7 +255,12 @@ def main() -> int:
             continue
         t = time.perf_counter()
         try:
-            results[key] = fn(device, args.tiny) if part != "tests" else fn(args.tiny)
+            if part == "tests":
+                results[key] = fn(args.tiny)
+            elif part == "merge":
+                results[key] = fn(device, args.tiny, tuple(filter(None, args.methods.split(","))))
+            else:
+                results[key] = fn(device, args.tiny)
         except Exception as e:  # noqa: BLE001 -- one failed part must not lose the others' numbers
             results[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"{part}: {time.perf_counter() - t:.1f} s", flush=True)

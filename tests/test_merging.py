@@ -407,6 +407,21 @@ def test_cuda_matches_cpu(method):
     assert torch.allclose(out.cpu(), merge(s, method, **ALL[method]), atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_kernels_match_cpu_at_scale():
+    # Past 4 × 2^20 columns the GPU threshold takes the sampled bracket, and TIES, TALL, Consensus and SBV run as
+    # torch.compile'd kernels: same threshold exactly, same merges to float32 rounding, as the CPU's streamed code.
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 5_000_000, generator=g)
+    s[1, :1_000_000] = 0.0
+    gpu = s.cuda()
+    n = int(0.2 * s.shape[1])
+    assert torch.equal(kth_largest(gpu, n, magnitude=True).cpu(), s.abs().kthvalue(s.shape[1] - n + 1, dim=1).values)
+    for method in ("ties", "tall", "consensus"):
+        assert torch.allclose(merge(gpu, method).cpu(), merge(s, method), atol=1e-5), method
+    assert torch.allclose(sparse_backdoor_vector(gpu, agreement=0.75).cpu(), sparse_backdoor_vector(s, agreement=0.75), atol=1e-5)
+
+
 def test_unknown_method_and_bad_params_are_refused():
     s = random_stack()
     with pytest.raises(BVLibError, match="unknown merging method 'x'; choose one of: average"):

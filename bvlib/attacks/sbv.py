@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from bvlib.errors import BVLibError
-from bvlib.merging import _as_stack, _real, _sign_counts, _streamed
+from bvlib.merging import _as_stack, _real, _streamed, fused
 from bvlib.weights import Weights
 
 SBV_COMBINE = ("sum", "rescale", "mean")
@@ -36,14 +36,17 @@ def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: 
     K = s.shape[0]
     need = math.ceil(agreement * K - 1e-9)
 
-    def per_slice(x: torch.Tensor) -> torch.Tensor:
-        pos, neg = _sign_counts(x)
-        return x.sum(0).mul_(torch.maximum(pos, neg) >= need)
-
-    out = _streamed(s, per_slice)
+    out = _streamed(s, lambda x: _agreeing_sum(x, need))
     if K > 1 and combine == "mean":
         out.div_(K)
     elif K > 1 and combine == "rescale":
         target = s.float().norm(dim=1).mean()
         out.mul_((target / out.float().norm().clamp_min(1e-30)).to(out.dtype))
     return Weights(out, layout) if as_weights else out
+
+
+@fused
+def _agreeing_sum(x: torch.Tensor, need: int) -> torch.Tensor:
+    """Σ τ where at least `need` rows share one non-zero sign, else 0 (fused on GPU)."""
+    agreeing = torch.maximum((x > 0).sum(0), (x < 0).sum(0))
+    return x.sum(0) * (agreeing >= need)
