@@ -27,7 +27,7 @@ from bvlib.models import ImageClassifier, build_classifier, create_clip, default
 from bvlib.presets import BaseCheckpoint, Preset, _merge, load_preset, preset_names  # noqa: F401 (re-exported)
 from bvlib.store import Store, config_key, file_sha256, load_state_dict
 from bvlib.training import TrainConfig, finetune, pretrain_clip
-from bvlib.triggers import PatchTrigger
+from bvlib.triggers import PatchTrigger, digest
 from bvlib.weights import Layout, Weights
 
 BASE_DIR = Path(__file__).parent / "bases"  # pretrained mini bases shipped with the package (see `World.export_base`)
@@ -252,11 +252,12 @@ class World:
             return fingerprint(None, folder)
         return fingerprint(name, _paper_root()) if self.is_paper else data.DATA_VERSION
 
-    def artifact_config(self, task: str, **fields) -> dict:
-        """The config (hence the store key) of anything made from the base and task `task`'s data:
-        the one place where keys get what they must cover (code version, base, data and its bytes)."""
-        return {"version": VERSION, "data_version": self.data_fingerprint(task), "base": self.base_key, "task": task,
-                "data": self.preset.data.config(), **fields}
+    def artifact_config(self, task: str | list[str], **fields) -> dict:
+        """The config (hence the store key) of anything made from the base and task `task`'s data (or
+        several tasks' data): the one place where keys get what they must cover (code version, base,
+        data and its bytes)."""
+        version = self.data_fingerprint(task) if isinstance(task, str) else {t: self.data_fingerprint(t) for t in task}
+        return {"version": VERSION, "data_version": version, "base": self.base_key, "task": task, "data": self.preset.data.config(), **fields}
 
     def _finetune_config(self, name: str, poison: Poison | None, cfg: TrainConfig) -> dict:
         return self.artifact_config(name, train=cfg.config(), poison=poison.config() if poison else None)
@@ -290,8 +291,14 @@ class World:
     # evaluation ------------------------------------------------------------------------
     def evaluate(self, name: str, weights: Weights | None = None, trigger: PatchTrigger | None = None, target: int | None = None,
                  split: str = "test") -> dict[str, float]:
-        """CA (and ASR with a trigger) of encoder `weights` (θ0 if None) on task `name`."""
-        return evaluate(self.classifier(name, weights), getattr(self.task(name), split), trigger, target, device=self.device)
+        """CA (and ASR with a trigger) of encoder `weights` (θ0 if None) on task `name`. Cached in the
+        store (kind "evaluation") under the weights' digest, so a re-run of a chapter re-judges nothing."""
+        self.check_task(name)
+        key = self.artifact_config(name, split=split, weights=None if weights is None else f"sha256:{digest(weights.flat)}",
+                                   trigger=trigger.config() if trigger is not None else None, target=target)
+        _, result = self.store.cached("evaluation", key, lambda: (None, evaluate(self.classifier(name, weights), getattr(self.task(name), split),
+                                                                                  trigger, target, device=self.device)))
+        return result
 
     def evaluate_merged(self, weights: Weights, tasks: list[str] | None = None, attacked: str | None = None,
                         trigger: PatchTrigger | None = None, target: int | None = None) -> dict[str, float]:

@@ -8,6 +8,7 @@ survives. With all three tasks in the merge the smoke world's interference wipes
 """
 
 import dataclasses
+import sys
 import time
 
 import pytest
@@ -167,6 +168,21 @@ def test_dam_learns_a_mask_that_moves(smoke_world, scene):
     assert torch.allclose(means, torch.ones_like(means), atol=1e-4)
     again, info2 = dam(w, taus, lam=0.5, steps=30, seed=0)
     assert torch.equal(tau.flat, again.flat) and 0.0 < info["kept_share"] < 1.0
+
+
+def test_dam_is_stored_under_its_inputs(smoke_world, scene, monkeypatch):
+    dam_module = sys.modules["bvlib.defenses.dam"]  # the package re-exports the function under the module's name
+    w, taus = smoke_world, scene["taus"]
+    tau, info = dam(w, taus, lam=0.5, steps=3, seed=5)
+    real = dam_module._run_dam
+    monkeypatch.setattr(dam_module, "_run_dam", lambda *a, **k: pytest.fail("a stored DAM merge was recomputed"))
+    again, info2 = dam(w, taus, lam=0.5, steps=3, seed=5)
+    assert torch.equal(tau.flat, again.flat) and torch.equal(info["mask"], info2["mask"]) and info["history"] == info2["history"]
+    calls = []
+    monkeypatch.setattr(dam_module, "_run_dam", lambda *a, **k: calls.append(k) or real(*a, **k))
+    dam(w, taus, lam=0.5, steps=3, seed=6)  # another seed: run
+    dam(w, dict(list(taus.items())[:-1]), lam=0.5, steps=3, seed=5)  # other task vectors: run
+    assert [c["seed"] for c in calls] == [6, 5]
 
 
 def test_dam_without_learning_is_a_random_rescaled_mask(smoke_world, scene):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bvlib import BVLibError, backdoor_vector
+from bvlib import BVLibError, Weights, backdoor_vector
 from bvlib.store import Store
 from bvlib.world import World, load_preset
 
@@ -49,6 +49,23 @@ def test_finetunes_are_cached_and_deterministic(tmp_path, smoke_world):
     assert torch.equal(a.flat, b.flat) and torch.equal(a.flat, c.flat)
     assert len(list((tmp_path / "finetune").glob("*.safetensors"))) == 1
     assert not torch.equal(a.flat, smoke_world.finetune(name, steps=5, seed=1).flat)
+
+
+def test_evaluations_are_stored_under_the_weights_digest(smoke_world, monkeypatch):
+    import bvlib.world as world_module
+
+    name = smoke_world.task_names[0]
+    clean, attack = smoke_world.finetune(name), smoke_world.badnets()
+    first = smoke_world.evaluate(name, clean, attack.trigger, attack.target)
+    real = world_module.evaluate
+    monkeypatch.setattr(world_module, "evaluate", lambda *a, **k: pytest.fail("a stored evaluation was recomputed"))
+    assert smoke_world.evaluate(name, clean, attack.trigger, attack.target) == first
+    calls = []
+    monkeypatch.setattr(world_module, "evaluate", lambda *a, **k: calls.append(a) or real(*a, **k))
+    nudged = clean + Weights(torch.full_like(clean.flat, 1e-3), clean.layout)
+    smoke_world.evaluate(name, nudged, attack.trigger, attack.target)  # other weights: judged again
+    smoke_world.evaluate(name, clean, split="val")  # other split: judged again
+    assert len(calls) == 2 and set(first) == {"acc", "asr"}
 
 
 def test_bad_input_is_one_clear_error(smoke_world):

@@ -15,7 +15,10 @@ from bvlib.defenses.common import _check_weights, _image_side, _pos_int
 from bvlib.errors import BVLibError
 from bvlib.merging import _real
 from bvlib.training import _autocast, _to_float
+from bvlib.triggers import digest
 from bvlib.weights import Weights, stack
+
+DAM_VERSION = 1  # bump to invalidate stored DAM merges after a change in how they are made
 
 
 # DAM ------------------------------------------------------------------------------------------
@@ -55,7 +58,8 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
 
     Returns (τ_merged, info): info holds the final mask's share of coordinates above 0.5 ("kept_share"),
     how far the logits moved (mean |logit − init|, share beyond ±1), the perturbations' norms and the
-    loss history.
+    loss history. Cached in `world.store` (kind "dam") under the digest of Σ τ_t, the tasks' data and
+    every parameter: a re-run of a chapter loads it.
     """
     if not isinstance(task_vectors, Mapping) or not task_vectors:
         raise BVLibError("task_vectors must be a non-empty dict {task name: task vector}")
@@ -69,6 +73,21 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
 
     dev, layout = world.device, world.layout
     total = stack([task_vectors[t].to(dev) for t in names]).sum(0)  # the mask is shared: only Σ τ_t matters
+    params = {"lam": lam, "steps": steps, "lr": lr, "temperature": temperature, "init": init, "batch_size": batch_size,
+              "adv_lr": adv_lr, "adv_weight": adv_weight, "seed": seed}
+    key = world.artifact_config(names, dam_version=DAM_VERSION, split="val", total=f"sha256:{digest(total)}", **params)
+
+    def build():
+        out, info = _run_dam(world, names, total, progress=progress, **params)
+        return {"flat": out, "mask": info.pop("mask")}, info
+
+    tensors, info = world.store.cached("dam", key, build)
+    return Weights(tensors["flat"].to(dev), layout), info | {"mask": tensors["mask"]}
+
+
+def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, temperature, init, batch_size, adv_lr, adv_weight, seed,
+             progress) -> tuple[torch.Tensor, dict]:
+    dev, layout = world.device, world.layout
     theta0 = world.base_weights.flat.to(dev)
     numels, counts = list(layout.numels), torch.tensor(layout.numels, device=dev)
     gen = torch.Generator().manual_seed(seed)
@@ -134,4 +153,4 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
     info = {"tasks": names, "lam": lam, "steps": steps, "lr": lr, "temperature": temperature, "adv_weight": adv_weight, "seed": seed,
             "kept_share": float((raw > 0.5).float().mean()), "logit_shift": float(moved.mean()), "logits_beyond_1": float((moved > 1).float().mean()),
             "delta_norms": {t: float(deltas[k].detach().norm()) for k, t in enumerate(names)}, "mask": final.cpu(), "history": history}
-    return Weights(out, layout), info
+    return out, info
