@@ -177,9 +177,9 @@ claims = [
     Claim("task arithmetic merges far above the zero-shot base (the world is in the merging regime)", "69.5% vs 48% zero-shot (+21)",
           f"{ta['mean_acc']:.1%} vs {zs:.1%} ({(ta['mean_acc'] - zs) * 100:+.1f}; target +15) at λ {ta['lam']:g}", ta["mean_acc"] >= zs + 0.15),
     Claim("task arithmetic keeps most of the single fine-tunes' accuracy", "normalized 0.77",
-          f"normalized {ta['normalized_acc']:.2f} (target 0.75)", ta["normalized_acc"] >= 0.75),
+          f"normalized {ta['normalized_acc']:.3f} (target 0.75)", ta["normalized_acc"] >= 0.75),
     Claim("TIES keeps most of the single fine-tunes' accuracy", "normalized about 0.8",
-          f"normalized {ties['normalized_acc']:.2f} at λ {ties['lam']:g} (target 0.75)", ties["normalized_acc"] >= 0.75),
+          f"normalized {ties['normalized_acc']:.3f} at λ {ties['lam']:g} (target 0.75)", ties["normalized_acc"] >= 0.75),
 ]
 record("00_world", summary | {"ta_lam": ta["lam"], "ta_mean_acc": ta["mean_acc"], "ta_normalized_acc": ta["normalized_acc"],
                               "ties_lam": ties["lam"], "ties_mean_acc": ties["mean_acc"], "ties_normalized_acc": ties["normalized_acc"],
