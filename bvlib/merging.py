@@ -306,7 +306,7 @@ def ties_part(stack: torch.Tensor, thresholds: torch.Tensor | None, *, disjoint:
     out, mass = torch.empty(D, dtype=dtype, device=dev), torch.empty(D, dtype=dtype, device=dev)
     undecided = []  # coordinates whose trimmed values cancel exactly: mass 0, yet something was kept
     bufs = torch.empty(2, K * (slices[0].stop - slices[0].start), dtype=dtype, device=dev)  # reused by every slice
-    for cols in slices:  # streamed: every temporary is one cache-sized slice (the whole stack on GPU)
+    for cols in slices:  # streamed (CPU): every temporary is one cache-sized slice
         x = stack[:, cols]
         keep, trimmed = (buf[: x.numel()].view_as(x) for buf in bufs)
         if thresholds is None:
