@@ -1,11 +1,13 @@
+import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from bvlib import BVLibError, Layout, Weights
 from bvlib.attacks.sbv import sparse_backdoor_vector
-from bvlib.merging import METHODS, consensus_mask, kth_largest, merge, sign_agreement, tall_masks
+from bvlib.merging import METHODS, consensus_mask, dare_keys, dare_row_offsets, dare_uniform, kth_largest, merge, sign_agreement, tall_masks
 
 # A tiny model: two linear layers, a bias, and a 2-D embedding that the SVD methods must leave alone.
 LAYOUT = Layout(
@@ -344,6 +346,29 @@ def test_dare_drops_rescales_and_is_seeded():
     assert torch.equal(merge(s, "dare", p=0.0, base="ties", k=0.2, lam=1.0), merge(s, "ties", k=0.2))
 
 
+def test_dare_generator_is_splitmix64_per_tensor_row_and_coordinate():
+    """DARE's uniforms are splitmix64 outputs at counters s + (i + 1)·golden + k·row_step (s hashed from
+    the seed and the tensor name): checked bit for bit against a plain-integer reference, so the mask
+    is the same on any device; masks of different rows, tensors and seeds are independent."""
+    from bvlib.data.cache import _mix64 as mix64_numpy  # uint64 numpy splitmix64 (it adds golden first)
+
+    golden, row_step = 0x9E3779B97F4A7C15, 0xD1B54A32D192ED03
+    layout = Layout(("a", "b"), ((3, 4), (5,)))
+    got = dare_uniform(dare_keys(torch.zeros(3, 17), 7, layout), dare_row_offsets(3))
+    want = torch.zeros(3, 17, dtype=torch.float64)
+    for name, off, n in zip(layout.names, layout.offsets, layout.numels):
+        s = int.from_bytes(hashlib.sha256(f"dare:7:{name}".encode()).digest()[:8], "little")
+        counters = [(s + (i + 1) * golden + k * row_step - golden) % 2**64 for k in range(3) for i in range(n)]
+        bits = mix64_numpy(np.array(counters, dtype=np.uint64)) >> np.uint64(40)
+        want[:, off : off + n] = torch.from_numpy(bits.astype(np.float64)).view(3, n) / 2**24
+    assert torch.equal(got.double(), want)
+    u = dare_uniform(dare_keys(torch.zeros(4, 250_000), 0), dare_row_offsets(4))
+    assert abs(float(u.mean()) - 0.5) < 0.002 and abs(float(u.var()) - 1 / 12) < 0.001
+    assert float(torch.corrcoef(u).triu(1).abs().max()) < 0.01
+    other_seed = dare_uniform(dare_keys(torch.zeros(1, 250_000), 1), dare_row_offsets(1))
+    assert abs(float(torch.corrcoef(torch.cat([u[:1], other_seed]))[0, 1])) < 0.01
+
+
 def test_sbv_sum_is_longer_than_one_bv_and_mean_is_shorter():
     """The attack's point: summed agreeing coordinates outgrow one BV; the averaged subset cannot."""
     g = torch.Generator().manual_seed(1)
@@ -399,7 +424,7 @@ def test_weights_and_tensor_inputs_agree_and_input_is_untouched(method):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", [m for m in ALL if m != "dare"])
+@pytest.mark.parametrize("method", list(ALL))
 def test_cuda_matches_cpu(method):
     s = random_stack(k=4)
     out = merge(s.cuda(), method, **ALL[method])
@@ -420,6 +445,26 @@ def test_cuda_fused_kernels_match_cpu_at_scale():
     for method in ("ties", "tall", "consensus"):
         assert torch.allclose(merge(gpu, method).cpu(), merge(s, method), atol=1e-5), method
     assert torch.allclose(sparse_backdoor_vector(gpu, agreement=0.75).cpu(), sparse_backdoor_vector(s, agreement=0.75), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_checked_svd_is_exact_on_hard_matrices():
+    # gesvda is approximate: on rank-deficient, ill-conditioned or wide matrices the checked SVD must
+    # still return orthonormal factors that reconstruct the input (such matrices are redone by the
+    # default driver), to a backward-stable SVD's relative error in float32.
+    from bvlib.merging import _svd
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 300, 200, generator=g)
+    x[1, :, 100:] = 0.0  # rank 100
+    x[2] = x[2] @ torch.diag(torch.logspace(0, -7, 200))  # condition number 1e7
+    eye = torch.eye(200)
+    for batch in (x, x.mT):
+        u, s, vh = (t.cpu() for t in _svd(batch.cuda()))
+        recon = torch.linalg.matrix_norm((u * s.unsqueeze(-2)) @ vh - batch) / torch.linalg.matrix_norm(batch)
+        orth = torch.stack([(u.mT @ u - eye).abs().amax((-2, -1)), (vh @ vh.mT - eye).abs().amax((-2, -1))])
+        sigma = (s - torch.linalg.svdvals(batch)).abs().amax(-1) / s[:, 0]
+        assert recon.max() < 2e-5 and orth.max() < 1e-4 and sigma.max() < 1e-5, (recon, orth, sigma)
 
 
 def test_unknown_method_and_bad_params_are_refused():
