@@ -568,17 +568,26 @@ def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         u, s, vh = torch.linalg.svd(x, full_matrices=False, driver="gesvda")
     except RuntimeError:
         return torch.linalg.svd(x, full_matrices=False)
-    tol = 8 * max(x.shape[-2:]) ** 0.5 * torch.finfo(x.dtype).eps  # a stable SVD's error, with room (~3e-5 at 768)
-    eye = torch.eye(s.shape[-1], dtype=x.dtype, device=x.device)
-    scale = torch.linalg.matrix_norm(x).clamp_min(torch.finfo(x.dtype).tiny)
-    bad = (torch.linalg.matrix_norm((u * s.unsqueeze(-2)) @ vh - x) > tol * scale) | ~torch.isfinite(s).all(-1)
-    for q in (u.mT @ u, vh @ vh.mT):
-        bad |= (q - eye).abs().amax((-2, -1)) > tol
+    bad = svd_failures(x, u, s, vh)
     if bool(bad.any()):
         redo = torch.linalg.svd(x[bad], full_matrices=False)
         u, s, vh = u.clone(), s.clone(), vh.clone()
         u[bad], s[bad], vh[bad] = redo
     return u, s, vh
+
+
+def svd_failures(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """[batch] bool: the thin SVDs (u, s, vh) of `x` that are not exact to a backward-stable SVD's
+    error (8·sqrt(max(m, n))·eps: ~3e-5 in float32 at 768) in reconstruction ‖U S Vᵀ − X‖ / ‖X‖ or in
+    the orthonormality of U and V. NaN or inf anywhere is a failure (a rank-deficient matrix can give
+    0/0 through the Gram matrix)."""
+    tol = 8 * max(x.shape[-2:]) ** 0.5 * torch.finfo(x.dtype).eps
+    eye = torch.eye(s.shape[-1], dtype=x.dtype, device=x.device)
+    scale = torch.linalg.matrix_norm(x).clamp_min(torch.finfo(x.dtype).tiny)
+    exact = torch.linalg.matrix_norm((u * s.unsqueeze(-2)) @ vh - x) <= tol * scale  # False for NaN
+    for q in (u.mT @ u, vh @ vh.mT):
+        exact &= (q - eye).abs().amax((-2, -1)) <= tol
+    return ~exact
 
 
 def _polar(x: torch.Tensor) -> torch.Tensor:

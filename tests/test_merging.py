@@ -447,6 +447,24 @@ def test_cuda_fused_kernels_match_cpu_at_scale():
     assert torch.allclose(sparse_backdoor_vector(gpu, agreement=0.75).cpu(), sparse_backdoor_vector(s, agreement=0.75), atol=1e-5)
 
 
+def test_svd_check_flags_inexact_and_nan_factorizations():
+    """What decides whether gesvda's result is kept on CUDA: exact factors pass; a perturbed U, a
+    non-orthonormal one and NaNs (0/0 on a rank-deficient matrix) are flagged."""
+    from bvlib.merging import svd_failures
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 60, 40, generator=g)
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    u, s, vh = u.clone(), s.clone(), vh.clone()
+    assert not svd_failures(x, u, s, vh).any()
+    u[1, 0, 0] += 1e-3  # reconstruction and orthonormality off
+    u[2, :, -1] *= 1.01  # reconstructs to 1e-3 but the last column is not unit
+    s[2, -1] /= 1.01
+    u[3, :, -1] = float("nan")
+    vh[4] = float("inf")
+    assert svd_failures(x, u, s, vh).tolist() == [False, True, True, True, True]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_checked_svd_is_exact_on_hard_matrices():
     # gesvda is approximate: on rank-deficient, ill-conditioned or wide matrices the checked SVD must
