@@ -24,6 +24,22 @@ def predict(classifier, split, trigger: PatchTrigger | None = None, batch_size: 
     return torch.cat(preds), torch.cat(labels)
 
 
+@torch.no_grad()
+def trigger_scores(classifier, split, trigger: PatchTrigger, target: int, batch_size: int = 1024,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """{"asr": ASR of `trigger` for `target`, "target_prob": the mean probability of `target` on the
+    triggered images not labelled `target`}, from one pass over the triggered split."""
+    classifier.to(device).eval()
+    preds, probs, labels = [], [], []
+    for images, y in iterate_batches(split, batch_size, shuffle=False):
+        logits = classifier(trigger.apply(images.to(device).float().div_(255))).float()
+        preds.append(logits.argmax(dim=1).cpu())
+        probs.append(logits.softmax(-1)[:, target].cpu())
+        labels.append(y)
+    preds, probs, labels = torch.cat(preds), torch.cat(probs), torch.cat(labels)
+    return {"asr": attack_success_rate(preds, labels, target, "images"), "target_prob": float(probs[labels != target].mean())}
+
+
 def attack_success_rate(triggered_preds: torch.Tensor, labels: torch.Tensor, target: int, what: str = "test images") -> float:
     """ASR, the one definition every module uses: the share of triggered images whose true label is
     NOT the target that are classified as the target."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from bvlib import data
 from bvlib.attacks.badnets import Poison, badnets_poison
 from bvlib.errors import BVLibError
-from bvlib.evaluation import evaluate
+from bvlib.evaluation import evaluate, trigger_scores
 from bvlib.models import ImageClassifier, build_classifier, create_clip, default_device, zeroshot_head
 from bvlib.presets import BaseCheckpoint, Preset, _merge, load_preset, preset_names  # noqa: F401 (re-exported)
 from bvlib.store import Store, config_key, file_sha256, load_state_dict
@@ -298,6 +298,16 @@ class World:
                                    trigger=trigger.config() if trigger is not None else None, target=target)
         _, result = self.store.cached("evaluation", key, lambda: (None, evaluate(self.classifier(name, weights), getattr(self.task(name), split),
                                                                                   trigger, target, device=self.device)))
+        return result
+
+    def trigger_scores(self, name: str, weights: Weights | None, trigger: PatchTrigger, target: int, split: str = "test") -> dict[str, float]:
+        """`bvlib.evaluation.trigger_scores` (ASR and the target's mean probability, one triggered
+        pass, no clean one) of encoder `weights` (θ0 if None) on task `name`, stored as `evaluate`."""
+        self.check_task(name)
+        key = self.artifact_config(name, split=split, score="asr+target_prob", trigger=trigger.config(), target=target,
+                                   weights=None if weights is None else f"sha256:{digest(weights.flat)}")
+        _, result = self.store.cached("evaluation", key, lambda: (None, trigger_scores(self.classifier(name, weights), getattr(self.task(name), split),
+                                                                                        trigger, target, device=self.device)))
         return result
 
     def evaluate_merged(self, weights: Weights, tasks: list[str] | None = None, attacked: str | None = None,

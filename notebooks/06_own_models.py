@@ -52,7 +52,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -61,7 +60,7 @@ import pandas as pd
 from bvlib.book import page_setup, record
 from bvlib.data import write_image_folder
 from bvlib.defenses import ibvs_vector
-from bvlib.store import save_state_dict
+from bvlib.store import bvlib_home, config_key, save_state_dict
 from bvlib.world import World
 
 page_setup()
@@ -69,7 +68,9 @@ page_setup()
 world = World(preset, progress=False)
 attacked = world.check_task(attacked_task or world.task_names[0])
 defender = world.check_task(defender_task or world.task_names[-1])
-folder = Path(tempfile.mkdtemp(prefix="bvlib-own-models-"))
+# kept between builds (see the image folders below), one per version of the world's data and base
+folder = bvlib_home() / "own-models" / f"{world.name}-{config_key(world.artifact_config(world.task_names))}"
+folder.mkdir(parents=True, exist_ok=True)
 world.export_base(folder / "base.safetensors")  # a whole CLIP state dict, as open_clip saves one
 attack = world.badnets()
 files = []
@@ -156,8 +157,8 @@ print(f"{len(merged_report['inputs'])} inputs, e.g. {json.dumps(merged_report['i
 # (λ of chapter 00) through a mask it learns on the folders' images, labels unread.
 
 # %%
-for task in world.task_names:
-    write_image_folder(world.task(task).val, world.task(task).classnames, folder / "images" / task)
+for task in world.task_names:  # written once and kept: their files' dates are in TBAR's and DAM's store keys
+    write_image_folder(world.task(task).val, world.task(task).classnames, folder / "images" / task, keep=True)
 runs = ["--model", world.preset.model, "--preset", preset]
 tbar_out = json.loads(bvlib("merge", "--base", "base.safetensors", f"ft_{attacked}.safetensors", "--param", "lam=1",
                             "--defense", "tbar", *runs, "--data", f"{attacked}=images/{attacked}",

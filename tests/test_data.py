@@ -422,3 +422,24 @@ def test_lowercase_letters_teach_the_names_not_the_capitals(session_cache):
     assert len(images) == len(plain_images) + 40 and lower  # n_per_source caps it too
     assert all(c.split()[-1].rstrip(".") in "abcdefghijklmnopqrstuvwxyz" for c in lower[:20] if c.startswith("a lowercase"))
     assert "n_lowercase" not in CorpusMix().config() and CorpusMix(n_lowercase=5).config()["n_lowercase"] == 5
+
+
+def test_kept_image_folder_is_written_once_and_keeps_its_fingerprint(tmp_path):
+    """keep=True: a folder is written whole (no half-written sibling left) and then left alone, so the
+    fingerprint in the store keys made from it (file sizes and dates) holds across re-runs."""
+    from bvlib.data import load_folder_task, write_image_folder
+    from bvlib.data.paper import _tree_digest
+
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g), torch.tensor([0, 1, 0, 1, 1, 0]))
+    folder = write_image_folder(split, ["a cat", "dog"], tmp_path / "own" / "pets", keep=True)
+    assert sorted(p.name for p in (tmp_path / "own").iterdir()) == ["pets"]
+    before = _tree_digest(folder, ("",))
+    other = Split(torch.zeros(6, 3, 8, 8, dtype=torch.uint8), split.labels)
+    assert write_image_folder(other, ["a cat", "dog"], folder, keep=True) == folder
+    assert _tree_digest(folder, ("",)) == before
+    task = load_folder_task("pets", folder, image_size=8)
+    images, labels = next(iterate_batches(task.val, 6, shuffle=False))  # class a_cat first: images 0, 2, 5
+    assert task.classnames == ["a cat", "dog"] and torch.equal(images[:3], split.images[[0, 2, 5]])
+    write_image_folder(other, ["a cat", "dog"], folder)  # keep=False writes over the files: a new fingerprint
+    assert _tree_digest(folder, ("",)) != before

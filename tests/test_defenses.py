@@ -149,6 +149,23 @@ def test_tbar_trigger_task_is_cached(tmp_path, smoke_world, scene):
     assert info["steps"] == 3 and info["seed"] == 0
 
 
+def test_tbar_alpha_sweep_and_candidate_scores_are_stored(tmp_path, smoke_world, scene, monkeypatch):
+    """A re-run of TBAR (a book rebuilt warm) judges no α and no reverse-engineered candidate again."""
+    world_module = sys.modules["bvlib.world"]
+    fresh = World("smoke", store=Store(tmp_path), device="cpu", progress=False)
+    fresh._base = smoke_world._base
+    bd = scene["backdoored"]
+    calls = []
+    judged = world_module.trigger_scores
+    monkeypatch.setattr(world_module, "trigger_scores", lambda *a, **k: calls.append(1) or judged(*a, **k))
+    run = lambda: tbar(fresh, bd, ATTACKED, alpha="auto", steps=3, trigger_steps=3, target=scene["attack"].target)
+    _, first = run()
+    assert len(calls) == 1 + len(ALPHA_GRID)  # the one candidate, then each α
+    _, again = run()
+    assert len(calls) == 1 + len(ALPHA_GRID) and again["val_asr"] == first["val_asr"] and again["alpha"] == first["alpha"]
+    assert again["candidates"] == first["candidates"]
+
+
 # DAM ------------------------------------------------------------------------------------------
 def test_dam_learns_a_mask_that_moves(smoke_world, scene):
     w, taus = smoke_world, scene["taus"]
@@ -170,9 +187,10 @@ def test_dam_learns_a_mask_that_moves(smoke_world, scene):
     assert torch.equal(tau.flat, again.flat) and 0.0 < info["kept_share"] < 1.0
 
 
-def test_dam_is_stored_under_its_inputs(smoke_world, scene, monkeypatch):
+def test_dam_is_stored_under_its_inputs(tmp_path, smoke_world, scene, monkeypatch):
     dam_module = sys.modules["bvlib.defenses.dam"]  # the package re-exports the function under the module's name
-    w, taus = smoke_world, scene["taus"]
+    w, taus = World("smoke", store=Store(tmp_path), device="cpu", progress=False), scene["taus"]  # a fresh store: every run counts
+    w._base = smoke_world._base
     tau, info = dam(w, taus, lam=0.5, steps=3, seed=5)
     real = dam_module._run_dam
     monkeypatch.setattr(dam_module, "_run_dam", lambda *a, **k: pytest.fail("a stored DAM merge was recomputed"))

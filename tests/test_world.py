@@ -51,11 +51,13 @@ def test_finetunes_are_cached_and_deterministic(tmp_path, smoke_world):
     assert not torch.equal(a.flat, smoke_world.finetune(name, steps=5, seed=1).flat)
 
 
-def test_evaluations_are_stored_under_the_weights_digest(smoke_world, monkeypatch):
+def test_evaluations_are_stored_under_the_weights_digest(tmp_path, smoke_world, monkeypatch):
     import bvlib.world as world_module
 
     name = smoke_world.task_names[0]
     clean, attack = smoke_world.finetune(name), smoke_world.badnets()
+    base, smoke_world = smoke_world._base, World("smoke", store=Store(tmp_path), device="cpu", progress=False)  # a fresh store
+    smoke_world._base = base  # every judgement counts, the base is shared
     first = smoke_world.evaluate(name, clean, attack.trigger, attack.target)
     real = world_module.evaluate
     monkeypatch.setattr(world_module, "evaluate", lambda *a, **k: pytest.fail("a stored evaluation was recomputed"))

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bvlib.errors import BVLibError
-from bvlib.evaluation import attack_success_rate, predict
 from bvlib.training import _autocast, _endless, _image_hw, _to_float
 from bvlib.triggers import PatchTrigger, Trigger, check_location, digest, optimized_trigger, paste_patch, patch_position
 from bvlib.weights import Weights
@@ -126,18 +125,13 @@ def trigger_asr_table(world, task: str, triggers: Mapping[str, Trigger], models:
                       split: str = "test") -> list[dict]:
     """One row per (trigger, model): {"trigger", "model", "asr", "acc"} on task `task`'s `split`.
 
-    `models` maps a label to encoder weights (None is θ0). CA is computed once per model;
-    ASR is `bvlib.evaluation.attack_success_rate`.
+    `models` maps a label to encoder weights (None is θ0). CA is computed once per model, ASR by
+    one triggered pass per (trigger, model); both are stored (`World.evaluate`, `World.trigger_scores`).
     """
-    data = getattr(world.task(task), split)
     rows = []
     for model_name, weights in models.items():
-        clf = world.classifier(task, weights)
-        preds, labels = predict(clf, data, device=world.device)
-        acc = float((preds == labels).float().mean())
-        attack_success_rate(preds, labels, target, f"{split} images")  # undefined ASR: fail before the passes
+        acc = world.evaluate(task, weights, split=split)["acc"]
         for trig_name, trig in triggers.items():
-            tpreds, _ = predict(clf, data, trigger=trig, device=world.device)
-            rows.append({"trigger": trig_name, "model": model_name, "asr": attack_success_rate(tpreds, labels, target, f"{split} images"),
-                         "acc": acc})
+            asr = world.trigger_scores(task, weights, trig, target, split)["asr"]
+            rows.append({"trigger": trig_name, "model": model_name, "asr": asr, "acc": acc})
     return rows

@@ -265,14 +265,26 @@ def fingerprint(name: str | None, root: str | os.PathLike) -> str:
     return _FINGERPRINTS[key]
 
 
-def write_image_folder(split, classnames: Sequence[str], folder: str | os.PathLike) -> Path:
+def write_image_folder(split, classnames: Sequence[str], folder: str | os.PathLike, *, keep: bool = False) -> Path:
     """Write a split's images as PNG files in ImageFolder layout (folder/CLASS/00000.png; spaces in
-    class names become underscores): how a task's images reach `bvlib merge --data`."""
+    class names become underscores): how a task's images reach `bvlib merge --data`.
+
+    keep=True leaves a folder that exists as it is, and writes a new one whole or not at all (into a
+    sibling, then renamed): the files' dates are part of the store keys made from a folder, so a
+    re-run on a kept folder finds what TBAR and DAM stored.
+    """
+    import shutil
+    import tempfile
+
     from PIL import Image
 
     from bvlib.data.tasks import iterate_batches
 
-    root = Path(folder)
+    target = Path(folder)
+    if keep and target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)) if keep else target
     names = [c.replace(" ", "_").replace("/", "_") for c in classnames]
     for name in names:
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -281,7 +293,12 @@ def write_image_folder(split, classnames: Sequence[str], folder: str | os.PathLi
         for image, label in zip(images, labels.tolist()):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / names[label] / f"{i:05d}.png")
             i += 1
-    return root
+    if keep:
+        try:
+            root.rename(target)
+        except OSError:  # another writer finished it first: theirs is kept
+            shutil.rmtree(root, ignore_errors=True)
+    return target
 
 
 def load_folder_task(name: str, folder: str | os.PathLike, *, image_size: int = 224) -> Task:

@@ -15,7 +15,6 @@ from bvlib.attacks.inherent import inherent_trigger
 from bvlib.data import iterate_batches
 from bvlib.defenses.common import _check_target, _check_weights, _image_side, _pos_int
 from bvlib.errors import BVLibError
-from bvlib.evaluation import attack_success_rate
 from bvlib.merging import _real
 from bvlib.training import _to_float, finetune
 from bvlib.triggers import Trigger, check_location, digest
@@ -26,21 +25,6 @@ ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)  # TBAR's alpha="aut
 
 
 # TBAR -----------------------------------------------------------------------------------------
-@torch.no_grad()
-def _trigger_scores(classifier, split, trigger: Trigger, target: int, device: torch.device) -> tuple[float, float]:
-    """(ASR, mean probability of `target` on the images not labelled `target`) of a trigger on `split`."""
-    classifier.to(device).eval()
-    preds, probs, labels = [], [], []
-    for images, y in iterate_batches(split, 1024, shuffle=False):
-        p = classifier(trigger.apply(_to_float(images, device))).float().softmax(-1)
-        preds.append(p.argmax(-1).cpu())
-        probs.append(p[:, target].cpu())
-        labels.append(y)
-    preds, probs, labels = torch.cat(preds), torch.cat(probs), torch.cat(labels)
-    asr = attack_success_rate(preds, labels, target, "images")
-    return asr, float(probs[labels != target].mean())
-
-
 @torch.no_grad()
 def _most_predicted(classifier, split, trigger: Trigger, device: torch.device) -> int:
     counts = torch.zeros(classifier.head.shape[0], device=device)
@@ -66,12 +50,11 @@ def suspect_target(world, weights: Weights, task: str, *, targets: Sequence[int]
     targets = list(range(world.task(task).n_classes)) if targets is None else [_check_target(world, task, t) for t in targets]
     if not targets:
         raise BVLibError("need at least one candidate target class")
-    clf = world.classifier(task, weights)
-    val = world.task(task).val
     best, scores = None, {}
     for t in tqdm(targets, desc=f"reverse-engineer {task}", leave=False, disable=not world.progress):
         trig = inherent_trigger(world, task, t, size=size, location=location, model=weights, steps=steps, seed=seed)
-        asr, prob = _trigger_scores(clf, val, trig, t, world.device)
+        scored = world.trigger_scores(task, weights, trig, t, split="val")
+        asr, prob = scored["asr"], scored["target_prob"]
         scores[t] = asr
         if best is None or (asr, prob) > best[0]:
             best = ((asr, prob), trig, t)
@@ -158,9 +141,7 @@ def tbar(world, weights: Weights, task: str, *, trigger: Trigger | None = None, 
             info["target_from"] = "most predicted class on triggered val images"
     tau = trigger_task_model(world, weights, task, trigger, target, steps=steps, clean_share=clean_share, seed=seed) - weights
     if alpha == "auto":
-        val = world.task(task).val
-        info["val_asr"] = {a: _trigger_scores(world.classifier(task, apply_vector(weights, tau, -a)), val, trigger, target, world.device)[0]
-                           for a in ALPHA_GRID}
+        info["val_asr"] = {a: world.trigger_scores(task, apply_vector(weights, tau, -a), trigger, target, split="val")["asr"] for a in ALPHA_GRID}
         alpha = next((a for a in ALPHA_GRID if info["val_asr"][a] <= auto_asr), min(ALPHA_GRID, key=lambda a: (info["val_asr"][a], a)))
     info |= {"trigger": trigger.config(), "target": target, "alpha": alpha, "steps": steps, "clean_share": clean_share, "seed": seed,
              "tau_norm": tau.norm()}
