@@ -558,7 +558,7 @@ def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ViT-B-32's shapes ~30× faster per matrix than the default, measured on an H100), each result
     checked (reconstruction ‖U S Vᵀ − X‖ / ‖X‖ and orthonormal U, V to a backward-stable SVD's error);
     the matrices that fail (gesvda goes through the Gram matrix, so ill-conditioned or rank-deficient
-    ones can) are redone with the default driver."""
+    ones can) are redone with the default driver, and those that still fail on the CPU (LAPACK)."""
     if x.device.type != "cuda" or os.environ.get("BVLIB_SVD_DRIVER") == "default":
         return torch.linalg.svd(x, full_matrices=False)
     if x.shape[-2] < x.shape[-1]:  # gesvda wants tall matrices: X = U S Vᵀ  <=>  Xᵀ = V S Uᵀ
@@ -569,8 +569,13 @@ def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     except RuntimeError:
         return torch.linalg.svd(x, full_matrices=False)
     bad = svd_failures(x, u, s, vh)
-    if bool(bad.any()):
-        redo = torch.linalg.svd(x[bad], full_matrices=False)
+    if bool(bad.any()):  # redo those with the default driver, and any that still fail on the CPU (LAPACK)
+        hard = x[bad]
+        redo = [t.clone() for t in torch.linalg.svd(hard, full_matrices=False)]
+        still = svd_failures(hard, *redo)
+        if bool(still.any()):
+            for t, exact in zip(redo, torch.linalg.svd(hard[still].cpu(), full_matrices=False)):
+                t[still] = exact.to(t.device)
         u, s, vh = u.clone(), s.clone(), vh.clone()
         u[bad], s[bad], vh[bad] = redo
     return u, s, vh
