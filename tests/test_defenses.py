@@ -9,7 +9,6 @@ survives. With all three tasks in the merge the smoke world's interference wipes
 
 import dataclasses
 import sys
-import time
 
 import pytest
 import torch
@@ -134,15 +133,18 @@ def test_tbar_unknown_attack_finds_the_target_by_reverse_engineering(smoke_world
     assert guessed["target"] == a.target
 
 
-def test_tbar_trigger_task_is_cached(tmp_path, smoke_world, scene):
+def test_tbar_trigger_task_is_cached(tmp_path, smoke_world, scene, monkeypatch):
+    tbar_module = sys.modules["bvlib.defenses.tbar"]  # the package exports the function under the module's name
     fresh = World("smoke", store=Store(tmp_path), device="cpu", progress=False)
     fresh._base = smoke_world._base
     a, bd = scene["attack"], scene["backdoored"]
     run = lambda seed: tbar(fresh, bd, ATTACKED, trigger=a.trigger, target=a.target, steps=3, seed=seed)
     x, info = run(0)
-    t = time.perf_counter()
+    trained = tbar_module.finetune
+    monkeypatch.setattr(tbar_module, "finetune", lambda *a, **k: pytest.fail("a stored trigger-task model was trained again"))
     y, _ = run(0)
-    assert time.perf_counter() - t < 2.0 and torch.equal(x.flat, y.flat)
+    assert torch.equal(x.flat, y.flat)
+    monkeypatch.setattr(tbar_module, "finetune", trained)
     assert len(list((tmp_path / "tbar").glob("*.safetensors"))) == 1
     z, _ = run(1)
     assert len(list((tmp_path / "tbar").glob("*.safetensors"))) == 2 and not torch.equal(x.flat, z.flat)
