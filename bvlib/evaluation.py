@@ -9,17 +9,21 @@ from bvlib.errors import BVLibError
 from bvlib.triggers import PatchTrigger
 
 
+def _logits(classifier, split, trigger: PatchTrigger | None, batch_size: int, device: torch.device | str):
+    """(float logits, true labels) batch by batch over a split, optionally with a trigger pasted on."""
+    classifier.to(device).eval()
+    for images, y in iterate_batches(split, batch_size, shuffle=False):
+        x = images.to(device).float().div_(255)
+        yield classifier(x if trigger is None else trigger.apply(x)).float(), y
+
+
 @torch.no_grad()
 def predict(classifier, split, trigger: PatchTrigger | None = None, batch_size: int = 1024,
             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted labels, true labels) over a split, optionally with a trigger pasted on."""
-    classifier.to(device).eval()
     preds, labels = [], []
-    for images, y in iterate_batches(split, batch_size, shuffle=False):
-        x = images.to(device).float().div_(255)
-        if trigger is not None:
-            x = trigger.apply(x)
-        preds.append(classifier(x).argmax(dim=1).cpu())
+    for logits, y in _logits(classifier, split, trigger, batch_size, device):
+        preds.append(logits.argmax(dim=1).cpu())
         labels.append(y)
     return torch.cat(preds), torch.cat(labels)
 
@@ -29,10 +33,8 @@ def trigger_scores(classifier, split, trigger: PatchTrigger, target: int, batch_
                    device: torch.device | str = "cpu") -> dict[str, float]:
     """{"asr": ASR of `trigger` for `target`, "target_prob": the mean probability of `target` on the
     triggered images not labelled `target`}, from one pass over the triggered split."""
-    classifier.to(device).eval()
     preds, probs, labels = [], [], []
-    for images, y in iterate_batches(split, batch_size, shuffle=False):
-        logits = classifier(trigger.apply(images.to(device).float().div_(255))).float()
+    for logits, y in _logits(classifier, split, trigger, batch_size, device):
         preds.append(logits.argmax(dim=1).cpu())
         probs.append(logits.softmax(-1)[:, target].cpu())
         labels.append(y)

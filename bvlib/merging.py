@@ -581,18 +581,23 @@ def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return u, s, vh
 
 
-def svd_failures(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """[batch] bool: the thin SVDs (u, s, vh) of `x` that are not exact to a backward-stable SVD's
-    error (8·sqrt(max(m, n))·eps: ~3e-5 in float32 at 768) in reconstruction ‖U S Vᵀ − X‖ / ‖X‖ or in
-    the orthonormality of U and V. NaN or inf anywhere is a failure (a rank-deficient matrix can give
-    0/0 through the Gram matrix)."""
-    tol = 8 * max(x.shape[-2:]) ** 0.5 * torch.finfo(x.dtype).eps
+def svd_errors(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch] relative reconstruction errors ‖U S Vᵀ − X‖ / ‖X‖ and [batch] orthonormality errors
+    (largest |entry| of UᵀU − I and V Vᵀ − I) of the thin SVDs (u, s, vh) of `x`."""
     eye = torch.eye(s.shape[-1], dtype=x.dtype, device=x.device)
     scale = torch.linalg.matrix_norm(x).clamp_min(torch.finfo(x.dtype).tiny)
-    exact = torch.linalg.matrix_norm((u * s.unsqueeze(-2)) @ vh - x) <= tol * scale  # False for NaN
-    for q in (u.mT @ u, vh @ vh.mT):
-        exact &= (q - eye).abs().amax((-2, -1)) <= tol
-    return ~exact
+    recon = torch.linalg.matrix_norm((u * s.unsqueeze(-2)) @ vh - x) / scale
+    orth = torch.maximum((u.mT @ u - eye).abs().amax((-2, -1)), (vh @ vh.mT - eye).abs().amax((-2, -1)))
+    return recon, orth
+
+
+def svd_failures(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """[batch] bool: the thin SVDs (u, s, vh) of `x` whose `svd_errors` exceed a backward-stable
+    SVD's error (8·sqrt(max(m, n))·eps: ~3e-5 in float32 at 768). NaN or inf anywhere is a failure
+    (a rank-deficient matrix can give 0/0 through the Gram matrix)."""
+    tol = 8 * max(x.shape[-2:]) ** 0.5 * torch.finfo(x.dtype).eps
+    recon, orth = svd_errors(x, u, s, vh)
+    return ~((recon <= tol) & (orth <= tol))  # comparisons with NaN are False: a failure
 
 
 def _polar(x: torch.Tensor) -> torch.Tensor:

@@ -293,21 +293,22 @@ class World:
                  split: str = "test") -> dict[str, float]:
         """CA (and ASR with a trigger) of encoder `weights` (θ0 if None) on task `name`. Cached in the
         store (kind "evaluation") under the weights' digest, so a re-run of a chapter re-judges nothing."""
-        self.check_task(name)
-        key = self.artifact_config(name, split=split, weights=None if weights is None else f"sha256:{digest(weights.flat)}",
-                                   trigger=trigger.config() if trigger is not None else None, target=target)
-        _, result = self.store.cached("evaluation", key, lambda: (None, evaluate(self.classifier(name, weights), getattr(self.task(name), split),
-                                                                                  trigger, target, device=self.device)))
-        return result
+        return self._judged(evaluate, name, weights, trigger, target, split)
 
     def trigger_scores(self, name: str, weights: Weights | None, trigger: PatchTrigger, target: int, split: str = "test") -> dict[str, float]:
         """`bvlib.evaluation.trigger_scores` (ASR and the target's mean probability, one triggered
         pass, no clean one) of encoder `weights` (θ0 if None) on task `name`, stored as `evaluate`."""
+        return self._judged(trigger_scores, name, weights, trigger, target, split, score="asr+target_prob")
+
+    def _judged(self, judge, name: str, weights: Weights | None, trigger: PatchTrigger | None, target: int | None, split: str,
+                **key_fields) -> dict[str, float]:
+        """`judge(classifier, split, trigger, target, device=...)` of encoder `weights` on task `name`,
+        from the store (kind "evaluation") under the weights' digest, or judged and stored."""
         self.check_task(name)
-        key = self.artifact_config(name, split=split, score="asr+target_prob", trigger=trigger.config(), target=target,
-                                   weights=None if weights is None else f"sha256:{digest(weights.flat)}")
-        _, result = self.store.cached("evaluation", key, lambda: (None, trigger_scores(self.classifier(name, weights), getattr(self.task(name), split),
-                                                                                        trigger, target, device=self.device)))
+        key = self.artifact_config(name, split=split, weights=None if weights is None else f"sha256:{digest(weights.flat)}",
+                                   trigger=trigger.config() if trigger is not None else None, target=target, **key_fields)
+        _, result = self.store.cached("evaluation", key, lambda: (None, judge(self.classifier(name, weights), getattr(self.task(name), split),
+                                                                               trigger, target, device=self.device)))
         return result
 
     def evaluate_merged(self, weights: Weights, tasks: list[str] | None = None, attacked: str | None = None,
