@@ -217,7 +217,7 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     With `workers` > 1 the world card's fine-tunes are first built concurrently (`bvlib.jobs`)."""
     root = project_root()
     out_dir = out_dir or root / "book"
-    timings, start, cold = {}, time.perf_counter(), None
+    timings, start, cold, since = {}, time.perf_counter(), None, time.time()
     if names is None:  # build the world first, with progress bars; the notebooks then read it from the store
         from bvlib.world import World
 
@@ -249,8 +249,11 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     if names is None:  # a later build compares itself with this one
         path = root / "_build" / "timings.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        from bvlib.store import Store
+
         path.write_text(json.dumps({"preset": preset, "total_s": time.perf_counter() - start, "cold": cold,
-                                    "stages": {k: round(v, 2) for k, v in timings.items()}}, indent=1))
+                                    "stages": {k: round(v, 2) for k, v in timings.items()},
+                                    "built": Store().built_since(since)}, indent=1))
     return timings
 
 

@@ -143,10 +143,14 @@ class Store:
             raise BVLibError(f"the store {self.root} is not writable ({e.strerror or e}); "
                              "set BVLIB_STORE to a folder you can write") from None
 
-    def save(self, kind: str, config: Mapping, tensors: Mapping[str, torch.Tensor] | None = None, meta: Mapping | None = None) -> str:
-        """Write tensors (optional) then the JSON sidecar; the sidecar marks the entry complete."""
+    def save(self, kind: str, config: Mapping, tensors: Mapping[str, torch.Tensor] | None = None, meta: Mapping | None = None,
+             build_s: float | None = None) -> str:
+        """Write tensors (optional) then the JSON sidecar; the sidecar marks the entry complete and
+        says how long the entry took to build (`build_s`, outside `meta`: meta is what loads return)."""
         st_path, js_path = self._paths(kind, config)
         record = {"kind": kind, "key": config_key(config), "config": config, "meta": dict(meta or {}), "tensors": tensors is not None}
+        if build_s is not None:
+            record["build_s"] = round(build_s, 3)
         if tensors is not None:
             cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
             _atomic_write(st_path, lambda tmp: save_file(cpu, tmp))
@@ -154,6 +158,23 @@ class Store:
         _atomic_write(js_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
         remove_stale_temporaries(js_path.parent)
         return record["key"]
+
+    def built_since(self, since: float) -> dict[str, dict[str, float]]:
+        """Per kind, how many entries were written at or after `since` (a `time.time()`) and the
+        seconds their builds took: where a build's time went, whichever process built them."""
+        out: dict[str, dict[str, float]] = {}
+        for path in self.root.glob("*/*.json") if self.root.is_dir() else ():
+            try:
+                if path.stat().st_mtime < since:
+                    continue
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if "build_s" in record:
+                row = out.setdefault(record.get("kind", path.parent.name), {"n": 0, "seconds": 0.0})
+                row["n"] += 1
+                row["seconds"] += record["build_s"]
+        return {k: {"n": v["n"], "seconds": round(v["seconds"], 1)} for k, v in sorted(out.items())}
 
     def load(self, kind: str, config: Mapping) -> tuple[dict[str, torch.Tensor] | None, dict] | None:
         """(tensors or None, meta) for a stored entry, or None if absent. A damaged entry
@@ -259,9 +280,10 @@ class Store:
             hit = self.load(kind, config)
             if hit is not None:
                 return hit
+            t = time.perf_counter()
             tensors, meta = build()
             try:
-                self.save(kind, config, tensors, meta)
+                self.save(kind, config, tensors, meta, build_s=time.perf_counter() - t)
             except OSError as e:
                 print(f"bvlib store: could not save {kind}/{config_key(config)} ({e.strerror or e}); "
                       "the result is used but not stored", file=sys.stderr)

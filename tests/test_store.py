@@ -33,6 +33,25 @@ def test_cached_builds_once(tmp_path):
     assert len(calls) == 1 and torch.equal(first[0]["x"], second[0]["x"]) and second[1] == {"n": 3}
 
 
+def test_built_since_counts_each_kind_built_after_a_time(tmp_path):
+    import time
+
+    store = Store(tmp_path)
+    store.cached("head", {"k": 0}, lambda: ({"x": torch.ones(1)}, {}))
+    old = time.time() - 100
+    os.utime(next((tmp_path / "head").glob("*.json")), (old, old))  # built before the time asked about
+
+    def slow():
+        time.sleep(0.05)
+        return None, {"acc": 0.5}
+
+    store.cached("evaluation", {"k": 1}, slow)
+    store.cached("evaluation", {"k": 2}, slow)
+    assert store.cached("evaluation", {"k": 1}, slow)[1] == {"acc": 0.5}  # the build time is not in what loads return
+    built = store.built_since(old + 50)
+    assert list(built) == ["evaluation"] and built["evaluation"]["n"] == 2 and built["evaluation"]["seconds"] >= 0.1
+
+
 def test_killed_write_leaves_no_half_entry(tmp_path, monkeypatch):
     store = Store(tmp_path)
     import bvlib.store as mod
