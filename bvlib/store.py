@@ -161,7 +161,8 @@ class Store:
 
     def built_since(self, since: float) -> dict[str, dict[str, float]]:
         """Per kind, how many entries were written at or after `since` (a `time.time()`) and the
-        seconds their builds took: where a build's time went, whichever process built them."""
+        seconds their builds took: where a build's time went, whichever process built them. A build
+        that judges through other entries (merge curves through evaluations) counts in both kinds."""
         out: dict[str, dict[str, float]] = {}
         for path in self.root.glob("*/*.json") if self.root.is_dir() else ():
             try:

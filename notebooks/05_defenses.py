@@ -269,6 +269,9 @@ unknown_tbar.style.format({c: "{:.1%}" for c in unknown_tbar.columns if "ASR" in
 # ## Does the mini world agree with the paper?
 # The paper's claim is about attacks that survive merging: an attack whose undefended ASR after a merge
 # is below `survives` was already removed by merging, and those merges are left out of the judgement.
+# "Lowers" means by more than 5 points of ASR, for the mean and for each attack alike: a change of a
+# point or two is within the sampling noise of an ASR measured on about a thousand test images
+# (one standard error is 1.3 points at an ASR of 80%).
 
 # %%
 undefended = grid[grid["defense"] == "none"].set_index(["attack", "method"])["ASR"]
@@ -286,7 +289,7 @@ if len(judged) and "IBVS" in means.index:
         Claim("IBVS lowers the ASR of attacks that survive merging", "ASR down, up to 100%",
               f"mean {means.loc['none', 'ASR']:.0%} → {means.loc['IBVS', 'ASR']:.0%}", means.loc["IBVS", "ASR"] < means.loc["none", "ASR"] - 0.05),
         Claim("IBVS lowers the ASR of every surviving attack", "for every attack",
-              ", ".join(f"{a} {r['none']:.0%} → {r['IBVS']:.0%}" for a, r in per_attack.iterrows()), (per_attack["IBVS"] < per_attack["none"]).all()),
+              ", ".join(f"{a} {r['none']:.0%} → {r['IBVS']:.0%}" for a, r in per_attack.iterrows()), (per_attack["IBVS"] < per_attack["none"] - 0.05).all()),
         Claim("IBVS costs little clean accuracy", "small cost", f"mean CA {means.loc['none', 'mean CA']:.1%} → {means.loc['IBVS', 'mean CA']:.1%}",
               ca_cost <= 0.03),
     ]
