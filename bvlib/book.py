@@ -249,11 +249,9 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     if names is None:  # a later build compares itself with this one
         path = root / "_build" / "timings.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        from bvlib.store import Store
-
         path.write_text(json.dumps({"preset": preset, "total_s": time.perf_counter() - start, "cold": cold,
                                     "stages": {k: round(v, 2) for k, v in timings.items()},
-                                    "built": Store().built_since(since)}, indent=1))
+                                    "built": world.store.built_since(since)}, indent=1))
     return timings
 
 
