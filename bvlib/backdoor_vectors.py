@@ -109,14 +109,14 @@ def transfer_matrix(world, attacks: Sequence[Attack]) -> torch.Tensor:
     for i, a in enumerate(attacks):
         clean = clean_model(world, a)
         for j, bv in enumerate(bvs):
-            out[i, j] = world.evaluate(a.task, clean + bv, a.trigger, a.target)["asr"]
+            out[i, j] = world.trigger_scores(a.task, clean + bv, a.trigger, a.target)["asr"]  # one triggered pass
     return out
 
 
 def clean_asr(world, attacks: Sequence[Attack]) -> torch.Tensor:
     """[i] = ASR of attack i's trigger and target on θ_clean(i) with no BV: the floor of row i of the
     transfer matrix (a trigger alone moves some images to the target)."""
-    return torch.tensor([world.evaluate(a.task, clean_model(world, a), a.trigger, a.target)["asr"] for a in attacks])
+    return torch.tensor([world.trigger_scores(a.task, clean_model(world, a), a.trigger, a.target)["asr"] for a in attacks])
 
 
 def similarity_matrix(world, attacks: Sequence[Attack]) -> torch.Tensor:

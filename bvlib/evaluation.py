@@ -9,16 +9,23 @@ from bvlib.errors import BVLibError
 from bvlib.triggers import PatchTrigger
 
 
-def _logits(classifier, split, trigger: PatchTrigger | None, batch_size: int, device: torch.device | str):
+def eval_batch_size(device: torch.device | str) -> int:
+    """Images per forward pass when judging: 128 on a CPU, where a batch's activations then stay in
+    cache (the mini world's eight test passes run 1.5x faster than at 1024, with the same
+    predictions: `benchmarks/bench_eval.py`); 1024 on a GPU."""
+    return 128 if torch.device(device).type == "cpu" else 1024
+
+
+def _logits(classifier, split, trigger: PatchTrigger | None, batch_size: int | None, device: torch.device | str):
     """(float logits, true labels) batch by batch over a split, optionally with a trigger pasted on."""
     classifier.to(device).eval()
-    for images, y in iterate_batches(split, batch_size, shuffle=False):
+    for images, y in iterate_batches(split, batch_size or eval_batch_size(device), shuffle=False):
         x = images.to(device).float().div_(255)
         yield classifier(x if trigger is None else trigger.apply(x)).float(), y
 
 
 @torch.no_grad()
-def predict(classifier, split, trigger: PatchTrigger | None = None, batch_size: int = 1024,
+def predict(classifier, split, trigger: PatchTrigger | None = None, batch_size: int | None = None,
             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted labels, true labels) over a split, optionally with a trigger pasted on."""
     preds, labels = [], []
@@ -29,7 +36,7 @@ def predict(classifier, split, trigger: PatchTrigger | None = None, batch_size: 
 
 
 @torch.no_grad()
-def trigger_scores(classifier, split, trigger: PatchTrigger, target: int, batch_size: int = 1024,
+def trigger_scores(classifier, split, trigger: PatchTrigger, target: int, batch_size: int | None = None,
                    device: torch.device | str = "cpu") -> dict[str, float]:
     """{"asr": ASR of `trigger` for `target`, "target_prob": the mean probability of `target` on the
     triggered images not labelled `target`}, from one pass over the triggered split."""
@@ -52,7 +59,7 @@ def attack_success_rate(triggered_preds: torch.Tensor, labels: torch.Tensor, tar
 
 
 def evaluate(classifier, split, trigger: PatchTrigger | None = None, target: int | None = None,
-             batch_size: int = 1024, device: torch.device | str = "cpu") -> dict[str, float]:
+             batch_size: int | None = None, device: torch.device | str = "cpu") -> dict[str, float]:
     """{"acc": CA} plus, with a trigger and target, {"asr": ASR}.
 
     ASR as `attack_success_rate`.

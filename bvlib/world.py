@@ -318,9 +318,12 @@ class World:
         tasks = list(tasks or self.task_names)
         accs = {t: self.evaluate(t, weights)["acc"] for t in tasks}
         out = {"mean_acc": sum(accs.values()) / len(accs), **{f"acc/{t}": a for t, a in accs.items()}}
-        if attacked is not None:
-            r = self.evaluate(attacked, weights, trigger, target)
-            out |= {"attacked_acc": r["acc"], "asr": r.get("asr", float("nan"))}
+        if attacked is not None:  # its CA from the clean pass above when it is among `tasks`, its ASR from one triggered pass
+            acc = accs[attacked] if attacked in accs else self.evaluate(attacked, weights)["acc"]
+            if trigger is not None and target is None:
+                raise BVLibError("ASR needs the target class as well as the trigger")
+            asr = self.trigger_scores(attacked, weights, trigger, target)["asr"] if trigger is not None else float("nan")
+            out |= {"attacked_acc": acc, "asr": asr}
         return out
 
     def merge_curves(self, methods: tuple[str, ...] = VALIDATED, lams: tuple[float, ...] = LAM_GRID,

@@ -40,3 +40,15 @@ def test_asr_excludes_target_class_images():
     assert r["acc"] == pytest.approx(0.3) and r["asr"] == 1.0
     # the trigger flips to class 0, but the target is 2: no success, although 2 of 10 images are "hit"
     assert evaluate(Constant(1, triggered=0), split(), PatchTrigger(size=2), target=2)["asr"] == 0.0
+
+
+def test_the_cpu_eval_batch_gives_the_predictions_of_one_big_batch(smoke_world):
+    from bvlib.evaluation import eval_batch_size, predict
+
+    assert eval_batch_size("cpu") == 128 and eval_batch_size("cuda") == 1024
+    name = smoke_world.task_names[0]
+    model, test = smoke_world.classifier(name, smoke_world.finetune(name)), smoke_world.task(name).test
+    assert len(test) > 128  # several batches at the default
+    small, labels = predict(model, test)
+    big, same_labels = predict(model, test, batch_size=len(test))
+    assert torch.equal(small, big) and torch.equal(labels, same_labels)

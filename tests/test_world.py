@@ -123,3 +123,22 @@ def test_the_cpu_preset_ships_the_base_it_names(tmp_path):
     assert path.is_file() and path.stat().st_size < 25 * 2**20
     assert hashlib.sha256(path.read_bytes()).hexdigest() == spec.sha256
     assert world.base_weights.layout.numel > 0  # loads without pretraining
+
+
+def test_a_merged_judgement_reuses_the_attacked_task_clean_pass(tmp_path, smoke_world, monkeypatch):
+    import bvlib.world as world_module
+
+    name, attack = smoke_world.task_names[0], smoke_world.badnets()
+    merged = smoke_world.finetune(name, poison=attack)  # any encoder: one merged from a single backdoored vector
+    base, fresh = smoke_world._base, World("smoke", store=Store(tmp_path), device="cpu", progress=False)
+    fresh._base = base
+    passes = []
+    for judge in ("evaluate", "trigger_scores"):
+        real = getattr(world_module, judge)
+        monkeypatch.setattr(world_module, judge, lambda *a, _real=real, _judge=judge, **k: passes.append((_judge, a[2] is not None))
+                            or _real(*a, **k))
+    r = fresh.evaluate_merged(merged, attacked=name, trigger=attack.trigger, target=attack.target)
+    # one clean pass per task, one triggered pass for the ASR; the attacked task's CA is not judged twice
+    assert sorted(passes) == sorted([("evaluate", False)] * len(fresh.task_names) + [("trigger_scores", True)])
+    assert r["attacked_acc"] == r[f"acc/{name}"] == smoke_world.evaluate(name, merged)["acc"]
+    assert r["asr"] == smoke_world.evaluate(name, merged, attack.trigger, attack.target)["asr"] > 0.5

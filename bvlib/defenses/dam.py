@@ -18,7 +18,7 @@ from bvlib.training import _autocast, _to_float
 from bvlib.triggers import digest
 from bvlib.weights import Weights, stack
 
-DAM_VERSION = 1  # bump to invalidate stored DAM merges after a change in how they are made
+DAM_VERSION = 2  # bump to invalidate stored DAM merges after a change in how they are made
 
 
 # DAM ------------------------------------------------------------------------------------------
@@ -105,11 +105,15 @@ def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, te
         m = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
         return m, m / _segment_mean(m, numels, counts).clamp_min(1e-12)
 
-    def forward(flat: torch.Tensor, task: str, x: torch.Tensor) -> torch.Tensor:
-        params = {f"encoder.{n}": v for n, v in Weights(flat, layout).state_dict().items()}
-        params["head"] = heads[task]
+    encoder, scale = model.encoder, model.logit_scale
+
+    def task_logits(flat: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each task's logits on its images, from one encoder pass over every task's images at once
+        (the mask, hence the merged encoder, is shared; only the heads differ)."""
+        params = Weights(flat, layout).state_dict()
         with _autocast(dev):
-            return functional_call(model, params, (x,)).float()
+            feats = F.normalize(functional_call(encoder, params, ((torch.cat(xs) - model.mean) / model.std,)), dim=-1).float()
+        return [scale * f @ heads[t].T for f, t in zip(feats.split([len(x) for x in xs]), names)]
 
     val = {t: world.task(t).val for t in names}
 
@@ -124,22 +128,19 @@ def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, te
         flat = theta0 + lam * sample()[1] * total
         # 1. the perturbations against the current merge (mask fixed)
         frozen = flat.detach()
-        adv = 0.0
-        for k, t in enumerate(names):
-            x = batch(t)
-            with torch.no_grad():
-                own = forward(frozen, t, x).argmax(-1)
-            adv = adv - F.cross_entropy(forward(frozen, t, x + deltas[k]), own)
+        xs = [batch(t) for t in names]
+        with torch.no_grad():
+            own = [out.argmax(-1) for out in task_logits(frozen, xs)]
+        perturbed = task_logits(frozen, [x + deltas[k] for k, x in enumerate(xs)])
+        adv = -sum(F.cross_entropy(out, y) for out, y in zip(perturbed, own))
         opt_adv.zero_grad(set_to_none=True)
         adv.backward()
         opt_adv.step()
         # 2. the mask: low entropy on clean images and on perturbed ones
-        nat = reg = 0.0
-        for k, t in enumerate(names):
-            x = batch(t)
-            xs = torch.cat([x, (x + deltas[k].detach()).clamp(0, 1)])
-            out = forward(flat, t, xs)
-            nat, reg = nat + _entropy(out[: len(x)]), reg + _entropy(out[len(x):])
+        xs = [batch(t) for t in names]
+        outs = task_logits(flat, [torch.cat([x, (x + deltas[k].detach()).clamp(0, 1)]) for k, x in enumerate(xs)])
+        nat = sum(_entropy(out[: len(x)]) for out, x in zip(outs, xs))
+        reg = sum(_entropy(out[len(x):]) for out, x in zip(outs, xs))
         loss = nat + adv_weight * reg
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -15,6 +15,7 @@ from bvlib.attacks.inherent import inherent_trigger
 from bvlib.data import iterate_batches
 from bvlib.defenses.common import _check_target, _check_weights, _image_side, _pos_int
 from bvlib.errors import BVLibError
+from bvlib.evaluation import eval_batch_size
 from bvlib.merging import _real
 from bvlib.training import _to_float, finetune
 from bvlib.triggers import Trigger, check_location, digest
@@ -29,7 +30,7 @@ ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)  # TBAR's alpha="aut
 def _most_predicted(classifier, split, trigger: Trigger, device: torch.device) -> int:
     counts = torch.zeros(classifier.head.shape[0], device=device)
     classifier.to(device).eval()
-    for images, _ in iterate_batches(split, 1024, shuffle=False):
+    for images, _ in iterate_batches(split, eval_batch_size(device), shuffle=False):
         counts += torch.bincount(classifier(trigger.apply(_to_float(images, device))).argmax(-1), minlength=len(counts))
     return int(counts.argmax())
 
