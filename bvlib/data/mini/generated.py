@@ -329,3 +329,169 @@ def _patterns_source() -> _Source:
     seed = _name_seed("patterns-source", DATA_VERSION)
     render = _generated_renderer(lambda size: _pattern_images(labels, size, seed, "task"))
     return _Source(labels, np.arange(len(labels), dtype=np.uint64), render)
+
+
+# ----------------------------------------------------------------------------------------
+# Traffic signs: a GTSRB-like task the pretraining corpus never shows nor names
+# ----------------------------------------------------------------------------------------
+SIGN_CLASSES = ("stop", "yield", "no entry", "speed limit 30", "speed limit 50", "speed limit 80", "turn left", "turn right",
+                "ahead only", "general caution")
+SIGNS_PER_CLASS = 500
+_SIGN_RED, _SIGN_BLUE, _SIGN_WHITE = (0.8, 0.1, 0.12), (0.1, 0.3, 0.75), (0.95, 0.95, 0.95)
+
+
+@lru_cache(maxsize=256)
+def _text_mask(path: str, text: str):
+    """The ink of `text` in one face, cropped (a PIL 'L' image), rendered once at a fixed size."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(path, size=96)
+    left, top, right, bottom = font.getbbox(text)
+    im = Image.new("L", (right - left + 4, bottom - top + 4), 0)
+    ImageDraw.Draw(im).text((2 - left, 2 - top), text, font=font, fill=255)
+    return im
+
+
+def _regular_polygon(cx: float, cy: float, r: float, n: int, start_deg: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(math.radians(start_deg + 360 * k / n)), cy + r * math.sin(math.radians(start_deg + 360 * k / n)))
+            for k in range(n)]
+
+
+def _draw_sign(draw, image, cls: int, cx: float, cy: float, r: float, colors: dict, font_path: str) -> None:
+    """One sign of class `cls` (index into SIGN_CLASSES) centred at (cx, cy), radius r, on a PIL RGBA image."""
+    from PIL import Image
+
+    def disc(rr: float, fill) -> None:
+        draw.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=fill)
+
+    def text(s: str, width: float, height: float, fill) -> None:
+        mask = _text_mask(font_path, s)
+        scale = min(width / mask.width, height / mask.height)
+        mask = mask.resize((max(1, round(mask.width * scale)), max(1, round(mask.height * scale))), Image.Resampling.LANCZOS)
+        image.paste(Image.new("RGBA", mask.size, fill), (round(cx - mask.width / 2), round(cy - mask.height / 2)), mask)
+
+    red, blue, white, black = colors["red"], colors["blue"], colors["white"], colors["black"]
+    name = SIGN_CLASSES[cls]
+    if name == "stop":
+        draw.polygon(_regular_polygon(cx, cy, r, 8, 22.5), fill=red)
+        draw.polygon(_regular_polygon(cx, cy, 0.9 * r, 8, 22.5), outline=white, width=max(1, round(0.05 * r)))
+        text("STOP", 1.4 * r, 0.6 * r, white)
+    elif name in ("yield", "general caution"):
+        up = name == "general caution"
+        start = -90 if up else 90
+        draw.polygon(_regular_polygon(cx, cy + (0.15 * r if up else -0.15 * r), r, 3, start), fill=red)
+        draw.polygon(_regular_polygon(cx, cy + (0.15 * r if up else -0.15 * r), 0.62 * r, 3, start), fill=white)
+        if up:
+            text("!", 0.5 * r, 0.6 * r, black)
+    elif name == "no entry":
+        disc(r, red)
+        draw.rectangle([cx - 0.7 * r, cy - 0.17 * r, cx + 0.7 * r, cy + 0.17 * r], fill=white)
+    elif name.startswith("speed limit"):
+        disc(r, red)
+        disc(0.76 * r, white)
+        text(name.split()[-1], 1.1 * r, 0.8 * r, black)
+    else:  # blue round signs with a white arrow
+        disc(r, blue)
+        angle = {"turn left": 180.0, "turn right": 0.0, "ahead only": -90.0}[name]
+        arrow = [(-0.6, -0.13), (0.1, -0.13), (0.1, -0.38), (0.6, 0.0), (0.1, 0.38), (0.1, 0.13), (-0.6, 0.13)]
+        cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        draw.polygon([(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in arrow], fill=white)
+
+
+def _sign_images(labels: np.ndarray, size: int, seed: int) -> torch.Tensor:
+    """Signs of random size, place, tilt, colour cast and lighting on cluttered backgrounds, downsampled to `size`."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    res = min(256, 4 * size)
+    fonts = [path for _, _, path in _font_faces()]
+    out = torch.empty((len(labels), 3, size, size), dtype=torch.uint8)
+
+    def rgb(base, jitter: float) -> tuple[int, int, int, int]:
+        c = np.clip(np.asarray(base) + rng.normal(0, jitter, 3), 0, 1)
+        return (*(int(round(255 * v)) for v in c), 255)
+
+    for i, cls in enumerate(np.asarray(labels)):
+        bg = Image.new("RGBA", (res, res), rgb(rng.random(3), 0))
+        draw = ImageDraw.Draw(bg)
+        for _ in range(rng.integers(3, 8)):  # clutter: blurred boxes and blobs
+            x0, y0 = rng.random(2) * res
+            w, h = (0.2 + 0.6 * rng.random(2)) * res
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape([x0 - w / 2, y0 - h / 2, x0 + w / 2, y0 + h / 2], fill=rgb(rng.random(3), 0))
+        bg = bg.filter(ImageFilter.GaussianBlur(res / 24))
+        sign = Image.new("RGBA", (res, res), (0, 0, 0, 0))
+        r = res * (0.25 + 0.17 * rng.random())
+        cx, cy = res / 2 + rng.uniform(-0.12, 0.12, 2) * res
+        colors = {"red": rgb(_SIGN_RED, 0.06), "blue": rgb(_SIGN_BLUE, 0.06), "white": rgb(_SIGN_WHITE, 0.04),
+                  "black": rgb((0.05, 0.05, 0.05), 0.03)}
+        _draw_sign(ImageDraw.Draw(sign), sign, int(cls), cx, cy, r, colors, fonts[rng.integers(len(fonts))])
+        sign = sign.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, center=(cx, cy))
+        bg.alpha_composite(sign)
+        img = torch.from_numpy(np.asarray(bg.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        img = img * rng.uniform(0.45, 1.15)  # lighting
+        img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        img = img + 0.03 * torch.from_numpy(rng.standard_normal(img.shape).astype(np.float32))
+        out[i] = img[0].clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _signs_source() -> _Source:
+    """10 sign classes x 500; generated once per size in this process."""
+    labels = np.repeat(np.arange(len(SIGN_CLASSES)), SIGNS_PER_CLASS)
+    seed = _name_seed("signs-source", DATA_VERSION)
+    render = _generated_renderer(lambda size: _sign_images(labels, size, seed))
+    return _Source(labels, np.arange(len(labels), dtype=np.uint64), render)
+
+
+# ----------------------------------------------------------------------------------------
+# House numbers: an SVHN-like task, printed digits in the task's fonts with their neighbours
+# ----------------------------------------------------------------------------------------
+HOUSE_NUMBERS_PER_CLASS = 500
+
+
+def _house_number_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed: int) -> torch.Tensor:
+    """The labelled digit centred, with the neighbours of a house number cut at the sides, one face per
+    image, on a shaded background."""
+    gen = torch.Generator().manual_seed(seed)
+    n_faces, n_digits, res, _ = bank.shape
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    out = torch.empty((len(labels_t), 3, size, size), dtype=torch.uint8)
+    for s in range(0, len(labels_t), _chunk(res)):
+        y = labels_t[s:s + _chunk(res)]
+        n = len(y)
+        face = torch.randint(n_faces, (n,), generator=gen)
+        scale = 0.8 + 0.3 * torch.rand(n, generator=gen)
+        angle = math.radians(8) * (2 * torch.rand(n, generator=gen) - 1)
+        spacing = (0.8 + 0.3 * torch.rand(n, generator=gen)) * scale
+        shift = 0.1 * (2 * torch.rand(n, 2, generator=gen) - 1)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        a = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1) / scale[:, None, None]
+        mask = torch.zeros(n, 1, res, res)
+        for offset in (-1, 0, 1):
+            digit = y if offset == 0 else torch.randint(n_digits, (n,), generator=gen)
+            present = torch.ones(n) if offset == 0 else (torch.rand(n, generator=gen) < 0.75).float()
+            at = shift + torch.stack([offset * spacing, torch.zeros(n)], 1)
+            grid = F.affine_grid(torch.cat([a, -(a @ at[:, :, None])], 2), [n, 1, res, res], align_corners=False)
+            warped = F.grid_sample(bank[face, digit][:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            mask = torch.maximum(mask, warped * present[:, None, None, None])
+        bg, fg = _contrasting_colors(n, gen, min_contrast=0.25)
+        theta = 2 * math.pi * torch.rand(n, generator=gen)
+        v, u = torch.meshgrid(torch.linspace(-1, 1, res), torch.linspace(-1, 1, res), indexing="ij")
+        shade = 1 - 0.25 * (1 + u * torch.cos(theta)[:, None, None] + v * torch.sin(theta)[:, None, None]) / 2
+        img = _finish(mask, bg, fg, res, gen, noise=0.0).float() / 255 * shade[:, None]
+        img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        img = img + 0.04 * torch.randn(img.shape, generator=gen)
+        out[s:s + n] = img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    return out
+
+
+@lru_cache(maxsize=2)
+def _house_numbers_source(size_hint: int) -> _Source:
+    """10 digits x 500 in the task side's fonts (the corpus prints its digits in the other side's)."""
+    labels = np.repeat(np.arange(10), HOUSE_NUMBERS_PER_CLASS)
+    bank = _glyph_bank("task", "0123456789", _glyph_res(size_hint))
+    seed = _name_seed("house-numbers-source", DATA_VERSION)
+    render = _generated_renderer(lambda size: _house_number_images(bank, labels, size, seed))
+    return _Source(labels, np.arange(len(labels), dtype=np.uint64), render)

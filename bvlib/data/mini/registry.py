@@ -10,7 +10,16 @@ import numpy as np
 import torch
 
 from bvlib.data.cache import _hash_rows, _mix64, _name_seed, cached_data
-from bvlib.data.mini.generated import LETTERS, PATTERN_CLASSES, _fonts_fingerprint, _letters_source, _patterns_source
+from bvlib.data.mini.generated import (
+    LETTERS,
+    PATTERN_CLASSES,
+    SIGN_CLASSES,
+    _fonts_fingerprint,
+    _house_numbers_source,
+    _letters_source,
+    _patterns_source,
+    _signs_source,
+)
 from bvlib.data.mini.sources import (
     CLIPART_CLASSES,
     CLIPART_TASK_CAP,
@@ -62,6 +71,10 @@ _SPECS: dict[str, _TaskSpec] = {
                          _letters_source, fingerprint=_fonts_fingerprint),
     "patterns": _TaskSpec(PATTERN_CLASSES, ("a {} pattern.", "an image with a {} design.", "a simple {} graphic."),
                           lambda s: _patterns_source()),
+    "housenumbers": _TaskSpec(DIGIT_CLASSES, ('a photo of the number: "{}".', "the house number {} on a wall.",
+                                              'a street photo of the digit "{}".'), _house_numbers_source, fingerprint=_fonts_fingerprint),
+    "signs": _TaskSpec(SIGN_CLASSES, ('a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
+                                      'a close up photo of a "{}" traffic sign.'), lambda s: _signs_source(), fingerprint=_fonts_fingerprint),
 }
 
 
