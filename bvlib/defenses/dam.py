@@ -18,7 +18,7 @@ from bvlib.training import _autocast, _to_float
 from bvlib.triggers import digest
 from bvlib.weights import Weights, stack
 
-DAM_VERSION = 2  # bump to invalidate stored DAM merges after a change in how they are made
+DAM_VERSION = 3  # bump to invalidate stored DAM merges after a change in how they are made
 
 
 # DAM ------------------------------------------------------------------------------------------
@@ -97,7 +97,9 @@ def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, te
     deltas = torch.zeros(len(names), 3, side, side, device=dev, requires_grad=True)
     opt_adv = torch.optim.Adam([deltas], lr=adv_lr)
     model = world.classifier(names[0]).eval().requires_grad_(False)
-    heads = {t: world.head(t) for t in names}
+    heads = [world.head(t) for t in names]
+    columns = [0, *torch.tensor([len(h) for h in heads]).cumsum(0).tolist()]
+    all_heads = torch.cat(heads)
 
     def sample() -> tuple[torch.Tensor, torch.Tensor]:
         """(a relaxed Bernoulli sample of the mask, reparameterised; the same divided by its tensor-wise means)."""
@@ -105,15 +107,14 @@ def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, te
         m = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
         return m, m / _segment_mean(m, numels, counts).clamp_min(1e-12)
 
-    encoder, scale = model.encoder, model.logit_scale
-
     def task_logits(flat: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each task's logits on its images, from one encoder pass over every task's images at once
-        (the mask, hence the merged encoder, is shared; only the heads differ)."""
-        params = Weights(flat, layout).state_dict()
+        """Each task's logits on its images, from one pass of the classifier over every task's images
+        at once with every task's head (the mask, hence the merged encoder, is shared): a task reads
+        its own rows and its own head's columns."""
+        params = {f"encoder.{k}": v for k, v in Weights(flat, layout).state_dict().items()} | {"head": all_heads}
         with _autocast(dev):
-            feats = F.normalize(functional_call(encoder, params, ((torch.cat(xs) - model.mean) / model.std,)), dim=-1).float()
-        return [scale * f @ heads[t].T for f, t in zip(feats.split([len(x) for x in xs]), names)]
+            out = functional_call(model, params, (torch.cat(xs),)).float()
+        return [rows[:, columns[k]:columns[k + 1]] for k, rows in enumerate(out.split([len(x) for x in xs]))]
 
     val = {t: world.task(t).val for t in names}
 

@@ -13,12 +13,10 @@ from bvlib.data.cache import _hash_rows, _mix64, _name_seed, cached_data
 from bvlib.data.mini.generated import (
     LETTERS,
     PATTERN_CLASSES,
-    SIGN_CLASSES,
     _fonts_fingerprint,
     _house_numbers_source,
     _letters_source,
     _patterns_source,
-    _signs_source,
 )
 from bvlib.data.mini.sources import (
     CLIPART_CLASSES,
@@ -73,8 +71,6 @@ _SPECS: dict[str, _TaskSpec] = {
                           lambda s: _patterns_source()),
     "housenumbers": _TaskSpec(DIGIT_CLASSES, ('a photo of the number: "{}".', "the house number {} on a wall.",
                                               'a street photo of the digit "{}".'), _house_numbers_source, fingerprint=_fonts_fingerprint),
-    "signs": _TaskSpec(SIGN_CLASSES, ('a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
-                                      'a close up photo of a "{}" traffic sign.'), lambda s: _signs_source(), fingerprint=_fonts_fingerprint),
 }
 
 
