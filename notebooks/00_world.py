@@ -25,8 +25,8 @@
 # clean fine-tune does, and how strong the BadNets backdoor is.
 #
 # One departure from the paper's protocol: the BadNets patch is a black-and-white checkerboard, not a
-# white square, because several mini-world tasks (clip-art, glyphs, silhouettes) have white
-# backgrounds on which a white corner patch is invisible (a first build measured 17% ASR on clip-art
+# white square, because several mini-world sources (clip-art, glyphs, silhouettes) have white
+# backgrounds on which a white corner patch is invisible (a first build measured 17% ASR on a clip-art task
 # with it).
 #
 # **Trigger geometry.** A ViT sees a trigger through its tokens. ViT-B-32 cuts a 224 px image into

@@ -136,6 +136,20 @@ def test_generated_images_are_deterministic():
     assert torch.equal(glyphs, generated._glyph_images(bank, labels, 32, 7)) and glyphs.shape == (40, 3, 32, 32)
 
 
+def test_house_numbers_print_the_task_side_fonts_digits():
+    """The corpus names digits printed in its side's fonts; the house numbers are in the other side's."""
+    labels = np.arange(40) % 10
+    task_bank = generated._glyph_bank("task", "0123456789", 64)
+    corpus_bank = generated._glyph_bank("corpus", "0123456789", 64)
+    images = generated._house_number_images(task_bank, labels, 32, 7)
+    assert images.shape == (40, 3, 32, 32) and torch.equal(images, generated._house_number_images(task_bank, labels, 32, 7))
+    source = generated._house_numbers_source(32)
+    seed = data.cache._name_seed("house-numbers-source", data.DATA_VERSION)
+    expected = generated._house_number_images(task_bank, source.labels, 32, seed)
+    assert torch.equal(source.render(np.arange(len(source.labels)), 32), expected)
+    assert not torch.equal(expected, generated._house_number_images(corpus_bank, source.labels, 32, seed))
+
+
 def test_letter_fonts_are_disjoint_from_corpus_fonts():
     split = data.font_split()
     assert split["task"] and split["corpus"]
