@@ -281,9 +281,8 @@ class World:
             model = self.classifier(name)
             weights = finetune(model, self.task(name).train, cfg, poison, device=self.device, desc=f"{kind} {name} seed {cfg.seed}",
                                progress=self.progress)
-            seconds = time.perf_counter() - t
-            self.timings[f"finetune/{name}/{kind}/{cfg.seed}"] = seconds
-            return {"flat": weights.flat}, {"layout": weights.layout.to_json(), "seconds": seconds}
+            self.timings[f"finetune/{name}/{kind}/{cfg.seed}"] = time.perf_counter() - t
+            return {"flat": weights.flat}, {"layout": weights.layout.to_json()}
 
         tensors, meta = self.store.cached("finetune", self._finetune_config(name, poison, cfg), build)
         return Weights(tensors["flat"], Layout.from_json(meta["layout"])).to(self.device)
@@ -315,13 +314,13 @@ class World:
                         trigger: PatchTrigger | None = None, target: int | None = None) -> dict[str, float]:
         """One merged encoder judged on every task (each with its own head): mean CA, per-task CA,
         and, for an attack on task `attacked`, that task's CA (BA) and the ASR there."""
+        if trigger is not None and target is None:  # before any pass, not after eight of them
+            raise BVLibError("ASR needs the target class as well as the trigger")
         tasks = list(tasks or self.task_names)
         accs = {t: self.evaluate(t, weights)["acc"] for t in tasks}
         out = {"mean_acc": sum(accs.values()) / len(accs), **{f"acc/{t}": a for t, a in accs.items()}}
         if attacked is not None:  # its CA from the clean pass above when it is among `tasks`, its ASR from one triggered pass
             acc = accs[attacked] if attacked in accs else self.evaluate(attacked, weights)["acc"]
-            if trigger is not None and target is None:
-                raise BVLibError("ASR needs the target class as well as the trigger")
             asr = self.trigger_scores(attacked, weights, trigger, target)["asr"] if trigger is not None else float("nan")
             out |= {"attacked_acc": acc, "asr": asr}
         return out

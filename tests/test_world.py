@@ -142,3 +142,7 @@ def test_a_merged_judgement_reuses_the_attacked_task_clean_pass(tmp_path, smoke_
     assert sorted(passes) == sorted([("evaluate", False)] * len(fresh.task_names) + [("trigger_scores", True)])
     assert r["attacked_acc"] == r[f"acc/{name}"] == smoke_world.evaluate(name, merged)["acc"]
     assert r["asr"] == smoke_world.evaluate(name, merged, attack.trigger, attack.target)["asr"] > 0.5
+    passes.clear()
+    with pytest.raises(BVLibError, match="ASR needs the target class"):  # refused before any pass is spent
+        fresh.evaluate_merged(smoke_world.base_weights, attacked=name, trigger=attack.trigger)  # nothing stored for θ0 here
+    assert passes == []

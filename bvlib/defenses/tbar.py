@@ -4,7 +4,6 @@ known or reverse-engineered per candidate target class."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 
 import torch
@@ -85,10 +84,9 @@ def trigger_task_model(world, weights: Weights, task: str, trigger: Trigger, tar
         return F.cross_entropy(classifier(xs), ys)
 
     def build():
-        t = time.perf_counter()
         after = finetune(world.classifier(task, weights), world.task(task).val, cfg, device=world.device, desc=f"tbar {task} target {target}",
                          progress=world.progress, loss_fn=loss)
-        return {"flat": after.flat}, {"layout": after.layout.to_json(), "seconds": time.perf_counter() - t}
+        return {"flat": after.flat}, {"layout": after.layout.to_json()}
 
     tensors, meta = world.store.cached("tbar", key, build)
     return Weights(tensors["flat"], Layout.from_json(meta["layout"])).to(world.device)
