@@ -14,7 +14,32 @@ from bvlib.errors import BVLibError
 def _world(args):
     from bvlib.world import World
 
-    return World(args.preset)
+    return World(args.preset, overrides=_overrides(args.set))
+
+
+def _json_or_text(raw: str):
+    """A command-line value: JSON when it parses (numbers, lists, true), else the string itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    """--set KEY=VALUE, KEY dotted into the preset (finetune.seed=1), as nested preset overrides."""
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise BVLibError(f"--set takes KEY=VALUE with a dotted preset key, e.g. finetune.seed=1; got '{pair}'")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise BVLibError(f"--set {pair}: '{part}' was already set to a value, not an object")
+        node[parts[-1]] = _json_or_text(raw)
+    return out
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -67,10 +92,11 @@ def cmd_finetune(args) -> None:
     world = _world(args)
     world.check_task(args.task)
     poison = _attack(world, args)
-    if not world.has_finetune(args.task, poison, seed=args.seed):
+    seed = world.preset.finetune.seed if args.seed is None else args.seed
+    if not world.has_finetune(args.task, poison, seed=seed):
         print(f"fine-tuning into store {world.store.root}", file=sys.stderr)
-    weights = world.finetune(args.task, poison=poison, seed=args.seed)
-    result = {"task": args.task, "seed": args.seed, "backdoor": bool(poison), **world.evaluate(args.task, weights)}
+    weights = world.finetune(args.task, poison=poison, seed=seed)
+    result = {"task": args.task, "seed": seed, "backdoor": bool(poison), **world.evaluate(args.task, weights)}
     if poison:
         result |= {"asr": world.evaluate(args.task, weights, poison.trigger, poison.target)["asr"]}
     if args.out:
@@ -97,13 +123,7 @@ def cmd_eval(args) -> None:
 
 def _parse_params(pairs: list[list[str]]) -> dict:
     """-p name value pairs; values are read as JSON when they parse (numbers, lists, true), else strings."""
-    out = {}
-    for key, raw in pairs or []:
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+    return {key: _json_or_text(raw) for key, raw in pairs or []}
 
 
 def cmd_notebook(args) -> None:
@@ -252,21 +272,26 @@ def main(argv: list[str] | None = None) -> int:
     def common(p):
         p.add_argument("--preset", default="cpu", help="preset name (cpu, smoke, gpu, paper) or a JSON path")
 
+    def with_overrides(p):
+        common(p)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a preset key (dotted; the value read as JSON when it parses), e.g. --set finetune.seed=1; repeatable")
+
     p = sub.add_parser("world", help="build what is missing and print the world card")
-    common(p)
+    with_overrides(p)
     p.add_argument("--json", action="store_true", help="print the card as JSON")
     p.set_defaults(func=cmd_world)
 
     for name, func, text in (("finetune", cmd_finetune, "fine-tune one model (cached)"), ("eval", cmd_eval, "evaluate encoder weights on a task")):
         p = sub.add_parser(name, help=text)
-        common(p)
+        with_overrides(p)
         p.add_argument("--task", required=True)
         p.add_argument("--backdoor", action="store_true", help="use (finetune) or measure (eval) the preset's BadNets attack")
         p.add_argument("--trigger-size", type=int)
         p.add_argument("--trigger-location")
         p.add_argument("--target", type=int)
         if name == "finetune":
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--seed", type=int, help="the fine-tune's seed (default: the preset's finetune.seed)")
             p.add_argument("--out", help="also write the encoder weights to this file (.safetensors, or .pt/.pth/.bin for torch)")
         else:
             p.add_argument("--checkpoint", help="image-encoder state_dict (.safetensors or a weights-only torch file); default θ0")
@@ -309,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("jobs", help="build the world's fine-tunes concurrently: local single-threaded processes or a Ray cluster")
-    common(p)
+    with_overrides(p)
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--workers", type=int, help="concurrent jobs (default: one per core; for ray, of a local cluster)")
     p.add_argument("--address", help="ray: the address of a running cluster (its workers must see the store)")

@@ -38,6 +38,22 @@ def test_finetune_then_eval_a_saved_checkpoint(tmp_path, smoke_world):
     assert evaluated["acc"] == trained["acc"] and evaluated["asr"] == trained["asr"]
 
 
+def test_preset_keys_are_set_on_the_command_line(smoke_world):
+    """--set finetune.steps=3: the fine-tune the library makes with that override, stored under its own key."""
+    from bvlib.world import World
+
+    task = smoke_world.task_names[0]
+    changed = World("smoke", overrides={"finetune": {"steps": 3, "seed": 2}}, device="cpu", progress=False)
+    proc = run("finetune", "--preset", "smoke", "--set", "finetune.steps=3", "--set", "finetune.seed=2", "--task", task)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["seed"] == 2 and changed.has_finetune(task) and changed.finetune_key(task) != smoke_world.finetune_key(task)
+    assert result["acc"] == changed.evaluate(task, changed.finetune(task))["acc"]
+    for bad, message in (("finetune.sed=1", "unknown key 'finetune.sed'"), ("finetune", "--set takes KEY=VALUE")):
+        proc = run("world", "--preset", "smoke", "--set", bad)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
 def test_errors_are_one_line(tmp_path, smoke_world):
     proc = run("finetune", "--preset", "smoke", "--task", "nope")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "unknown task 'nope'" in proc.stderr
