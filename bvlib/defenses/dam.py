@@ -4,6 +4,7 @@ runs it: one concrete mask shared by the task vectors, learnt on unlabeled image
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, te
     opt_adv = torch.optim.Adam([deltas], lr=adv_lr)
     model = world.classifier(names[0]).eval().requires_grad_(False)
     heads = [world.head(t) for t in names]
-    columns = [0, *torch.tensor([len(h) for h in heads]).cumsum(0).tolist()]
+    columns = [0, *accumulate(len(h) for h in heads)]
     all_heads = torch.cat(heads)
 
     def sample() -> tuple[torch.Tensor, torch.Tensor]:

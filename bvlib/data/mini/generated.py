@@ -181,6 +181,14 @@ def _chunk(res: int) -> int:
     return max(8, min(1024, 2 ** 22 // (res * res)))
 
 
+def _affine_warp(masks: torch.Tensor, a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Masks [n, 1, r, r] drawn through the linear maps `a` [n, 2, 2] (output -> input coordinates)
+    after a shift [n, 2] of the output (grid units: the image spans -1..1)."""
+    n, _, res, _ = masks.shape
+    grid = F.affine_grid(torch.cat([a, -(a @ shift[:, :, None])], 2), [n, 1, res, res], align_corners=False)
+    return F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def _glyph_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed: int) -> torch.Tensor:
     """Glyphs of the given classes from random faces, randomly scaled, rotated, sheared, shifted and coloured."""
     gen = torch.Generator().manual_seed(seed)
@@ -200,9 +208,7 @@ def _glyph_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed: int) 
         cos, sin = torch.cos(angle), torch.sin(angle)
         # output -> input coordinates: inverse of (scale, rotate, shear), then undo the shift
         a = torch.stack([torch.stack([cos, sin + shear], 1), torch.stack([-sin, cos], 1)], 1) / scale[:, None, None]
-        t = -(a @ shift[:, :, None])
-        grid = F.affine_grid(torch.cat([a, t], 2), [n, 1, res, res], align_corners=False)
-        warped = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        warped = _affine_warp(masks, a, shift)
         bg, fg = _contrasting_colors(n, gen)
         out[s:s + n] = _finish(warped, bg, fg, size, gen, noise=0.03)
     return out
@@ -344,8 +350,10 @@ def _house_number_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed
     n_faces, n_digits, res, _ = bank.shape
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     out = torch.empty((len(labels_t), 3, size, size), dtype=torch.uint8)
-    for s in range(0, len(labels_t), _chunk(res)):
-        y = labels_t[s:s + _chunk(res)]
+    v, u = torch.meshgrid(torch.linspace(-1, 1, res), torch.linspace(-1, 1, res), indexing="ij")
+    chunk = _chunk(res)
+    for s in range(0, len(labels_t), chunk):
+        y = labels_t[s:s + chunk]
         n = len(y)
         face = torch.randint(n_faces, (n,), generator=gen)
         scale = 0.8 + 0.3 * torch.rand(n, generator=gen)
@@ -358,13 +366,10 @@ def _house_number_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed
         for offset in (-1, 0, 1):
             digit = y if offset == 0 else torch.randint(n_digits, (n,), generator=gen)
             present = torch.ones(n) if offset == 0 else (torch.rand(n, generator=gen) < 0.75).float()
-            at = shift + torch.stack([offset * spacing, torch.zeros(n)], 1)
-            grid = F.affine_grid(torch.cat([a, -(a @ at[:, :, None])], 2), [n, 1, res, res], align_corners=False)
-            warped = F.grid_sample(bank[face, digit][:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            warped = _affine_warp(bank[face, digit][:, None], a, shift + torch.stack([offset * spacing, torch.zeros(n)], 1))
             mask = torch.maximum(mask, warped * present[:, None, None, None])
         bg, fg = _contrasting_colors(n, gen, min_contrast=0.25)
         theta = 2 * math.pi * torch.rand(n, generator=gen)
-        v, u = torch.meshgrid(torch.linspace(-1, 1, res), torch.linspace(-1, 1, res), indexing="ij")
         shade = 1 - 0.25 * (1 + u * torch.cos(theta)[:, None, None] + v * torch.sin(theta)[:, None, None]) / 2
         img = _finish(mask, bg, fg, res, gen, noise=0.0).float() / 255 * shade[:, None]
         img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
