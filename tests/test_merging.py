@@ -465,6 +465,29 @@ def test_svd_check_flags_inexact_and_nan_factorizations():
     assert svd_failures(x, u, s, vh).tolist() == [False, True, True, True, True]
 
 
+def test_refused_svd_batch_is_halved_down_to_the_matrices_that_fail(monkeypatch):
+    """cuSOLVER refuses a whole batch when one matrix does not converge (gesvda on a rank-deficient
+    one, seen on an H200): only that matrix may leave the fast driver, as NaN factors the check redoes."""
+    from bvlib import merging
+
+    real_svd, calls = torch.linalg.svd, []
+
+    def cusolver_like(x, full_matrices=False, driver=None):
+        calls.append(len(x))
+        if bool((x.abs().amax((-2, -1)) == 0).any()):
+            raise RuntimeError("linalg.svd: The algorithm failed to converge (error code: 101)")
+        return real_svd(x, full_matrices=full_matrices)
+
+    x = torch.randn(8, 30, 20, generator=torch.Generator().manual_seed(0))
+    x[5] = 0.0
+    monkeypatch.setattr(torch.linalg, "svd", cusolver_like)
+    u, s, vh = merging._cusolver_svd(x, "gesvda")
+    fails = merging.svd_failures(x, u, s, vh)
+    assert fails.tolist() == [i == 5 for i in range(8)] and bool(s[5].isnan().all())
+    assert len(calls) == 7  # 8 -> 4 + 4 -> 4, 2 + 2 -> 2, 1 + 1: log-depth, not one call per matrix
+    assert torch.equal(s[:5], real_svd(x[:5], full_matrices=False)[1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_checked_svd_is_exact_on_hard_matrices():
     # gesvda is approximate: on rank-deficient, ill-conditioned or wide matrices the checked SVD must
