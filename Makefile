@@ -51,7 +51,7 @@ device-wheels: setup  ## the pure-Python wheels a GPU machine with torch lacks, 
 
 device-check:          ## on a GPU machine with torch (no venv, no network): the prepared check of the GPU path
 	[ ! -d .whl ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bvlib-site .whl/*.whl
-	PYTHONPATH=$(CURDIR):/tmp/bvlib-site PYTHONUNBUFFERED=1 python3 scripts/device_check.py $(if $(OUT),--out $(OUT)/device-check.json)
+	PYTHONPATH=$(CURDIR):/tmp/bvlib-site PYTHONUNBUFFERED=1 python3 scripts/device_check.py $(if $(OUT),--out $(OUT)/device-check.json) $(if $(SKIP),--skip $(SKIP))
 
 lint: setup
 	$(BIN)/ruff check bvlib tests benchmarks notebooks

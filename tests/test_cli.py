@@ -79,10 +79,36 @@ def test_the_device_check_runs_at_tiny_sizes(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "device.json"
-    proc = subprocess.run([sys.executable, str(root / "scripts" / "device_check.py"), "--tiny", "--skip", "tests,world", "--out", str(out)],
-                          capture_output=True, text=True, env=ENV, timeout=900)
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "device_check.py"), "--tiny", "--skip", "tests", "--fabricated-world",
+                           "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["gpu"] and r["merge"]["ties"]["fp32_ms"] > 0 and r["merge"]["naive_ties_fp32_ms"] > 0
     assert r["finetune"]["bvlib_img_s"] > 0 and r["finetune"]["plain_img_s"] > 0
     assert r["paper_dry_run_s"] > 0 and r["paper_dry_run"]["tbar_s"] > 0
+    assert r["gpu_world_s"] > r["gpu_world"]["pretrain_s"] > 0 and r["gpu_world"]["data"].startswith("fabricated")
+
+
+def test_the_device_checks_fabricated_world_reads_no_image_source(tmp_path, monkeypatch):
+    """A GPU machine without the mini world's sources still times its world: tasks and corpus of the
+    given sizes, the tasks' own class names, and no source or data cache touched."""
+    import importlib.util
+    from pathlib import Path
+
+    from bvlib.data.mini import registry
+    from bvlib.store import Store
+    from bvlib.world import World
+
+    spec = importlib.util.spec_from_file_location("device_check", Path(__file__).resolve().parents[1] / "scripts" / "device_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.setenv("BVLIB_CACHE", str(tmp_path / "cache"))
+    for name in ("_mnist_source", "_fashion_source", "_patterns_source"):  # what the smoke tasks read
+        monkeypatch.setattr(registry, name, lambda: 1 / 0)
+    with check.fabricated_mini_data({"mnist": (30, 5, 10), "fashion": (20, 4, 8), "patterns": (12, 3, 6)}, 50):
+        world = World("smoke", store=Store(tmp_path / "store"))
+        mnist = world.task("mnist")
+        assert [len(mnist.train), len(mnist.val), len(mnist.test)] == [30, 5, 10] and mnist.classnames[3] == "3"
+        assert mnist.train.images.dtype == torch.uint8 and mnist.train.images.shape[1:] == (3, 32, 32)
+        assert len(world.task("fashion").classnames) == 10
+    assert not (tmp_path / "cache").exists()
