@@ -145,6 +145,11 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], c
     loss_fn = ClipLoss()
     stream = _endless(Split(images, cap_ids), cfg.batch_size, g)
     losses, start = [], 0
+    recent: list[torch.Tensor] = []  # this run's losses, on the device: no host sync per step
+
+    def all_losses() -> list[float]:
+        return losses + (torch.stack(recent).double().tolist() if recent else [])
+
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["opt"])
@@ -159,7 +164,7 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], c
                      total=cfg.steps):
         if checkpoint is not None and step > start and step % checkpoint_every == 0:
             checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                        "losses": torch.tensor(losses, dtype=torch.float64), "torch_rng": torch.get_rng_state()})
+                        "losses": torch.tensor(all_losses(), dtype=torch.float64), "torch_rng": torch.get_rng_state()})
         batch, ids = next(stream)
         x = _to_float(batch, device)
         if max_shift:
@@ -176,6 +181,7 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], c
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss.detach()))
+        recent.append(loss.detach())
     model.eval()
-    return {"final_loss": sum(losses[-20:]) / len(losses[-20:])}
+    last = all_losses()[-20:]
+    return {"final_loss": sum(last) / len(last)}
