@@ -421,7 +421,24 @@ def test_unnamed_letters_are_seen_but_never_named(session_cache):
     assert any(c.startswith(names_a_letter) for c in named) and not any(c.startswith(names_a_letter) for c in unnamed)
     assert any(c in corpus_module._UNNAMED_CAPTIONS["letters"] for c in unnamed) and len(images) == len(named_images)
     with pytest.raises(BVLibError, match="unnamed takes"):
-        pretraining_corpus(n_per_source=40, unnamed=["fashion"])
+        pretraining_corpus(n_per_source=40, unnamed=["animals"])
+
+
+def test_unnamed_fashion_keeps_its_images_and_drops_its_names(session_cache):
+    """corpus `unnamed` on a pool kind: the same fashion images, no caption names a garment, the
+    other kinds' captions untouched."""
+    from bvlib.data.mini.registry import FASHION_CLASSES
+
+    named_images, named = pretraining_corpus(n_per_source=40)
+    images, unnamed = pretraining_corpus(n_per_source=40, unnamed=["fashion"])
+    garment = tuple(FASHION_CLASSES)
+
+    def names_garment(c: str) -> bool:
+        return any(g in c for g in garment)
+
+    assert torch.equal(images, named_images) and any(map(names_garment, named)) and not any(map(names_garment, unnamed))
+    assert sum(c in corpus_module._UNNAMED_CAPTIONS["fashion"] for c in unnamed) > 0
+    assert sum(a != b for a, b in zip(named, unnamed)) <= sum(map(names_garment, named))
 
 
 def test_lowercase_letters_teach_the_names_not_the_capitals(session_cache):

@@ -74,7 +74,9 @@ def _pool_pick(name: str, n: int, seed: int) -> tuple[_Source, np.ndarray, np.nd
 
 
 _UNNAMED_CAPTIONS = {"letters": ("a printed character.", "a character in a font.", "a glyph.", "a typed symbol.",
-                                  "a letter of the alphabet.")}
+                                  "a letter of the alphabet."),
+                     "fashion": ("a grey photo of a garment.", "a piece of clothing.", "a product photo.", "something to wear.",
+                                 "an item of fashion on a dark background.")}
 
 
 def _captions(kind: str, names: Sequence[str], labels: np.ndarray, rng: np.random.Generator, unnamed: bool = False) -> list[str]:
@@ -106,7 +108,7 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
         src, pick, task_idx = _pool_pick(name, n, seed)
         forbidden.append(_hash_rows(src.render(task_idx, image_size)))
         images.append(src.render(pick, image_size))
-        captions.extend(_captions(name, names, src.labels[pick], rng))
+        captions.extend(_captions(name, names, src.labels[pick], rng, unnamed=name in mix.unnamed))
         return src.keys[task_idx]
 
     for step in tqdm(("glyphs", "fashion", "animals", "clipart", "patterns"), desc="building pretraining corpus", leave=False):
@@ -173,8 +175,9 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
       ("an image.", "a picture of something."), which weakens zero-shot transfer.
     - n_lowercase: lowercase a-z (corpus fonts) captioned with their names ("the letter q"; the
       tokenizer lowercases, so these are the `letters` task's class names), capitals unseen.
-    - unnamed: kinds (so far "letters") whose captions never name the class ("a printed character."):
-      the base learns to see glyphs, as CLIP saw most of TA8's images, yet cannot name them.
+    - unnamed: kinds ("letters", "fashion") whose captions never name the class ("a printed
+      character.", "a piece of clothing."): the base learns to see them, as CLIP saw most of TA8's
+      images, yet cannot name them.
     Nothing is drawn from mnist, digits or textiles. Images identical (at this size) to any
     task-side image of a shared source are dropped.
     """
