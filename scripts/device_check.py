@@ -42,6 +42,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_stage(times: dict, label: str, fn, device: torch.device):
+    """fn()'s result; its wall time (GPU work included) goes to times[label]."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    times[label] = time.perf_counter() - t0
+    return out
+
+
 def cuda_tests(tiny: bool) -> dict:
     """The tests that only run with CUDA (they skip on a CPU)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_merging.py",
@@ -246,12 +256,7 @@ def paper_dry_run(device: torch.device, tiny: bool) -> dict:
         world = World(preset, store=Store(tmp / "store"), device=device, progress=False)
 
         def stage(label, fn):
-            sync(device)
-            t0 = time.perf_counter()
-            out = fn()
-            sync(device)
-            times[label] = time.perf_counter() - t0
-            return out
+            return timed_stage(times, label, fn, device)
 
         attack = world.badnets()
         clean = stage("finetune_clean_s", lambda: {t: world.finetune(t) for t in tasks})
@@ -320,9 +325,7 @@ def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False) -> dict
             t = time.perf_counter()
             world = World("smoke" if tiny else "gpu", store=Store(tmp), device=device, progress=False)
             for stage, fn in (("pretrain_s", lambda: world.base_weights), ("card_s", world.card), ("merge_curves_s", world.merge_curves)):
-                s = time.perf_counter()
-                fn()
-                out[stage] = time.perf_counter() - s
+                timed_stage(out, stage, fn, device)
                 print(f"  gpu world {stage} {out[stage]:.1f} s", flush=True)  # a check cut short still shows how far it got
             out["total_s"] = time.perf_counter() - t
         return out
