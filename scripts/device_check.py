@@ -276,7 +276,7 @@ def paper_dry_run(device: torch.device, tiny: bool) -> dict:
 # (train, val, test) images per task of the gpu preset as the bundled sources give them (`_split_indices`
 # before de-duplication), and its corpus's size (CorpusMix's defaults): the sizes a fabricated world uses
 GPU_SPLITS = {"mnist": (3500, 500, 1000), "digits": (1259, 179, 359), "fashion": (6965, 994, 1989),
-              "animals": (5449, 777, 1557), "housenumbers": (3500, 500, 1000), "textiles": (1050, 150, 300),
+              "animals": (5449, 777, 1557), "housenumbers": (3500, 500, 1000), "fabric": (700, 100, 200),
               "letters": (5460, 780, 1560), "patterns": (2800, 400, 800)}
 GPU_CORPUS = 20_700
 SMOKE_SPLITS, SMOKE_CORPUS = {"mnist": (600, 100, 200), "fashion": (600, 100, 200), "patterns": (480, 80, 160)}, 2100

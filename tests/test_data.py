@@ -61,7 +61,7 @@ def test_task_shapes_labels_and_prompts(tasks, name):
     task = tasks[name]
     assert task.name == name
     assert 2 <= len(task.templates) <= 4 and all(t.count("{}") == 1 for t in task.templates)
-    assert len(set(task.classnames)) == task.n_classes >= 3
+    assert len(set(task.classnames)) == task.n_classes >= 2
     for split_name in ("train", "val", "test"):
         split = getattr(task, split_name)
         assert isinstance(split, Split) and len(split) > 0
@@ -148,6 +148,17 @@ def test_house_numbers_print_the_task_side_fonts_digits():
     expected = generated._house_number_images(task_bank, source.labels, 32, seed)
     assert torch.equal(source.render(np.arange(len(source.labels)), 32), expected)
     assert not torch.equal(expected, generated._house_number_images(corpus_bank, source.labels, 32, seed))
+
+
+def test_fabric_is_textiles_without_its_local_defects():
+    """Same files as textiles' nominal and global classes, relabelled 0 and 1; no local defect."""
+    textiles, fabric = sources._textiles_source(), sources._textiles_source(sources.FABRIC_CLASSES)
+    nominal, local, glob = (textiles.keys[textiles.labels == c] for c in range(3))
+    assert np.array_equal(fabric.keys[fabric.labels == 0], nominal)
+    assert np.array_equal(fabric.keys[fabric.labels == 1], glob)
+    assert len(fabric.labels) == len(nominal) + len(glob) and not set(local.tolist()) & set(fabric.keys.tolist())
+    task = load_task("fabric", max_train_per_class=20, max_test_per_class=5)
+    assert task.classnames == ["no defect", "a global defect"] and set(task.test.labels.tolist()) == {0, 1}
 
 
 def test_letter_fonts_are_disjoint_from_corpus_fonts():

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from bvlib.errors import BVLibError
 
 DATA_VERSION = "mini-data-3"  # bump to invalidate every cached task and corpus
-MINI_TASKS: tuple[str, ...] = ("mnist", "digits", "fashion", "animals", "clipart", "textiles", "letters", "patterns", "housenumbers")
+MINI_TASKS: tuple[str, ...] = ("mnist", "digits", "fashion", "animals", "clipart", "textiles", "letters", "patterns", "housenumbers",
+                              "fabric")
 PAPER_TASKS: tuple[str, ...] = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
 
 TEST_FRACTION = 0.2

@@ -21,6 +21,7 @@ from bvlib.data.mini.generated import (
 from bvlib.data.mini.sources import (
     CLIPART_CLASSES,
     CLIPART_TASK_CAP,
+    FABRIC_CLASSES,
     TEXTILE_CLASSES,
     _animals_source,
     _clipart_source,
@@ -65,6 +66,9 @@ _SPECS: dict[str, _TaskSpec] = {
     "textiles": _TaskSpec(tuple(c for _, c in TEXTILE_CLASSES), ("a close-up photo of fabric with {}.", "a textile texture with {}.",
                                                                  "a photo of woven cloth with {}."),
                           lambda s: _textiles_source(), cap_per_class=500),
+    "fabric": _TaskSpec(tuple(c for _, c in FABRIC_CLASSES), ("a close-up photo of fabric with {}.", "a textile texture with {}.",
+                                                             "a photo of woven cloth with {}."),
+                        lambda s: _textiles_source(FABRIC_CLASSES), cap_per_class=500),
     "letters": _TaskSpec(tuple(LETTERS), ('the letter "{}".', "a picture of the letter {}.", "the capital letter {}."),
                          _letters_source, fingerprint=_fonts_fingerprint),
     "patterns": _TaskSpec(PATTERN_CLASSES, ("a {} pattern.", "an image with a {} design.", "a simple {} graphic."),

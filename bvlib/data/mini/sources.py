@@ -264,14 +264,16 @@ def _clipart_corpus_source() -> _Source:
 
 
 TEXTILE_CLASSES: tuple[tuple[str, str], ...] = (("nominal", "no defect"), ("local", "a local defect"), ("global", "a global defect"))
+# a local defect is ~10 px of a 250 px image and vanishes at 32 px: fabric keeps the two classes that stay visible
+FABRIC_CLASSES: tuple[tuple[str, str], ...] = (TEXTILE_CLASSES[0], TEXTILE_CLASSES[2])
 
 
-@lru_cache(maxsize=1)
-def _textiles_source() -> _Source:
-    """conformal-clip-data's simulated textile textures (250x250 JPEGs)."""
+@lru_cache(maxsize=2)
+def _textiles_source(classes: tuple[tuple[str, str], ...] = TEXTILE_CLASSES) -> _Source:
+    """conformal-clip-data's simulated textile textures (250x250 JPEGs), one label per (folder, name) class."""
     root = _site_file("conformal_clip_data", "data", "textile_images", "simulated")
     paths, labels = [], []
-    for c, (folder, _) in enumerate(TEXTILE_CLASSES):
+    for c, (folder, _) in enumerate(classes):
         files = sorted((root / folder).glob("*.jpg"))
         if not files:
             raise BVLibError(f"no textile images in {root / folder}; reinstall with: pip install --force-reinstall conformal-clip-data")
