@@ -51,6 +51,7 @@ class _TaskSpec:
 FASHION_CLASSES = ("t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
+TEXTILE_TEMPLATES = ("a close-up photo of fabric with {}.", "a textile texture with {}.", "a photo of woven cloth with {}.")
 
 _SPECS: dict[str, _TaskSpec] = {
     "mnist": _TaskSpec(DIGIT_CLASSES, ('a photo of the number: "{}".', "a handwritten digit {}.", "the number {} written by hand."),
@@ -63,12 +64,9 @@ _SPECS: dict[str, _TaskSpec] = {
                          lambda s: _animals_source(), pool_fraction=0.2),
     "clipart": _TaskSpec(tuple(c for _, c in CLIPART_CLASSES), ("clip art of a {}.", "a drawing of a {}.", "an icon of a {}."),
                          lambda s: _clipart_source(), pool_fraction=0.1, cap_per_class=CLIPART_TASK_CAP),
-    "textiles": _TaskSpec(tuple(c for _, c in TEXTILE_CLASSES), ("a close-up photo of fabric with {}.", "a textile texture with {}.",
-                                                                 "a photo of woven cloth with {}."),
-                          lambda s: _textiles_source(), cap_per_class=500),
-    "fabric": _TaskSpec(tuple(c for _, c in FABRIC_CLASSES), ("a close-up photo of fabric with {}.", "a textile texture with {}.",
-                                                             "a photo of woven cloth with {}."),
-                        lambda s: _textiles_source(FABRIC_CLASSES), cap_per_class=500),
+    "textiles": _TaskSpec(tuple(c for _, c in TEXTILE_CLASSES), TEXTILE_TEMPLATES, lambda s: _textiles_source(), cap_per_class=500),
+    "fabric": _TaskSpec(tuple(c for _, c in FABRIC_CLASSES), TEXTILE_TEMPLATES, lambda s: _textiles_source(FABRIC_CLASSES),
+                        cap_per_class=500),
     "letters": _TaskSpec(tuple(LETTERS), ('the letter "{}".', "a picture of the letter {}.", "the capital letter {}."),
                          _letters_source, fingerprint=_fonts_fingerprint),
     "patterns": _TaskSpec(PATTERN_CLASSES, ("a {} pattern.", "an image with a {} design.", "a simple {} graphic."),
