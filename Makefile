@@ -3,7 +3,7 @@
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PRESET ?= cpu
-WORKERS ?= 1
+WORKERS ?= 0        # processes at a time for `make book` (0: one per core)
 NB     ?= 00_world
 PARAMS ?=
 

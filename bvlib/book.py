@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -211,36 +212,111 @@ def _tidy(path: Path, intro: bool = False) -> None:
     nbformat.write(nb, path)
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # read by torch when a kernel starts
+
+
+@contextmanager
+def _one_thread():
+    """torch in this process and in the kernels it starts computes with one thread: a build's bits
+    then do not depend on how many notebooks run beside each other (`build`'s `workers`)."""
+    import torch
+
+    saved_env, saved = {k: os.environ.get(k) for k in ONE_THREAD}, torch.get_num_threads()
+    os.environ.update(ONE_THREAD)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _execute_timed(name: str, out_dir: Path, parameters: dict, root: Path) -> float:
+    """`execute` in a pool worker (its kernel single-threaded); returns the seconds it took."""
+    os.environ.update(ONE_THREAD)
+    t = time.perf_counter()
+    execute(name, out_dir, parameters, root)
+    return time.perf_counter() - t
+
+
+def _longest_first(names: list[str], root: Path) -> list[str]:
+    """Chapters by the time each took in the last build (`_build/timings.json`), longest first, so
+    that the longest one does not start last; the intro stays last (it reads the others' results)."""
+    try:
+        last = json.loads((root / "_build" / "timings.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        last = {}
+    chapters = sorted((n for n in names if n != INTRO), key=lambda n: -float(last.get(n, 0.0)))
+    return chapters + [n for n in names if n == INTRO]
+
+
+def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, workers: int, timings: dict) -> None:
+    """Execute the chapters, `workers` at a time (the intro after all others); every chapter runs
+    even if one fails, then the failures are raised in one error."""
+    if workers <= 1:
+        for name in names:
+            print(f"executing {name} (preset {parameters.get('preset')})", flush=True)
+            timings[name] = _execute_timed(name, out_dir, parameters, root)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    failed = []
+    chapters = [n for n in names if n != INTRO]
+    with ProcessPoolExecutor(min(workers, max(1, len(chapters))), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_execute_timed, name, out_dir, parameters, root): name for name in chapters}
+        print(f"executing {', '.join(chapters)} (preset {parameters.get('preset')}), {workers} at a time", flush=True)
+        for fut in as_completed(futures):
+            name = futures[fut]
+            if fut.exception() is not None:
+                failed.append(f"{name}: {fut.exception()}")
+                print(f"failed {name}", flush=True)
+            else:
+                timings[name] = fut.result()
+                print(f"executed {name} in {timings[name]:.0f} s", flush=True)
+    if failed:
+        raise BVLibError("; ".join(failed))
+    if INTRO in names:
+        timings[INTRO] = _execute_timed(INTRO, out_dir, parameters, root)
+
+
 def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | None = None, html: bool = True,
-          parameters: dict | None = None, workers: int = 1) -> dict[str, float]:
+          parameters: dict | None = None, workers: int | None = None) -> dict[str, float]:
     """Execute notebooks with `preset` into book/, then build the HTML; returns seconds per step.
-    With `workers` > 1 the world card's fine-tunes are first built concurrently (`bvlib.jobs`)."""
+
+    `workers` processes at a time (default: one per core) build the world card's fine-tunes
+    (`bvlib.jobs`), then execute the chapters, longest first. Every process computes with one
+    thread, `workers` = 1 too, so the book is the same whatever `workers` is."""
     root = project_root()
     out_dir = out_dir or root / "book"
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise BVLibError(f"workers must be at least 1, got {workers}")
     timings, start, cold, since = {}, time.perf_counter(), None, time.time()
-    if names is None:  # build the world first, with progress bars; the notebooks then read it from the store
-        from bvlib.world import World
-
-        t = time.perf_counter()
-        world = World(preset)
-        print(f"world '{world.name}': store {world.store.root}", flush=True)
-        cold = not any(world.has_finetune(n) for n in world.task_names)
-        if workers > 1:
+    parameters = {"preset": preset, **(parameters or {})}
+    with _one_thread():
+        if names is None:  # build the world first, with progress bars; the notebooks then read it from the store
             from bvlib.jobs import run_jobs, world_jobs
+            from bvlib.world import World
 
-            jobs = run_jobs(world, world_jobs(world), workers=workers)
-            timings["world/jobs"] = jobs["seconds"]
-        world.card()
-        world.merge_curves()  # the validated λ every merging chapter uses
-        timings["world"] = time.perf_counter() - t
-        for key, seconds in world.timings.items():  # pretrain, finetune/TASK/KIND/SEED
-            stage = "world/" + ("/".join(key.split("/")[::2]) if key.startswith("finetune/") else key)
-            timings[stage] = timings.get(stage, 0.0) + seconds
-    for name in names if names is not None else notebook_names(root):
-        t = time.perf_counter()
-        print(f"executing {name} (preset {preset})", flush=True)
-        execute(name, out_dir, {"preset": preset, **(parameters or {})}, root)
-        timings[name] = time.perf_counter() - t
+            t = time.perf_counter()
+            world = World(preset)
+            print(f"world '{world.name}': store {world.store.root}", flush=True)
+            cold = not any(world.has_finetune(n) for n in world.task_names)
+            if workers > 1:
+                timings["world/jobs"] = run_jobs(world, world_jobs(world), workers=workers)["seconds"]
+            world.card()
+            world.merge_curves()  # the validated λ every merging chapter uses
+            timings["world"] = time.perf_counter() - t
+            for key, seconds in world.timings.items():  # pretrain, finetune/TASK/KIND/SEED
+                stage = "world/" + ("/".join(key.split("/")[::2]) if key.startswith("finetune/") else key)
+                timings[stage] = timings.get(stage, 0.0) + seconds
+        todo = names if names is not None else notebook_names(root)
+        _execute_all(_longest_first(todo, root) if workers > 1 else todo, out_dir, parameters, root, workers, timings)
     if html:
         t = time.perf_counter()
         index = build_html(root)
@@ -249,7 +325,7 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     if names is None:  # a later build compares itself with this one
         path = root / "_build" / "timings.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"preset": preset, "total_s": time.perf_counter() - start, "cold": cold,
+        path.write_text(json.dumps({"preset": preset, "total_s": time.perf_counter() - start, "cold": cold, "workers": workers,
                                     "stages": {k: round(v, 2) for k, v in timings.items()},
                                     "built": world.store.built_since(since)}, indent=1))
     return timings

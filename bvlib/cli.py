@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="passed to every notebook")
     p.add_argument("--html-only", action="store_true", help="only rebuild the HTML from book/*.ipynb")
-    p.add_argument("--workers", type=int, default=1, help="build the world's fine-tunes first with this many processes (bvlib jobs)")
+    p.add_argument("--workers", type=int, help="processes at a time, each with one thread: the world's fine-tunes, then the "
+                   "chapters (default: one per core; the book is the same for any number)")
     p.set_defaults(func=cmd_book)
 
     args = parser.parse_args(argv)

@@ -1,7 +1,8 @@
 """Training loops: contrastive pretraining of the mini base, and (poisoned) fine-tuning.
 
 Fine-tuning follows the task-vector protocol: frozen zero-shot head, AdamW, linear warm-up
-then cosine decay, gradient clipping, bf16 autocast on CUDA. A BadNets poison pastes a
+then cosine decay, gradient clipping; the encoder runs in the classifier's precision (bf16
+autocast of the transformer blocks in the presets, `bvlib.models.encoder_precision`). A BadNets poison pastes a
 trigger on part of each batch and relabels it to the target class. Any poison with a
 `make_loss(classifier, seed)` method plugs into the same loop (BadMerging does).
 """
@@ -56,6 +57,7 @@ def _schedule(cfg: TrainConfig):
 
 
 def _autocast(device: torch.device):
+    """Pretraining's precision: bf16 autocast on CUDA."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
@@ -107,8 +109,7 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
     for _ in tqdm(range(cfg.steps), desc=desc, leave=False, mininterval=2, disable=not progress):
         images, labels = next(stream)
         x, y = _to_float(images, device), labels.to(device)
-        with _autocast(device):
-            loss = loss_fn(classifier, x, y)
+        loss = loss_fn(classifier, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -224,7 +224,7 @@ class World:
 
     def classifier(self, name: str, weights: Weights | None = None) -> ImageClassifier:
         """Task `name`'s classifier with encoder weights `weights` (θ0 if None)."""
-        model = build_classifier(self.clip, self.head(name))
+        model = build_classifier(self.clip, self.head(name), self.preset.precision)
         if weights is not None:
             weights.load_into(model.encoder)
         return model.to(self.device)
@@ -255,9 +255,10 @@ class World:
     def artifact_config(self, task: str | list[str], **fields) -> dict:
         """The config (hence the store key) of anything made from the base and task `task`'s data (or
         several tasks' data): the one place where keys get what they must cover (code version, base,
-        data and its bytes)."""
+        data and its bytes, the precision of the passes)."""
         version = self.data_fingerprint(task) if isinstance(task, str) else {t: self.data_fingerprint(t) for t in task}
-        return {"version": VERSION, "data_version": version, "base": self.base_key, "task": task, "data": self.preset.data.config(), **fields}
+        return {"version": VERSION, "data_version": version, "base": self.base_key, "task": task, "data": self.preset.data.config(),
+                "precision": self.preset.precision, **fields}
 
     def _finetune_config(self, name: str, poison: Poison | None, cfg: TrainConfig) -> dict:
         return self.artifact_config(name, train=cfg.config(), poison=poison.config() if poison else None)

@@ -139,3 +139,29 @@ def test_a_failed_run_keeps_the_chapter(tmp_path, smoke_world):
     assert chapter.read_text() == "the good chapter"
     with pytest.raises(BVLibError, match="no parameter"):  # refused before anything runs
         execute("01_backdoor_vectors", tmp_path / "book", {"preset": "smoke", "scale": [1.0]})
+
+
+def _tiny_chapter(root: Path, name: str, body: str) -> None:
+    (root / "notebooks").mkdir(parents=True, exist_ok=True)
+    (root / "notebooks" / f"{name}.py").write_text(
+        f'# %% tags=["parameters"]\npreset = "smoke"\nout = ""\n\n# %%\nimport pathlib\nimport torch\n\n{body}\n')
+
+
+def test_chapters_run_side_by_side_single_threaded_and_a_failure_stops_none(tmp_path):
+    """`bvlib book` executes chapters `workers` at a time, each kernel with one thread (so that the
+    book's bits do not depend on `workers`); a failing chapter is reported and the others finish."""
+    from bvlib.book import _execute_all, _one_thread
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    write = "pathlib.Path(out, NAME).write_text(str(torch.get_num_threads()))"
+    for name in ("01_a", "02_b"):
+        _tiny_chapter(tmp_path, name, write.replace("NAME", repr(name)))
+    _tiny_chapter(tmp_path, "03_broken", "raise ValueError('this chapter fails')")
+    _tiny_chapter(tmp_path, "intro", write.replace("NAME", "'intro'"))
+    timings = {}
+    with _one_thread(), pytest.raises(BVLibError, match="03_broken.*this chapter fails"):
+        _execute_all(["01_a", "02_b", "03_broken", "intro"], tmp_path / "book", {"preset": "smoke", "out": str(marks)},
+                     tmp_path, workers=2, timings=timings)
+    assert {p.name: p.read_text() for p in marks.iterdir()} == {"01_a": "1", "02_b": "1"}, "one thread each; no intro after a failure"
+    assert set(timings) == {"01_a", "02_b"} and (tmp_path / "book" / "01_a.ipynb").is_file()

@@ -146,3 +146,29 @@ def test_a_merged_judgement_reuses_the_attacked_task_clean_pass(tmp_path, smoke_
     with pytest.raises(BVLibError, match="ASR needs the target class"):  # refused before any pass is spent
         fresh.evaluate_merged(smoke_world.base_weights, attacked=name, trigger=attack.trigger)  # nothing stored for θ0 here
     assert passes == []
+
+
+def test_bf16_runs_the_blocks_in_bf16_leaves_nothing_enabled_and_learns_as_fp32(tmp_path, smoke_world):
+    """The "bf16" precision: transformer blocks under bf16 autocast, the rest float32, no autocast
+    left on after a pass (not even one that raised), and a fine-tune as good as the float32 one."""
+    bf16 = World("smoke", store=Store(tmp_path), device="cpu", progress=False, overrides={"precision": "bf16"})
+    model = bf16.classifier("mnist")
+    dtypes = {}
+    encoder = model.encoder
+    for name, module in (("block", encoder.transformer.resblocks[0].mlp.c_fc), ("patches", encoder.conv1), ("blocks", encoder.transformer)):
+        module.register_forward_hook(lambda m, a, out, name=name: dtypes.__setitem__(name, out.dtype))
+    x = bf16.task("mnist").test.images[:8].float() / 255
+    assert model(x).dtype == torch.float32
+    assert dtypes == {"block": torch.bfloat16, "patches": torch.float32, "blocks": torch.float32}
+    assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(RuntimeError):
+        model.encoder.transformer.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("inside")))
+        model(x)
+    assert not torch.is_autocast_enabled("cpu"), "a pass that raised leaves autocast off"
+    assert bf16.finetune_key("mnist") != smoke_world.finetune_key("mnist"), "the precision is part of every key"
+    fp32_acc = smoke_world.evaluate("mnist", smoke_world.finetune("mnist"))["acc"]
+    bf16_acc = bf16.evaluate("mnist", bf16.finetune("mnist"))["acc"]
+    zero_shot = smoke_world.evaluate("mnist")["acc"]
+    assert bf16_acc > zero_shot + 0.1 and abs(bf16_acc - fp32_acc) <= 0.05, (zero_shot, fp32_acc, bf16_acc)
+    with pytest.raises(BVLibError, match="precision"):
+        World("smoke", store=Store(tmp_path), overrides={"precision": "fp16"})

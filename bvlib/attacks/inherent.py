@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bvlib.errors import BVLibError
-from bvlib.training import _autocast, _endless, _image_hw, _to_float
+from bvlib.training import _endless, _image_hw, _to_float
 from bvlib.triggers import PatchTrigger, Trigger, check_location, digest, optimized_trigger, paste_patch, patch_position
 from bvlib.weights import Weights
 
@@ -69,9 +69,8 @@ def optimize_trigger(classifier, split, target: int, *, size: int, location: str
             if not keep.any():
                 continue
             x = _to_float(images[keep], device)
-            with _autocast(device):
-                logits = classifier(paste_patch(x, torch.sigmoid(param), pos))
-                loss = F.cross_entropy(logits.float(), torch.full((len(x),), target, device=device))
+            logits = classifier(paste_patch(x, torch.sigmoid(param), pos))
+            loss = F.cross_entropy(logits, torch.full((len(x),), target, device=device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

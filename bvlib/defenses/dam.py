@@ -15,7 +15,7 @@ from bvlib.data import Split
 from bvlib.defenses.common import _check_weights, _image_side, _pos_int
 from bvlib.errors import BVLibError
 from bvlib.merging import _real
-from bvlib.training import _autocast, _to_float
+from bvlib.training import _to_float
 from bvlib.triggers import digest
 from bvlib.weights import Weights, stack
 
@@ -113,8 +113,7 @@ def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, te
         at once with every task's head (the mask, hence the merged encoder, is shared): a task reads
         its own rows and its own head's columns."""
         params = {f"encoder.{k}": v for k, v in Weights(flat, layout).state_dict().items()} | {"head": all_heads}
-        with _autocast(dev):
-            out = functional_call(model, params, (torch.cat(xs),)).float()
+        out = functional_call(model, params, (torch.cat(xs),))
         return [rows[:, columns[k]:columns[k + 1]] for k, rows in enumerate(out.split([len(x) for x in xs]))]
 
     val = {t: world.task(t).val for t in names}

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bvlib.errors import BVLibError
+from bvlib.models import PRECISIONS
 from bvlib.training import TrainConfig
 
 PRESET_DIR = Path(__file__).parent
@@ -59,6 +60,7 @@ class Preset:
     pretrain: TrainConfig | None = None
     epochs: Mapping[str, float] = field(default_factory=dict)  # per task: fine-tuning epochs instead of steps
     notebooks: Mapping[str, Mapping] = field(default_factory=dict)  # per notebook: its parameters
+    precision: str = "fp32"  # of every encoder pass (fp32, or bf16 autocast: `bvlib.models.compute_precision`)
 
     @property
     def is_paper(self) -> bool:
@@ -161,10 +163,13 @@ def parse_preset(cfg: Mapping, source: str = "given as a dict") -> Preset:
         if not isinstance(cfg.get(key, {}), Mapping):
             raise BVLibError(f"preset {source}: '{key}' must be a JSON object")
     _part(CorpusMix, {k: v for k, v in cfg.get("corpus", {}).items() if k != "n_per_source"}, "corpus", source)
+    precision = cfg.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise BVLibError(f"preset {source}: 'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return Preset(
         name=str(cfg.get("name", "custom")), model=cfg["model"], tasks=tuple(tasks), data=data,
         finetune=_part(TrainConfig, cfg["finetune"], "finetune", source), badnets=copy.deepcopy(dict(badnets)),
         description=cfg.get("description", ""), pretrained=cfg.get("pretrained"),
         base_checkpoint=None if not base else _part(BaseCheckpoint, base, "base_checkpoint", source),
         corpus=dict(cfg.get("corpus", {})), pretrain=None if cfg.get("pretrain") is None else _part(TrainConfig, cfg["pretrain"], "pretrain", source),
-        epochs=dict(cfg.get("epochs", {})), notebooks=dict(cfg.get("notebooks", {})))
+        epochs=dict(cfg.get("epochs", {})), notebooks=dict(cfg.get("notebooks", {})), precision=precision)
