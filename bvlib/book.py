@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -254,10 +255,13 @@ def _longest_first(names: list[str], root: Path) -> list[str]:
     return chapters + [n for n in names if n == INTRO]
 
 
-def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, workers: int, timings: dict) -> None:
-    """Execute the chapters, `workers` at a time (the intro after all others); every chapter runs
-    even if one fails, then the failures are raised in one error."""
+def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, workers: int, timings: dict,
+                 meanwhile: Callable[[], None] = lambda: None) -> None:
+    """Execute the chapters, `workers` at a time (the intro after all others), and `meanwhile()` in
+    this process while they start; every chapter runs even if one fails, then the failures are
+    raised in one error."""
     if workers <= 1:
+        meanwhile()
         for name in names:
             print(f"executing {name} (preset {parameters.get('preset')})", flush=True)
             timings[name] = _execute_timed(name, out_dir, parameters, root)
@@ -270,6 +274,7 @@ def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, 
     with ProcessPoolExecutor(min(workers, max(1, len(chapters))), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_execute_timed, name, out_dir, parameters, root): name for name in chapters}
         print(f"executing {', '.join(chapters)} (preset {parameters.get('preset')}), {workers} at a time", flush=True)
+        meanwhile()
         for fut in as_completed(futures):
             name = futures[fut]
             if fut.exception() is not None:
@@ -309,14 +314,20 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
             cold = not any(world.has_finetune(n) for n in world.task_names)
             if workers > 1:
                 timings["world/jobs"] = run_jobs(world, world_jobs(world), workers=workers)["seconds"]
+            timings["world"] = time.perf_counter() - t
+
+        def card_and_curves():  # while the first chapters start; a chapter that needs them first waits for them
+            t = time.perf_counter()
             world.card()
             world.merge_curves()  # the validated λ every merging chapter uses
-            timings["world"] = time.perf_counter() - t
+            timings["world/card"] = time.perf_counter() - t
             for key, seconds in world.timings.items():  # pretrain, finetune/TASK/KIND/SEED
                 stage = "world/" + ("/".join(key.split("/")[::2]) if key.startswith("finetune/") else key)
                 timings[stage] = timings.get(stage, 0.0) + seconds
+
         todo = names if names is not None else notebook_names(root)
-        _execute_all(_longest_first(todo, root) if workers > 1 else todo, out_dir, parameters, root, workers, timings)
+        _execute_all(_longest_first(todo, root) if workers > 1 else todo, out_dir, parameters, root, workers, timings,
+                     card_and_curves if names is None else lambda: None)
     if html:
         t = time.perf_counter()
         index = build_html(root)

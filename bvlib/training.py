@@ -96,7 +96,7 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
     g = torch.Generator().manual_seed(cfg.seed)
     classifier.to(device).train()
     params = [p for p in classifier.encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     if poison is not None:
         poison.trigger.check_fits(*_image_hw(split))
