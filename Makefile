@@ -3,7 +3,8 @@
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PRESET ?= cpu
-WORKERS ?= 0        # processes at a time for `make book` (0: one per core)
+# processes at a time for `make book`, each with one thread (0: one per core)
+WORKERS ?= 0
 NB     ?= 00_world
 PARAMS ?=
 

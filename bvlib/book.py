@@ -237,8 +237,7 @@ def _one_thread():
 
 
 def _execute_timed(name: str, out_dir: Path, parameters: dict, root: Path) -> float:
-    """`execute` in a pool worker (its kernel single-threaded); returns the seconds it took."""
-    os.environ.update(ONE_THREAD)
+    """`execute`, returning the seconds it took (pool workers inherit `_one_thread`'s environment)."""
     t = time.perf_counter()
     execute(name, out_dir, parameters, root)
     return time.perf_counter() - t

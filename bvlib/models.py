@@ -86,10 +86,10 @@ def encoder_precision(encoder: nn.Module, precision: str, device: torch.device |
     whole encoder) in `precision`: "fp32" changes nothing; "bf16" is bf16 autocast with float32
     weights, optimiser and gradient accumulation. The blocks hold nearly all the work; the patch
     embedding, final norm and projection stay float32 at no measurable cost, so the features the
-    head reads keep float32 precision. On a
-    CPU with AMX this fine-tunes the mini CLIP 1.6x faster to the same loss and accuracy
-    (`benchmarks/bench_precision.py`); the attention then takes PyTorch's math path, as the
-    fused bf16 kernel's backward is slower than float32 at the mini world's 17 tokens."""
+    head reads keep float32 precision. On a CPU with AMX this fine-tunes the mini CLIP 1.6x faster
+    to the same loss and accuracy (`benchmarks/bench_precision.py`); the attention then takes
+    PyTorch's math path, as the fused bf16 kernel's backward is slower than float32 at the mini
+    world's 17 tokens."""
     if check_precision(precision) == "fp32":
         yield
         return

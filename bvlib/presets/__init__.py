@@ -60,7 +60,7 @@ class Preset:
     pretrain: TrainConfig | None = None
     epochs: Mapping[str, float] = field(default_factory=dict)  # per task: fine-tuning epochs instead of steps
     notebooks: Mapping[str, Mapping] = field(default_factory=dict)  # per notebook: its parameters
-    precision: str = "fp32"  # of every encoder pass (fp32, or bf16 autocast: `bvlib.models.compute_precision`)
+    precision: str = "fp32"  # of every encoder pass (fp32, or bf16 autocast: `bvlib.models.encoder_precision`)
 
     @property
     def is_paper(self) -> bool:
