@@ -3,6 +3,12 @@
 The classifier is the image encoder plus a frozen zero-shot head built from class names ×
 prompt templates with the text encoder, as in the task-vector literature; only the image
 encoder is fine-tuned, so task vectors and Backdoor Vectors live in its weight space.
+
+The mini configs (model_configs/) ask for open_clip's own attention block ("block_type":
+"custom": batch-first, PyTorch's scaled_dot_product_attention), the same function with the same
+parameter names as nn.MultiheadAttention's blocks. With `PatchEmbedding` it fine-tunes 1.1x,
+searches triggers 1.3x and runs DAM 1.2x faster on one CPU thread (`benchmarks/bench_kernels.py`).
+The smoke config keeps open_clip's default block: the tests' tiny world stays the one they probe.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ def create_clip(name: str, pretrained: str | None = None, device: torch.device |
                          "\"pretrained\" to a local checkpoint file") from None
     finally:
         quiet.setLevel(level)
+    _patchify_as_matmul(model.visual)
     if local:
         state = load_state_dict(pretrained)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -61,6 +68,32 @@ def create_clip(name: str, pretrained: str | None = None, device: torch.device |
             raise BVLibError(f"{pretrained} is not a {name} checkpoint: {len(missing)} parameters missing (e.g. '{missing[0]}')")
     model.eval()
     return model, open_clip.get_tokenizer(name)
+
+
+class PatchEmbedding(nn.Conv2d):
+    """A ViT's patchify convolution (kernel = stride, no padding, no bias) computed as one matmul over
+    the image's patches: the same function, with the same parameter. On a CPU PyTorch's convolution
+    kernels are slow at these shapes, above all to backpropagate to the pixels (trigger search, DAM's
+    perturbations): at the mini world's 32 px, 8 px patches and batch 128 the matmul is 1.3x faster
+    forward, 1.5x to the weights and 3.5x to the pixels (`benchmarks/bench_kernels.py`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (p, _), (b, c, h, w) = self.kernel_size, x.shape
+        x = x[..., : h - h % p, : w - w % p]  # a convolution drops the remainder too
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        out = patches @ self.weight.reshape(self.out_channels, -1).T
+        return out.transpose(1, 2).reshape(b, self.out_channels, h // p, w // p)
+
+
+def _patchify_as_matmul(visual: nn.Module) -> None:
+    """Swap a vision tower's patchify convolution (`conv1`, as open_clip names it) for `PatchEmbedding`."""
+    conv = getattr(visual, "conv1", None)
+    if (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride and conv.kernel_size[0] == conv.kernel_size[1]
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None):
+        embed = PatchEmbedding(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=False,
+                               device=conv.weight.device, dtype=conv.weight.dtype)
+        embed.weight = conv.weight
+        visual.conv1 = embed
 
 
 @torch.no_grad()
@@ -87,9 +120,10 @@ def encoder_precision(encoder: nn.Module, precision: str, device: torch.device |
     weights, optimiser and gradient accumulation. The blocks hold nearly all the work; the patch
     embedding, final norm and projection stay float32 at no measurable cost, so the features the
     head reads keep float32 precision. On a CPU with AMX this fine-tunes the mini CLIP 1.6x faster
-    to the same loss and accuracy (`benchmarks/bench_precision.py`); the attention then takes
-    PyTorch's math path, as the fused bf16 kernel's backward is slower than float32 at the mini
-    world's 17 tokens."""
+    to the same loss and accuracy (`benchmarks/bench_precision.py`). There, passes that backpropagate
+    take PyTorch's math attention, as the fused bf16 kernel's backward is 2.4x slower at the mini
+    world's 17 tokens; passes without gradients keep the fused kernel, 1.2x faster than the math
+    one (`benchmarks/bench_kernels.py`)."""
     if check_precision(precision) == "fp32":
         yield
         return
@@ -100,7 +134,7 @@ def encoder_precision(encoder: nn.Module, precision: str, device: torch.device |
 
     def enter(module, args):
         stack.enter_context(torch.autocast(device_type, dtype=torch.bfloat16))
-        if device_type == "cpu":
+        if device_type == "cpu" and torch.is_grad_enabled():
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
 
     def leave(module, args, out):

@@ -108,11 +108,10 @@ class Weights:
         return cls(flat, layout)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Views into the flat tensor, one per parameter (no copy)."""
-        return {
-            n: self.flat[o : o + k].view(s)
-            for n, s, o, k in zip(self.layout.names, self.layout.shapes, self.layout.offsets, self.layout.numels)
-        }
+        """Views into the flat tensor, one per parameter (no copy). One split, not a slice per
+        parameter: gradients through the views (DAM's mask) then meet in one concatenation instead
+        of one flat-sized zero tensor per parameter."""
+        return {n: part.view(s) for n, s, part in zip(self.layout.names, self.layout.shapes, self.flat.split(self.layout.numels))}
 
     def load_into(self, module: nn.Module) -> nn.Module:
         """Copy these values into `module`'s parameters (same architecture required)."""

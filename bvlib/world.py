@@ -33,7 +33,7 @@ from bvlib.weights import Layout, Weights
 BASE_DIR = Path(__file__).parent / "bases"  # pretrained mini bases shipped with the package (see `World.export_base`)
 LAM_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
 VALIDATED = ("task_arithmetic", "ties")  # methods whose λ is chosen on validation data for every chapter
-VERSION = 2  # bump to invalidate every stored artifact after a change in how they are made
+VERSION = 3  # bump to invalidate every stored artifact after a change in how they are made
 
 
 def _paper_root() -> Path:

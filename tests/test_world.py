@@ -41,13 +41,13 @@ def test_clean_plus_bv_is_the_backdoored_model(smoke_world):
 
 def test_finetunes_are_cached_and_deterministic(tmp_path, smoke_world):
     name = smoke_world.task_names[-1]
-    a = smoke_world.finetune(name, steps=5)
-    b = smoke_world.finetune(name, steps=5)  # from the store
-    fresh = World("smoke", store=Store(tmp_path), device="cpu", progress=False)
-    fresh._base = smoke_world._base  # same θ0, new store: the fine-tune is recomputed
-    c = fresh.finetune(name, steps=5)
+    first, fresh = (World("smoke", store=Store(tmp_path / s), device="cpu", progress=False) for s in ("one", "two"))
+    first._base = fresh._base = smoke_world._base  # same θ0, own stores (the shared one may hold a one-thread build)
+    a = first.finetune(name, steps=5)
+    b = first.finetune(name, steps=5)  # from the store
+    c = fresh.finetune(name, steps=5)  # recomputed
     assert torch.equal(a.flat, b.flat) and torch.equal(a.flat, c.flat)
-    assert len(list((tmp_path / "finetune").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "two" / "finetune").glob("*.safetensors"))) == 1
     assert not torch.equal(a.flat, smoke_world.finetune(name, steps=5, seed=1).flat)
 
 
@@ -172,3 +172,37 @@ def test_bf16_runs_the_blocks_in_bf16_leaves_nothing_enabled_and_learns_as_fp32(
     assert bf16_acc > zero_shot + 0.1 and abs(bf16_acc - fp32_acc) <= 0.05, (zero_shot, fp32_acc, bf16_acc)
     with pytest.raises(BVLibError, match="precision"):
         World("smoke", store=Store(tmp_path), overrides={"precision": "fp16"})
+
+
+@pytest.mark.parametrize("model", ["mini-clip-w192-l4", "ViT-B-32"])
+def test_bvlibs_encoder_computes_open_clips_default_function(model):
+    """The mini configs' attention blocks ("block_type": "custom") and `PatchEmbedding` (a patchify
+    convolution as a matmul) are open_clip's default encoder from the same weights: same logits and
+    gradients to the pixels in float32, logits within bf16 rounding under the bf16 blocks."""
+    import open_clip
+
+    from bvlib.models import ImageClassifier, PatchEmbedding, create_clip
+
+    clip, _ = create_clip(model)
+    ours = clip.visual
+    cfg = open_clip.get_model_config(model)["vision_cfg"]
+    default = open_clip.create_model(model, vision_cfg={**cfg, "block_type": "default"}).visual
+    default.load_state_dict(ours.state_dict())  # the same parameter names
+    assert type(ours.conv1) is PatchEmbedding and type(default.conv1) is torch.nn.Conv2d
+    if model.startswith("mini"):
+        assert type(ours.transformer.resblocks[0].attn) is not type(default.transformer.resblocks[0].attn)
+    side = cfg["image_size"]
+    x = torch.rand(4, 3, side, side, generator=torch.Generator().manual_seed(0))
+    head = torch.nn.functional.normalize(torch.randn(5, clip.visual.output_dim), dim=-1)
+    for precision in ("fp32", "bf16"):
+        logits, grads = [], []
+        for encoder in (ours, default):
+            pixels = x.clone().requires_grad_(True)
+            out = ImageClassifier(encoder, head, 10.0, [0.5] * 3, [0.25] * 3, precision)(pixels)
+            out.logsumexp(-1).sum().backward()
+            logits.append(out.detach())
+            grads.append(pixels.grad)
+        if precision == "fp32":
+            assert torch.allclose(logits[0], logits[1], atol=1e-4) and torch.allclose(grads[0], grads[1], atol=1e-4)
+        else:
+            assert (logits[0] - logits[1]).abs().max() < 0.1, (logits[0] - logits[1]).abs().max()
