@@ -243,8 +243,8 @@ def _execute_timed(name: str, out_dir: Path, parameters: dict, root: Path) -> fl
     return time.perf_counter() - t
 
 
-# The chapters by their time in a cold build (cpu preset, 9f936ca: 05 29 min, 06 8, 03 6.5, 04 6.5,
-# 02 5, 01 1.3), so that the longest does not start last; a fresh clone has no earlier build to ask.
+# The chapters by their time in a cold build (cpu preset, 9b76900: 05 25 min, 06 7.4, 03 6.1, 04 5.3,
+# 02 4.9, 01 1.2), so that the longest does not start last; a fresh clone has no earlier build to ask.
 LONGEST_FIRST = ("05_defenses", "06_own_models", "03_merging_resilience", "04_inherent_triggers", "02_similarity_transfer",
                  "01_backdoor_vectors")
 
