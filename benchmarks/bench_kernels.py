@@ -9,17 +9,19 @@ gradients) and a DAM step (both, through a mask over the flat weights). Each run
 from the same weights, in the preset's precision, and also with the fused attention kernel where
 a pass backpropagates. Prints ms per pass, the speed-up and the largest logit difference between
 the two (rounding only: the same function). One thread, as the book's processes compute.
-    python benchmarks/bench_kernels.py [--preset cpu] [--task mnist] [--repeats 20]
+    python benchmarks/bench_kernels.py [--preset cpu] [--task mnist] [--repeats 10]
 """
 
 import argparse
 import contextlib
 import time
+from collections.abc import Callable
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bvlib.defenses.dam import _run_dam
 from bvlib.world import World
@@ -36,7 +38,9 @@ def default_encoder(world: World) -> nn.Module:
     return reference
 
 
-def passes(world: World, task: str, encoder: nn.Module | None) -> dict:
+def passes(world: World, task: str, encoder: nn.Module | None) -> tuple[dict, Callable]:
+    """The three passes of `task`'s classifier (around `encoder`, default the world's) on one training
+    batch, by name, and its test pass alone (for comparing logits)."""
     clf = world.classifier(task)
     if encoder is not None:
         clf.encoder = encoder
@@ -115,6 +119,31 @@ def main():
     for name, (ref, new, fus) in rows.items():
         print(f"{name:22} {ref:15.1f} ms {new:6.1f} ms {ref / new:8.2f}x {fus:20.1f} ms")
     print(f"largest logit difference between the two on a batch: {diff:.3g} (logit scale {world.classifier(args.task).logit_scale:.0f})")
+    with sdpa_kernel(SDPBackend.MATH):
+        print(f"test pass with the math attention: {timed(new_passes['test pass'], args.repeats):.1f} ms (bvlib keeps the fused one there)")
+    patchify(world, args.repeats)
+
+
+def patchify(world: World, repeats: int) -> None:
+    """The patch embedding alone: nn.Conv2d against `PatchEmbedding` (same weight), forward and backward."""
+    embed = world.classifier(world.task_names[0]).encoder.conv1
+    conv = nn.Conv2d(embed.in_channels, embed.out_channels, embed.kernel_size, embed.stride, bias=False)
+    conv.weight = embed.weight
+    side = world.task(world.task_names[0]).test.images.shape[-1]
+    x = torch.rand(128, 3, side, side)
+    print(f"patch embedding ({embed.kernel_size[0]} px patches, batch 128): {'conv':>8} {'matmul':>8}")
+    for what, needs_grad in (("forward", None), ("backward to the weight", False), ("backward to the pixels", True)):
+        pixels = x.clone().requires_grad_(bool(needs_grad))
+
+        def run(module, pixels=pixels, needs_grad=needs_grad):
+            if needs_grad is None:
+                with torch.no_grad():
+                    module(pixels)
+            else:
+                module(pixels).sum().backward()
+
+        times = [timed(lambda m=m: run(m), repeats) for m in (conv, embed)]
+        print(f"  {what:24} {times[0]:6.2f} ms {times[1]:6.2f} ms  x{times[0] / times[1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -210,8 +210,7 @@ def defend_merge(world, state: Mapping[str, torch.Tensor], finetuned: Mapping[st
     merged encoder with the one folder's task (the trigger unknown: reverse-engineered, α chosen on
     that folder). DAM replaces the plain task arithmetic by its masked merge of the `finetuned` files
     ({task name: file}, a folder each) at the merge's `lam`. `params` go to `bvlib.defenses.tbar` /
-    `dam` (e.g. steps, alpha, trigger_size, target: a suspected class whose trigger TBAR then
-    reverse-engineers alone; lr, temperature).
+    `dam` (e.g. steps, alpha, trigger_size; lr, temperature).
     """
     import inspect
 
@@ -221,7 +220,7 @@ def defend_merge(world, state: Mapping[str, torch.Tensor], finetuned: Mapping[st
         raise BVLibError(f"unknown defense '{defense}'; the ones that need data are: {', '.join(DATA_DEFENSES)}")
     params = dict(params or {})
     fn = tbar if defense == "tbar" else dam
-    allowed = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and n not in ("trigger", "progress")]
+    allowed = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and n not in ("trigger", "target", "progress")]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise BVLibError(f"--defense-param {unknown[0]} is not a parameter of {defense}; it takes: {', '.join(allowed)}")

@@ -8,7 +8,8 @@ The mini configs (model_configs/) ask for open_clip's own attention block ("bloc
 "custom": batch-first, PyTorch's scaled_dot_product_attention), the same function with the same
 parameter names as nn.MultiheadAttention's blocks. With `PatchEmbedding` it fine-tunes 1.1x,
 searches triggers 1.3x and runs DAM 1.2x faster on one CPU thread (`benchmarks/bench_kernels.py`).
-The smoke config keeps open_clip's default block: the tests' tiny world stays the one they probe.
+The smoke config keeps open_clip's default block: its base is pretrained from scratch, and the
+other block's initialisation would give the tests another tiny world.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class PatchEmbedding(nn.Conv2d):
     """A ViT's patchify convolution (kernel = stride, no padding, no bias) computed as one matmul over
     the image's patches: the same function, with the same parameter. On a CPU PyTorch's convolution
     kernels are slow at these shapes, above all to backpropagate to the pixels (trigger search, DAM's
-    perturbations): at the mini world's 32 px, 8 px patches and batch 128 the matmul is 1.3x faster
-    forward, 1.5x to the weights and 3.5x to the pixels (`benchmarks/bench_kernels.py`)."""
+    perturbations): at the mini world's 32 px, 8 px patches and batch 128 the matmul is 1.3-1.4x
+    faster forward, 1.3-1.5x to the weights and 3.5-4x to the pixels (`benchmarks/bench_kernels.py`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (p, _), (b, c, h, w) = self.kernel_size, x.shape
@@ -122,8 +123,8 @@ def encoder_precision(encoder: nn.Module, precision: str, device: torch.device |
     head reads keep float32 precision. On a CPU with AMX this fine-tunes the mini CLIP 1.6x faster
     to the same loss and accuracy (`benchmarks/bench_precision.py`). There, passes that backpropagate
     take PyTorch's math attention, as the fused bf16 kernel's backward is 2.4x slower at the mini
-    world's 17 tokens; passes without gradients keep the fused kernel, 1.2x faster than the math
-    one (`benchmarks/bench_kernels.py`)."""
+    world's 17 tokens; passes without gradients keep the fused kernel, 1.2-1.3x faster than the
+    math one (`benchmarks/bench_kernels.py`)."""
     if check_precision(precision) == "fp32":
         yield
         return

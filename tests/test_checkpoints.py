@@ -139,9 +139,6 @@ def test_merge_and_inspect_commands(files, tmp_path):
 
 
 # defenses that need data, on files ---------------------------------------------------------------
-SUSPECT = "fashion"  # the backdoored file (smoke mnist has an inherent class-6 patch as strong as its backdoor)
-
-
 @pytest.fixture(scope="module")
 def defended(smoke_world, tmp_path_factory):
     """The smoke world as a user has it: a whole-CLIP base file, a backdoored fine-tune and clean ones
@@ -154,7 +151,7 @@ def defended(smoke_world, tmp_path_factory):
     attack = w.badnets()
     files = {}
     for t in w.task_names:
-        weights = w.finetune(t, poison=attack if t == SUSPECT else None, steps=150)  # as test_defenses' scene
+        weights = w.finetune(t, poison=attack if t == "mnist" else None, steps=150)  # as test_defenses' scene
         files[t] = save_state_dict(weights.state_dict(), d / f"{t}.safetensors")
         write_image_folder(w.task(t).val, w.task(t).classnames, d / "images" / t)
     return d, files, attack
@@ -169,20 +166,15 @@ def test_tbar_from_the_command_line_cleans_a_suspect_file(smoke_world, defended,
     trigger is unknown, reverse-engineered, and the real trigger's ASR falls."""
     w, (d, files, attack) = smoke_world, defended
     out, report = tmp_path / "cleaned.safetensors", tmp_path / "cleaned.json"
-    folder = d / "images" / SUSPECT
-    proc = _cli("merge", "--base", d / "base.safetensors", files[SUSPECT], "--param", "lam=1", "--defense", "tbar",
-                "--model", w.preset.model, "--preset", "smoke", "--data", f"{SUSPECT}={folder}",
+    proc = _cli("merge", "--base", d / "base.safetensors", files["mnist"], "--param", "lam=1", "--defense", "tbar",
+                "--model", w.preset.model, "--preset", "smoke", "--data", f"mnist={d / 'images' / 'mnist'}",
                 "--defense-param", "steps=20", "--defense-param", "trigger_steps=30", "--out", out, "--report", report)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(report.read_text())["defense"]
-    target_folder = w.task(SUSPECT).classnames[attack.target].replace(" ", "_")  # folders are read in sorted order
-    assert info["name"] == "tbar" and info["mode"] == "unknown"
-    assert info["target"] == sorted(p.name for p in folder.iterdir()).index(target_folder), info["candidates"]
-    before = w.evaluate(SUSPECT, _encoder(w, files[SUSPECT]), attack.trigger, attack.target)
-    after = w.evaluate(SUSPECT, _encoder(w, out), attack.trigger, attack.target)
-    # the smoke world's steep trade-off (see test_defenses), steeper with a reverse-engineered trigger
-    chance = 1 / w.task(SUSPECT).n_classes
-    assert before["asr"] > 0.6 and after["asr"] < 0.3 and after["acc"] >= max(before["acc"] - 0.3, 2 * chance), (before, after)
+    assert info["name"] == "tbar" and info["mode"] == "unknown" and info["target"] == attack.target  # digit folders keep their order
+    before = w.evaluate("mnist", _encoder(w, files["mnist"]), attack.trigger, attack.target)
+    after = w.evaluate("mnist", _encoder(w, out), attack.trigger, attack.target)
+    assert before["asr"] > 0.6 and after["asr"] < 0.3 and after["acc"] >= before["acc"] - 0.25, (before, after)  # see test_defenses
     assert set(load_state_dict(out)) == set(load_state_dict(d / "base.safetensors"))  # the base's whole-CLIP layout
 
 
