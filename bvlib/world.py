@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 
+import open_clip
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -129,8 +130,9 @@ class World:
             cfg["pretrained_sha256"] = file_sha256(Path(p.pretrained).expanduser())
         if self.shipped_base:
             cfg |= {"checkpoint_sha256": self.shipped_base.sha256, "image_size": p.data.image_size}
-        elif not self.is_paper:
-            cfg |= {"pretrain": p.pretrain.config(), "corpus": dict(p.corpus), "image_size": p.data.image_size, "corpus_seed": p.data.seed}
+        elif not self.is_paper:  # pretrained here: the architecture's config (widths, block type) makes the base too
+            cfg |= {"pretrain": p.pretrain.config(), "corpus": dict(p.corpus), "image_size": p.data.image_size, "corpus_seed": p.data.seed,
+                    "model_config": config_key(open_clip.get_model_config(p.model) or {})}
         return cfg
 
     def _load_shipped_base(self, model) -> None:

@@ -206,3 +206,21 @@ def test_bvlibs_encoder_computes_open_clips_default_function(model):
             assert torch.allclose(logits[0], logits[1], atol=1e-4) and torch.allclose(grads[0], grads[1], atol=1e-4)
         else:
             assert (logits[0] - logits[1]).abs().max() < 0.1, (logits[0] - logits[1]).abs().max()
+
+
+def test_a_base_pretrained_here_is_keyed_by_its_architectures_config(monkeypatch):
+    """Editing a mini config (a width, the block type) makes another base, so its key changes; a
+    shipped base is keyed by its file."""
+    import open_clip
+
+    keys = {name: World(name, progress=False).base_key for name in ("smoke", "cpu")}
+    real = open_clip.get_model_config
+
+    def edited(name):
+        cfg = real(name)
+        cfg["vision_cfg"]["block_type"] = "custom" if cfg["vision_cfg"].get("block_type") != "custom" else "default"
+        return cfg
+
+    monkeypatch.setattr(open_clip, "get_model_config", edited)
+    assert World("smoke", progress=False).base_key != keys["smoke"]
+    assert World("cpu", progress=False).base_key == keys["cpu"]
