@@ -6,7 +6,9 @@ throughput of ViT-B-32 at 224 px, batch 128, bvlib's loop (bf16 autocast) agains
 4. the `paper` preset end to end on fabricated data (a random ViT-B-32 saved as safetensors, tiny TA8
 folders), each stage timed;  5. the `gpu` preset's world card built cold (on random images of its
 tasks' split sizes where the machine lacks the mini world's image sources: the time is the world's
-compute, its accuracies mean nothing).
+compute, its accuracies mean nothing). Two probes for what is still slow: where DARE's time goes
+(`dare`: its kernels and two candidate generators) and the gpu preset's time per step of each loop
+next to the GPU's busy time in it (`steps`: the world's time predicted, host- or GPU-bound).
 
     python scripts/device_check.py                 # on a GPU: the real sizes
     python scripts/device_check.py --tiny          # on a CPU: every part at toy sizes (CI runs this)
@@ -124,6 +126,83 @@ def ties_stages(stack: torch.Tensor, device: torch.device, timed) -> dict:
     above, inside, n_in = stage("bracket", lambda: merging._bracket(stack, lo, hi, True))
     stage("gather_inside", lambda: stack[inside])
     return ms
+
+
+def dare_probe(device: torch.device, tiny: bool) -> dict:
+    """Where DARE's time goes (it is 4.1× the floor on both cards, and as slow in bf16 as in fp32, so
+    the kernel is compute-bound): the kernels a profiler sees in one merge of 8 × ViT-B-32 (fp32),
+    and two candidate generators timed beside the shipped one in this process (neither is in bvlib;
+    the next session chooses from these numbers):
+    - `counters_inside`: the same bits, the [D] int64 counters computed inside the kernel from the
+      coordinate and its tensor's base (bucketize over the offsets) instead of built and read;
+    - `hash32`: other bits, a 32-bit hash (lowbias32) of int32 counters, no 64-bit op at all."""
+    from bench_merging import PARAMS, timed, vit_b_32_layout, vit_layout
+
+    from bvlib import merging
+
+    layout = vit_layout(64, 2) if tiny else vit_b_32_layout()
+    p, lam = PARAMS["dare"]["p"], PARAMS["dare"]["lam"]
+    K, D = 8, layout.numel
+    stack = torch.randn(K, D, generator=torch.Generator(device=device).manual_seed(0), device=device) * 1e-3
+    compile_ = torch.compile if device.type == "cuda" else (lambda fn: fn)
+    out: dict = {"parameters": D, "k": K}
+    shipped = lambda: merging.merge(stack, "dare", layout=layout, p=p, lam=lam)  # noqa: E731
+    t, reference, _ = timed(shipped, device, 5)
+    out["shipped_ms"] = t * 1e3
+    keys, rows = merging.dare_keys(stack, 0, layout), merging.dare_row_offsets(K, device)
+    starts = torch.tensor(layout.offsets, dtype=torch.int64, device=device)
+    bases = keys[starts] - starts * merging._GOLDEN  # coordinate i of tensor t: bases[t] + i·golden
+
+    @compile_
+    def counters_inside(x, starts, bases, rows):
+        i = torch.arange(x.shape[1], device=x.device, dtype=torch.int64)
+        counters = bases[torch.bucketize(i, starts, right=True) - 1] + i * merging._GOLDEN
+        return torch.where(merging.dare_uniform(counters, rows) >= p, x, 0.0).sum(0) * (lam / (1 - p))
+
+    t, result, first = timed(lambda: counters_inside(stack, starts, bases, rows), device, 5)
+    out["counters_inside"] = {"ms": t * 1e3, "first_ms": first * 1e3, "same_bits": bool(torch.equal(result, reference)),
+                              "max_abs_diff": float((result - reference).abs().max())}
+
+    def logical_shift(x, s):
+        return x.bitwise_right_shift(s).bitwise_and((1 << (32 - s)) - 1)
+
+    @compile_
+    def hash32(x, rows32):
+        h = torch.arange(x.shape[1], device=x.device, dtype=torch.int32) + rows32
+        h = h ^ logical_shift(h, 16)
+        h = h * 0x7FEB352D
+        h = h ^ logical_shift(h, 15)
+        h = h * (0x846CA68B - (1 << 32))
+        h = h ^ logical_shift(h, 16)
+        uniform = logical_shift(h, 8).to(torch.float32) * 2.0 ** -24
+        return torch.where(uniform >= p, x, 0.0).sum(0) * (lam / (1 - p)), (uniform >= p).float().mean()
+
+    rows32 = (torch.arange(K, device=device, dtype=torch.int32) * 0x3C6EF372).unsqueeze(1)
+    t, (result, kept), first = timed(lambda: hash32(stack, rows32), device, 5)
+    out["hash32"] = {"ms": t * 1e3, "first_ms": first * 1e3, "kept": float(kept)}
+    floor, _, _ = timed(lambda: stack.sum(0), device, 5)
+    out["floor_ms"] = floor * 1e3
+    out["keys_ms"] = timed(lambda: merging.dare_keys(stack, 0, layout), device, 5)[0] * 1e3
+    out["kernels"] = profiled_kernels(shipped, device)
+    return out
+
+
+def profiled_busy_ms(fn, device: torch.device) -> float:
+    """Milliseconds the GPU (on a CPU: the ops) spent in one call of fn, summed over its kernels."""
+    return sum(k["ms"] for k in profiled_kernels(fn, device, top=None))
+
+
+def profiled_kernels(fn, device: torch.device, top: int | None = 8) -> list[dict]:
+    """The `top` kernels (CPU ops on a CPU) of one call of fn, by their own time (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync(device)
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=own, reverse=True)[:top]
+    return [{"name": e.key[:100], "ms": own(e) / 1e3, "calls": e.count} for e in events if own(e) > 0]
 
 
 def svd_bench(device: torch.device, tiny: bool) -> dict:
@@ -313,6 +392,46 @@ def fabricated_mini_data(splits: dict[str, tuple[int, int, int]], corpus_size: i
         data.load_task, data.pretraining_corpus = saved
 
 
+def world_steps(device: torch.device, tiny: bool) -> dict:
+    """Milliseconds per step of the gpu preset's three loops (its model, batch sizes and precision, on
+    random images) and the GPU's busy milliseconds in each step: the world's time predicted from its
+    step counts, and whether a loop waits on the host (kernel launches) rather than on the GPU."""
+    from bvlib.data import Split
+    from bvlib.evaluation import eval_batch_size, predict
+    from bvlib.models import build_classifier, create_clip
+    from bvlib.presets import load_preset
+    from bvlib.training import finetune, pretrain_clip
+
+    preset = load_preset("smoke" if tiny else "gpu")
+    size, (few, more) = preset.data.image_size, ((2, 4) if tiny else (10, 40))
+    model, tokenizer = create_clip(preset.model, device=device)
+    n = max(preset.pretrain.batch_size * 4, more * eval_batch_size(device))
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    captions = [f"a photo of thing {i % 100}." for i in range(n)]
+    out = {"model": preset.model, "precision": preset.precision, "pretrain_steps": preset.pretrain.steps,
+           "finetune_steps": preset.finetune.steps, "eval_batch_size": eval_batch_size(device)}
+
+    def per_step(label: str, run) -> None:
+        """run(steps): its wall ms per step (between `few` and `more` steps: no set-up) and GPU ms."""
+        walls: dict = {}
+        for steps in (few, more):
+            timed_stage(walls, steps, lambda: run(steps), device)  # noqa: B023
+        busy = profiled_busy_ms(lambda: run(few), device) / few
+        out[label] = {"ms": (walls[more] - walls[few]) / (more - few) * 1e3, "gpu_busy_ms": busy}
+
+    per_step("pretrain", lambda steps: pretrain_clip(model, tokenizer, images, captions,
+                                                     dataclasses.replace(preset.pretrain, steps=steps), device=device, progress=False))
+    head = torch.nn.functional.normalize(torch.randn(10, model.visual.output_dim, device=device), dim=-1)
+    classifier = build_classifier(model, head, precision=preset.precision).to(device)
+    split = Split(images, torch.randint(0, 10, (n,)))
+    per_step("finetune", lambda steps: finetune(classifier, split, dataclasses.replace(preset.finetune, steps=steps), device=device,
+                                                progress=False))
+    batch = out["eval_batch_size"]
+    per_step("eval_batch", lambda steps: predict(classifier, Split(images[: steps * batch], split.labels[: steps * batch]),
+                                                 device=device))
+    return out
+
+
 def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False) -> dict:
     """The gpu preset's world card (and validated merge) built cold in a fresh store: seconds, and
     which data. A machine without the mini world's image sources builds it on fabricated images."""
@@ -348,7 +467,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, CI)")
     ap.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/device-<gpu>-<date>.json)")
     ap.add_argument("--methods", default="", help="comma-separated merging methods to time (default: all)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tests,merge,svd,finetune,paper,world")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tests,merge,dare,svd,finetune,paper,steps,world")
     ap.add_argument("--fabricated-world", action="store_true", help="build the world on random images even where its sources exist")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,9 +475,10 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     results = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
                "date": datetime.date.today().isoformat()}
-    parts = {"tests": ("cuda_tests", cuda_tests), "merge": ("merge", merge_bench), "svd": ("svd_s_per_matrix", svd_bench),
+    parts = {"tests": ("cuda_tests", cuda_tests), "merge": ("merge", merge_bench), "dare": ("dare_probe", dare_probe),
+             "svd": ("svd_s_per_matrix", svd_bench),
              "finetune": ("finetune", finetune_bench),
-             "paper": ("paper_dry_run", paper_dry_run), "world": ("gpu_world", gpu_world)}
+             "paper": ("paper_dry_run", paper_dry_run), "steps": ("world_steps", world_steps), "world": ("gpu_world", gpu_world)}
     slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"device-{slug}-{results['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -392,10 +512,20 @@ def main() -> int:
     stages = results.get("merge", {}).get("ties_stages_ms", {})
     if stages:
         print("  ties stages (fp32 ms): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    probe = results.get("dare_probe", {})
+    if "shipped_ms" in probe:
+        print(f"  dare probe (fp32 ms, floor {probe['floor_ms']:.2f}): shipped {probe['shipped_ms']:.2f} (keys {probe['keys_ms']:.2f}),"
+              f" counters inside {probe['counters_inside']['ms']:.2f} (same bits: {probe['counters_inside']['same_bits']}),"
+              f" hash32 {probe['hash32']['ms']:.2f} (kept {probe['hash32']['kept']:.4f})")
+        print("    kernels: " + "; ".join(f"{k['name'][:50]} {k['ms']:.2f} ms" for k in probe["kernels"][:4]))
     ft = results.get("finetune", {})
     if "ratio" in ft:
         print(f"  fine-tuning {ft['model']} {ft['image_size']} px: bvlib {ft['bvlib_img_s']:.0f} img/s, plain fp32 {ft['plain_img_s']:.0f} img/s "
               f"({ft['ratio']:.2f}×)")
+    steps = results.get("world_steps", {})
+    if "pretrain" in steps:
+        print(f"  {steps['model']} ({steps['precision']}) ms per step, wall / GPU busy: " + ", ".join(
+            f"{k} {steps[k]['ms']:.1f} / {steps[k]['gpu_busy_ms']:.1f}" for k in ("pretrain", "finetune", "eval_batch")))
     print(f"  paper dry run {results['paper_dry_run_s']} s; gpu world {results['gpu_world_s']} s "
           f"({results.get('gpu_world', {}).get('data') or results.get('gpu_world', {}).get('error')}); cuda tests {results.get('cuda_tests')}")
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]

@@ -86,6 +86,10 @@ def test_the_device_check_runs_at_tiny_sizes(tmp_path):
     assert r["gpu"] and r["merge"]["ties"]["fp32_ms"] > 0 and r["merge"]["naive_ties_fp32_ms"] > 0
     assert r["finetune"]["bvlib_img_s"] > 0 and r["finetune"]["plain_img_s"] > 0
     assert r["paper_dry_run_s"] > 0 and r["paper_dry_run"]["tbar_s"] > 0
+    dare = r["dare_probe"]  # the candidates it times: one draws the shipped bits, the other keeps 1 − p
+    assert dare["counters_inside"]["same_bits"] and abs(dare["hash32"]["kept"] - 0.1) < 0.005 and dare["kernels"]
+    steps = r["world_steps"]  # the smoke preset's loops at toy step counts
+    assert all(steps[loop]["ms"] > 0 and steps[loop]["gpu_busy_ms"] > 0 for loop in ("pretrain", "finetune", "eval_batch"))
     assert r["gpu_world_s"] > r["gpu_world"]["pretrain_s"] > 0 and r["gpu_world"]["data"].startswith("fabricated")
 
 
