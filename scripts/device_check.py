@@ -159,27 +159,31 @@ def dare_probe(device: torch.device, tiny: bool) -> dict:
         counters = bases[torch.bucketize(i, starts, right=True) - 1] + i * merging._GOLDEN
         return torch.where(merging.dare_uniform(counters, rows) >= p, x, 0.0).sum(0) * (lam / (1 - p))
 
-    t, result, first = timed(lambda: counters_inside(stack, starts, bases, rows), device, 5)
-    out["counters_inside"] = {"ms": t * 1e3, "first_ms": first * 1e3, "same_bits": bool(torch.equal(result, reference)),
-                              "max_abs_diff": float((result - reference).abs().max())}
-
     def logical_shift(x, s):
         return x.bitwise_right_shift(s).bitwise_and((1 << (32 - s)) - 1)
 
-    @compile_
-    def hash32(x, rows32):
+    def hash32_uniform(x, rows32):
         h = torch.arange(x.shape[1], device=x.device, dtype=torch.int32) + rows32
         h = h ^ logical_shift(h, 16)
         h = h * 0x7FEB352D
         h = h ^ logical_shift(h, 15)
         h = h * (0x846CA68B - (1 << 32))
         h = h ^ logical_shift(h, 16)
-        uniform = logical_shift(h, 8).to(torch.float32) * 2.0 ** -24
-        return torch.where(uniform >= p, x, 0.0).sum(0) * (lam / (1 - p)), (uniform >= p).float().mean()
+        return logical_shift(h, 8).to(torch.float32) * 2.0 ** -24
+
+    @compile_
+    def hash32(x, rows32):
+        return torch.where(hash32_uniform(x, rows32) >= p, x, 0.0).sum(0) * (lam / (1 - p))
 
     rows32 = (torch.arange(K, device=device, dtype=torch.int32) * 0x3C6EF372).unsqueeze(1)
-    t, (result, kept), first = timed(lambda: hash32(stack, rows32), device, 5)
-    out["hash32"] = {"ms": t * 1e3, "first_ms": first * 1e3, "kept": float(kept)}
+    candidates = {"counters_inside": lambda: counters_inside(stack, starts, bases, rows), "hash32": lambda: hash32(stack, rows32)}
+    for name, fn in candidates.items():
+        try:  # one candidate that fails to compile must not lose the other's numbers
+            t, result, first = timed(fn, device, 5)
+            out[name] = {"ms": t * 1e3, "first_ms": first * 1e3, "same_bits": bool(torch.equal(result, reference))}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    out["hash32"]["kept"] = float((hash32_uniform(stack[:, : 1 << 22], rows32) >= p).float().mean())
     floor, _, _ = timed(lambda: stack.sum(0), device, 5)
     out["floor_ms"] = floor * 1e3
     out["keys_ms"] = timed(lambda: merging.dare_keys(stack, 0, layout), device, 5)[0] * 1e3
@@ -515,8 +519,8 @@ def main() -> int:
     probe = results.get("dare_probe", {})
     if "shipped_ms" in probe:
         print(f"  dare probe (fp32 ms, floor {probe['floor_ms']:.2f}): shipped {probe['shipped_ms']:.2f} (keys {probe['keys_ms']:.2f}),"
-              f" counters inside {probe['counters_inside']['ms']:.2f} (same bits: {probe['counters_inside']['same_bits']}),"
-              f" hash32 {probe['hash32']['ms']:.2f} (kept {probe['hash32']['kept']:.4f})")
+              f" counters inside {probe['counters_inside'].get('ms', float('nan')):.2f} (same bits: {probe['counters_inside'].get('same_bits')}),"
+              f" hash32 {probe['hash32'].get('ms', float('nan')):.2f} (kept {probe['hash32']['kept']:.4f})")
         print("    kernels: " + "; ".join(f"{k['name'][:50]} {k['ms']:.2f} ms" for k in probe["kernels"][:4]))
     ft = results.get("finetune", {})
     if "ratio" in ft:
