@@ -197,7 +197,9 @@ def profiled_busy_ms(fn, device: torch.device) -> float:
 
 
 def profiled_kernels(fn, device: torch.device, top: int | None = 8) -> list[dict]:
-    """The `top` kernels (CPU ops on a CPU) of one call of fn, by their own time (ms)."""
+    """The `top` kernels (CPU ops on a CPU) of one call of fn, by their own time (ms). On a GPU only
+    the device's own events count: each kernel's time is also booked to the op that launched it."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -205,7 +207,8 @@ def profiled_kernels(fn, device: torch.device, top: int | None = 8) -> list[dict
         fn()
         sync(device)
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    events = sorted(prof.key_averages(), key=own, reverse=True)[:top]
+    events = [e for e in prof.key_averages() if (e.device_type != DeviceType.CPU) == cuda]
+    events = sorted(events, key=own, reverse=True)[:top]
     return [{"name": e.key[:100], "ms": own(e) / 1e3, "calls": e.count} for e in events if own(e) > 0]
 
 
