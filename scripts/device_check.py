@@ -436,6 +436,8 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
     batch = out["eval_batch_size"]
     per_step("eval_batch", lambda steps: predict(classifier, Split(images[: steps * batch], split.labels[: steps * batch]),
                                                  device=device))
+    fits = 2 * len(preset.tasks)  # the card: a clean and a BadNets fine-tune per task
+    out["card_training_s"] = (preset.pretrain.steps * out["pretrain"]["ms"] + fits * preset.finetune.steps * out["finetune"]["ms"]) / 1e3
     return out
 
 
@@ -532,7 +534,8 @@ def main() -> int:
     steps = results.get("world_steps", {})
     if "pretrain" in steps:
         print(f"  {steps['model']} ({steps['precision']}) ms per step, wall / GPU busy: " + ", ".join(
-            f"{k} {steps[k]['ms']:.1f} / {steps[k]['gpu_busy_ms']:.1f}" for k in ("pretrain", "finetune", "eval_batch")))
+            f"{k} {steps[k]['ms']:.1f} / {steps[k]['gpu_busy_ms']:.1f}" for k in ("pretrain", "finetune", "eval_batch"))
+              + f"; the card's training predicted {steps['card_training_s']:.0f} s")
     print(f"  paper dry run {results['paper_dry_run_s']} s; gpu world {results['gpu_world_s']} s "
           f"({results.get('gpu_world', {}).get('data') or results.get('gpu_world', {}).get('error')}); cuda tests {results.get('cuda_tests')}")
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]

@@ -90,6 +90,7 @@ def test_the_device_check_runs_at_tiny_sizes(tmp_path):
     assert dare["counters_inside"]["same_bits"] and abs(dare["hash32"]["kept"] - 0.1) < 0.005 and dare["kernels"]
     steps = r["world_steps"]  # the smoke preset's loops at toy step counts
     assert all(steps[loop]["ms"] > 0 and steps[loop]["gpu_busy_ms"] > 0 for loop in ("pretrain", "finetune", "eval_batch"))
+    assert steps["card_training_s"] > steps["pretrain_steps"] * steps["pretrain"]["ms"] / 1e3
     assert r["gpu_world_s"] > r["gpu_world"]["pretrain_s"] > 0 and r["gpu_world"]["data"].startswith("fabricated")
 
 
