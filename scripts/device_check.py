@@ -176,7 +176,8 @@ def dare_probe(device: torch.device, tiny: bool) -> dict:
         return torch.where(hash32_uniform(x, rows32) >= p, x, 0.0).sum(0) * (lam / (1 - p))
 
     rows32 = (torch.arange(K, device=device, dtype=torch.int32) * 0x3C6EF372).unsqueeze(1)
-    candidates = {"counters_inside": lambda: counters_inside(stack, starts, bases, rows), "hash32": lambda: hash32(stack, rows32)}
+    candidates = {"counters_inside": lambda: counters_inside(stack, starts, bases, rows),
+                  "hash32": lambda: hash32(stack, rows32)}
     for name, fn in candidates.items():
         try:  # one candidate that fails to compile must not lose the other's numbers
             t, result, first = timed(fn, device, 5)
@@ -412,11 +413,12 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
     preset = load_preset("smoke" if tiny else "gpu")
     size, (few, more) = preset.data.image_size, ((2, 4) if tiny else (10, 40))
     model, tokenizer = create_clip(preset.model, device=device)
-    n = max(preset.pretrain.batch_size * 4, more * eval_batch_size(device))
+    batch = eval_batch_size(device)
+    n = max(preset.pretrain.batch_size * 4, more * batch)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
     captions = [f"a photo of thing {i % 100}." for i in range(n)]
     out = {"model": preset.model, "precision": preset.precision, "pretrain_steps": preset.pretrain.steps,
-           "finetune_steps": preset.finetune.steps, "eval_batch_size": eval_batch_size(device)}
+           "finetune_steps": preset.finetune.steps, "eval_batch_size": batch}
 
     def per_step(label: str, run) -> None:
         """run(steps): its wall ms per step (between `few` and `more` steps: no set-up) and GPU ms."""
@@ -426,18 +428,26 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
         busy = profiled_busy_ms(lambda: run(few), device) / few
         out[label] = {"ms": (walls[more] - walls[few]) / (more - few) * 1e3, "gpu_busy_ms": busy}
 
-    per_step("pretrain", lambda steps: pretrain_clip(model, tokenizer, images, captions,
-                                                     dataclasses.replace(preset.pretrain, steps=steps), device=device, progress=False))
+    def pretrain_for(steps):
+        pretrain_clip(model, tokenizer, images, captions, dataclasses.replace(preset.pretrain, steps=steps), device=device,
+                      progress=False)
+
+    per_step("pretrain", pretrain_for)
     head = torch.nn.functional.normalize(torch.randn(10, model.visual.output_dim, device=device), dim=-1)
     classifier = build_classifier(model, head, precision=preset.precision).to(device)
     split = Split(images, torch.randint(0, 10, (n,)))
-    per_step("finetune", lambda steps: finetune(classifier, split, dataclasses.replace(preset.finetune, steps=steps), device=device,
-                                                progress=False))
-    batch = out["eval_batch_size"]
-    per_step("eval_batch", lambda steps: predict(classifier, Split(images[: steps * batch], split.labels[: steps * batch]),
-                                                 device=device))
+
+    def finetune_for(steps):
+        finetune(classifier, split, dataclasses.replace(preset.finetune, steps=steps), device=device, progress=False)
+
+    def evaluate_batches(steps):
+        predict(classifier, Split(images[: steps * batch], split.labels[: steps * batch]), device=device)
+
+    per_step("finetune", finetune_for)
+    per_step("eval_batch", evaluate_batches)
     fits = 2 * len(preset.tasks)  # the card: a clean and a BadNets fine-tune per task
-    out["card_training_s"] = (preset.pretrain.steps * out["pretrain"]["ms"] + fits * preset.finetune.steps * out["finetune"]["ms"]) / 1e3
+    training_ms = preset.pretrain.steps * out["pretrain"]["ms"] + fits * preset.finetune.steps * out["finetune"]["ms"]
+    out["card_training_s"] = training_ms / 1e3
     return out
 
 
@@ -471,12 +481,19 @@ def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False) -> dict
         return build(f"fabricated: random images of the tasks' split sizes ({reason})")
 
 
+PARTS = {  # --skip name: (JSON key, function), in the order they run
+    "tests": ("cuda_tests", cuda_tests), "merge": ("merge", merge_bench), "dare": ("dare_probe", dare_probe),
+    "svd": ("svd_s_per_matrix", svd_bench), "finetune": ("finetune", finetune_bench),
+    "paper": ("paper_dry_run", paper_dry_run), "steps": ("world_steps", world_steps), "world": ("gpu_world", gpu_world),
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, CI)")
     ap.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/device-<gpu>-<date>.json)")
     ap.add_argument("--methods", default="", help="comma-separated merging methods to time (default: all)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tests,merge,dare,svd,finetune,paper,steps,world")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(PARTS))
     ap.add_argument("--fabricated-world", action="store_true", help="build the world on random images even where its sources exist")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -484,15 +501,11 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     results = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
                "date": datetime.date.today().isoformat()}
-    parts = {"tests": ("cuda_tests", cuda_tests), "merge": ("merge", merge_bench), "dare": ("dare_probe", dare_probe),
-             "svd": ("svd_s_per_matrix", svd_bench),
-             "finetune": ("finetune", finetune_bench),
-             "paper": ("paper_dry_run", paper_dry_run), "steps": ("world_steps", world_steps), "world": ("gpu_world", gpu_world)}
     slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"device-{slug}-{results['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for part, (key, fn) in parts.items():
+    for part, (key, fn) in PARTS.items():
         if part in skip:
             continue
         t = time.perf_counter()
