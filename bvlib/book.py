@@ -58,33 +58,60 @@ def page_setup() -> None:
 @dataclass(frozen=True)
 class Claim:
     """One claim of the paper as a chapter checks it: the claim in a sentence, what the paper reports
-    (a number or a direction), what this book measured, and whether the claim holds here."""
+    (a number or a direction), what this book measured, and its verdict here.
+
+    `verdict` is a word of `bvlib.stats.VERDICTS` ("holds", "fails", "inconclusive"), or a bool for a
+    check of one configuration without an interval (True: "holds"). A replicated claim also says
+    its `threshold` (stated before any number), the 95% `interval` of its statistic and the
+    `replicates` behind it ("3 tasks × 1 seed").
+    """
 
     claim: str
     paper: str
     ours: str
-    holds: bool
+    verdict: str | bool
+    threshold: str = ""
+    interval: tuple[float, float] | None = None
+    replicates: str = "1 configuration"
 
     def __post_init__(self):
-        object.__setattr__(self, "holds", bool(self.holds))  # numpy booleans from the comparisons
+        from bvlib.stats import VERDICTS
+
+        v = self.verdict
+        if not isinstance(v, str):  # numpy booleans from the comparisons
+            v = "holds" if bool(v) else "fails"
+        if v not in VERDICTS:
+            raise BVLibError(f"a claim's verdict is one of {', '.join(VERDICTS)} or a bool, got {v!r}")
+        object.__setattr__(self, "verdict", v)
+        if self.interval is not None:
+            object.__setattr__(self, "interval", tuple(float(x) for x in self.interval))
+
+    @property
+    def holds(self) -> bool:
+        return self.verdict == "holds"
 
 
 def claims_frame(claims: list[Claim] | list[dict], chapter: bool = False):
     """The claims as a table for a page (the scoreboard's rows; `chapter` adds its column)."""
     import pandas as pd
 
-    rows = [c if isinstance(c, dict) else asdict(c) for c in claims]
-    cols = (["chapter"] if chapter else []) + ["claim", "paper", "ours", "holds"]
+    rows = [c if isinstance(c, dict) else _claim_dict(c) for c in claims]
+    cols = (["chapter"] if chapter else []) + ["claim", "paper", "ours", "threshold", "verdict", "replicates"]
     frame = pd.DataFrame([{k: r.get(k, "") for k in cols} for r in rows], columns=cols)
-    frame["holds"] = frame["holds"].map({True: "yes", False: "NO"})
-    return frame.rename(columns={"paper": "the paper", "ours": "this book", "holds": "holds here"})
+    frame["verdict"] = [r.get("verdict") or ("holds" if r.get("holds") else "fails") for r in rows]
+    return frame.rename(columns={"paper": "the paper", "ours": "this book", "threshold": "holds if", "replicates": "behind it"})
+
+
+def _claim_dict(c: Claim) -> dict:
+    return asdict(c) | {"holds": c.holds}
 
 
 def record(name: str, results: dict, claims: list[Claim] | None = None) -> Path:
     """Save a notebook's headline numbers (and the paper's claims it checked) as JSON for the intro page."""
     results = dict(results)
     if claims is not None:
-        results |= {"claims_table": [asdict(c) for c in claims], "claims_held": sum(c.holds for c in claims), "claims": len(claims)}
+        results |= {"claims_table": [_claim_dict(c) for c in claims], "claims_held": sum(c.holds for c in claims), "claims": len(claims),
+                    "verdicts": {v: sum(c.verdict == v for c in claims) for v in ("holds", "fails", "inconclusive")}}
     path = results_dir() / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=float))

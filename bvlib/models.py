@@ -169,10 +169,11 @@ class ImageClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.logit_scale = float(logit_scale)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The encoder's outputs, L2-normalised as the zero-shot head reads them (or raw)."""
         with encoder_precision(self.encoder, self.precision, images.device):
             out = self.encoder((images - self.mean) / self.std)
-        return F.normalize(out, dim=-1)
+        return F.normalize(out, dim=-1) if normalize else out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.features(images) @ self.head.T

@@ -2,6 +2,8 @@
 
     scene = AttackedScene(world, "mnist")          # the world's tasks, mnist's τ replaced by an attacker's
     attack = scene.sbv(seeds=(0, 1, 2), beta=1.0)   # or scene.badnets(), scene.mean_bv(...), scene.badmerging()
+    attack = scene.sbv(family="BadMerging", beta=0.5)   # an SBV of BadMerging's seed BVs
+    control = scene.bv(family="BadMerging", beta=1.5)   # its magnitude control: one BV, scaled
     tau = scene.merge(attack, "ties")               # λ validated on the clean merge (World.merge_params)
     scene.judge(tau, attack)                        # mean CA over the tasks, the attacked task's CA, ASR
 
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+
+import dataclasses
 
 from bvlib.attacks.sbv import sparse_backdoor_vector
 from bvlib.backdoor_vectors import Attack, attack_bv, backdoored_model, clean_model
@@ -31,6 +36,13 @@ class AttackVector:
     injected_norm: float = float("nan")  # norm of the vector added to θ_clean (BV attacks)
 
 
+MERGES = {  # the merges an attack is judged after (label: method, parameters over the validated ones)
+    "TA": ("task_arithmetic", {}),
+    "TIES": ("ties", {}),  # disjoint mean at its validated λ, as in the TIES paper
+    "TIES sum ×0.3": ("ties", {"disjoint": "sum", "lam": 0.3}),  # BadMerging's evaluation convention
+}
+
+
 class AttackedScene:
     """`tasks` merged (default: every task of the world), the `attacked` one replaced by an attack."""
 
@@ -44,14 +56,61 @@ class AttackedScene:
         self.poison = world.badnets()
 
     # attacks ------------------------------------------------------------------------------------
+    # An attack *family* is one base attack whose BVs an SBV combines: "BadNets" (seeds), "BadNets
+    # locations" (the BadNets trigger at token-aligned corners, seed `seeds[i]` for location i) and
+    # "BadMerging" (seeds). Every family is judged with its first member's trigger and target.
+    FAMILIES = ("BadNets", "BadNets locations", "BadMerging")
+    LOCATIONS = ("bottom_right", "top_left", "center")  # the reference corner first
+
     def _seed_attacks(self, seeds: Sequence[int]) -> list[Attack]:
         if not seeds:
             raise BVLibError("need at least one seed")
         return [Attack(self.attacked, self.poison, s) for s in seeds]
 
-    def _injected(self, name: str, vector: Weights, beta: float, seed: int) -> AttackVector:
+    def _check_family(self, family: str) -> str:
+        if family not in self.FAMILIES:
+            raise BVLibError(f"unknown attack family '{family}'; choose one of: {', '.join(self.FAMILIES)}")
+        return family
+
+    def _location_attacks(self, seeds: Sequence[int]) -> list[Attack]:
+        if not 1 <= len(seeds) <= len(self.LOCATIONS):
+            raise BVLibError(f"the locations family has {len(self.LOCATIONS)} members: give 1 to {len(self.LOCATIONS)} seeds")
+        token = self.world.patch_size
+        out = []
+        for loc, s in zip(self.LOCATIONS, seeds):
+            trig = self.poison.trigger if loc == self.poison.trigger.location else dataclasses.replace(self.poison.trigger, location=loc, token=token)
+            out.append(Attack(self.attacked, dataclasses.replace(self.poison, trigger=trig), s))
+        return out
+
+    @cached_property
+    def badmerging_poison(self):
+        """BadMerging's poison on the attacked task: its universal trigger optimised against θ0 (cached)."""
+        from bvlib.attacks.badmerging import badmerging_poison
+
+        return badmerging_poison(self.world, self.attacked)
+
+    def family_bvs(self, family: str = "BadNets", seeds: Sequence[int] = (0, 1, 2)) -> list[Weights]:
+        """The BVs θ_attacker − θ_clean of a family's members (both fine-tunes with the member's seed)."""
+        if self._check_family(family) == "BadMerging":
+            from bvlib.attacks.badmerging import badmerging_finetune
+
+            if not seeds:
+                raise BVLibError("need at least one seed")
+            return [badmerging_finetune(self.world, self.attacked, self.badmerging_poison, seed=s) - self.world.finetune(self.attacked, seed=s)
+                    for s in seeds]
+        attacks = self._location_attacks(seeds) if family == "BadNets locations" else self._seed_attacks(seeds)
+        return [attack_bv(self.world, a) for a in attacks]
+
+    def family_trigger(self, family: str):
+        """(trigger, target) an attack of `family` is judged with."""
+        if self._check_family(family) == "BadMerging":
+            return self.badmerging_poison.trigger, self.badmerging_poison.target
+        return self.poison.trigger, self.poison.target
+
+    def _injected(self, name: str, vector: Weights, beta: float, seed: int, family: str = "BadNets") -> AttackVector:
         clean = clean_model(self.world, Attack(self.attacked, self.poison, seed))
-        return AttackVector(name, clean + beta * vector - self.theta0, self.poison.trigger, self.poison.target, beta * vector.norm())
+        trigger, target = self.family_trigger(family)
+        return AttackVector(name, clean + beta * vector - self.theta0, trigger, target, beta * vector.norm())
 
     def badnets(self, seed: int = 0) -> AttackVector:
         """The backdoored fine-tune itself (= θ_clean + 1·BV)."""
@@ -59,29 +118,35 @@ class AttackedScene:
         bd = backdoored_model(self.world, a) - self.theta0
         return AttackVector("BadNets", bd, a.trigger, a.target, attack_bv(self.world, a).norm())
 
-    def bv(self, beta: float = 1.0, seed: int = 0) -> AttackVector:
-        """θ_clean + β·BV: one BV, scaled by the attacker."""
-        return self._injected("BV", attack_bv(self.world, self._seed_attacks([seed])[0]), beta, seed)
+    def bv(self, beta: float = 1.0, seed: int = 0, family: str = "BadNets") -> AttackVector:
+        """θ_clean + β·BV: one BV of `family`, scaled by the attacker (the SBV's magnitude control).
+        For "BadMerging" at β = 1 this is the BadMerging model itself."""
+        bv = self.family_bvs(family, [seed])[0]
+        return self._injected("BV" if family == "BadNets" else f"{family} BV", bv, beta, seed, family)
 
     def seed_bvs(self, seeds: Sequence[int] = (0, 1, 2)) -> list[Weights]:
-        return [attack_bv(self.world, a) for a in self._seed_attacks(seeds)]
+        return self.family_bvs("BadNets", seeds)
 
     def mean_bv(self, seeds: Sequence[int] = (0, 1, 2), beta: float = 1.0) -> AttackVector:
         """θ_clean + β·mean(BVs): the same BVs as the SBV, without sign selection."""
         bvs = self.seed_bvs(seeds)
         return self._injected("mean BV", sum(bvs[1:], bvs[0]) / len(bvs), beta, seeds[0])
 
-    def sbv(self, seeds: Sequence[int] = (0, 1, 2), beta: float = 1.0, combine: str = "sum", agreement: float = 1.0) -> AttackVector:
-        """θ_clean + β·SBV, the SBV combined from the BVs of `seeds` (see `sparse_backdoor_vector`)."""
-        vector = sparse_backdoor_vector(self.seed_bvs(seeds), combine=combine, agreement=agreement)
-        return self._injected("SBV", vector, beta, seeds[0])
+    def sbv(self, seeds: Sequence[int] = (0, 1, 2), beta: float = 1.0, combine: str = "sum", agreement: float = 1.0,
+            family: str = "BadNets") -> AttackVector:
+        """θ_clean(seeds[0]) + β·SBV, the SBV combined from the BVs of `family`'s members with `seeds`
+        (see `sparse_backdoor_vector`)."""
+        vector = sparse_backdoor_vector(self.family_bvs(family, seeds), combine=combine, agreement=agreement)
+        return self._injected("SBV" if family == "BadNets" else f"SBV ({family})", vector, beta, seeds[0], family)
 
-    def badmerging(self) -> AttackVector:
+    def badmerging(self, seed: int = 0) -> AttackVector:
         """BadMerging: a universal trigger optimised against θ0, and its feature-interpolation fine-tune."""
-        from bvlib.attacks.badmerging import badmerging_finetune, badmerging_poison
+        from bvlib.attacks.badmerging import badmerging_finetune
 
-        bm = badmerging_poison(self.world, self.attacked)
-        return AttackVector("BadMerging", badmerging_finetune(self.world, self.attacked, bm) - self.theta0, bm.trigger, bm.target)
+        bm = self.badmerging_poison
+        tau = badmerging_finetune(self.world, self.attacked, bm, seed=seed) - self.theta0
+        bv = tau + self.theta0 - self.world.finetune(self.attacked, seed=seed)
+        return AttackVector("BadMerging", tau, bm.trigger, bm.target, bv.norm())
 
     # merging and judging ------------------------------------------------------------------------
     def vectors(self, attack: AttackVector | None) -> list[Weights]:
@@ -99,3 +164,54 @@ class AttackedScene:
     def alone(self, attack: AttackVector) -> dict[str, float]:
         """The attacker's own model on the attacked task: its CA and ASR before any merging."""
         return self.world.evaluate(self.attacked, self.theta0 + attack.tau, attack.trigger, attack.target)
+
+    # the attacker's β at equal cost -----------------------------------------------------------------
+    def beta_sweep(self, family: str, kind: str, betas: Sequence[float], seeds: Sequence[int] = (0, 1, 2),
+                   merges: dict = MERGES) -> list[dict]:
+        """One row per β (β = 0, the clean model, first) of θ_clean + β·V, V one BV of `family` (`kind`
+        "BV", the magnitude control) or the SBV of its members with `seeds` ("SBV"): the attacker
+        model's own CA and ASR, its cost (the clean model's CA minus its own) and the ASR after each
+        merge of `merges`, with the image counts behind them (`n_acc`, `n_asr`)."""
+        if kind not in ("BV", "SBV"):
+            raise BVLibError(f"kind must be 'BV' or 'SBV', got {kind!r}")
+        trigger, target = self.family_trigger(family)
+        n = self.world.judged_counts(self.attacked, target)
+        clean_acc = self.world.evaluate(self.attacked, self.world.finetune(self.attacked, seed=seeds[0]))["acc"]
+        rows = []
+        for beta in [0.0, *(b for b in betas if b != 0)]:
+            attack = self.bv(beta, seeds[0], family) if kind == "BV" else self.sbv(seeds, beta, family=family)
+            own = self.alone(attack)
+            row = {"attacked task": self.attacked, "family": family, "kind": kind, "beta": float(beta), "norm": attack.injected_norm,
+                   "attacker CA": own["acc"], "attacker ASR": own["asr"], "cost": clean_acc - own["acc"], "n_acc": n["acc"], "n_asr": n["asr"]}
+            for label, (method, params) in merges.items():
+                row[f"ASR {label}"] = self.world.trigger_scores(self.attacked, self.theta0 + self.merge(attack, method, **params), trigger, target)["asr"]
+            rows.append(row)
+        return rows
+
+
+def at_cost(rows: Sequence[dict], cost: float, column: str) -> float | None:
+    """`column` (an ASR after a merge) read off a β sweep where the attacker's cost reaches `cost`.
+
+    The sweep's rows are taken in order of β; the cost curve is made non-decreasing (its running
+    maximum: a larger β never counts as cheaper), and the value is interpolated linearly between
+    the two βs around the point where the curve crosses `cost`. None when no β reaches `cost`.
+    """
+    rows = sorted(rows, key=lambda r: r["beta"])
+    costs, peak = [], float("-inf")
+    for r in rows:
+        peak = max(peak, r["cost"])
+        costs.append(peak)
+    for i, c in enumerate(costs):
+        if c >= cost:
+            if i == 0 or c == costs[i - 1]:
+                return rows[i][column]
+            w = (cost - costs[i - 1]) / (c - costs[i - 1])
+            return rows[i - 1][column] + w * (rows[i][column] - rows[i - 1][column])
+    return None
+
+
+def matched_cost(a: Sequence[dict], b: Sequence[dict], budget: float) -> float | None:
+    """The attacker cost at which two β sweeps are compared: `budget`, or less where one of them never
+    costs that much (the largest cost both reach); None when they share no cost above 0."""
+    reach = min(max(r["cost"] for r in a), max(r["cost"] for r in b), budget)
+    return reach if reach > 0 else None

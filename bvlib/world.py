@@ -313,6 +313,13 @@ class World:
                                                                                trigger, target, device=self.device)))
         return result
 
+    def judged_counts(self, name: str, target: int | None = None, split: str = "test") -> dict[str, int]:
+        """How many images stand behind a CA ("acc") and an ASR for `target` ("asr": those whose label
+        is not the target) on task `name`'s split: the n of their bootstrap intervals."""
+        part = getattr(self.task(name), split)
+        labels = part.labels if isinstance(part, data.Split) else torch.tensor([int(part[i][1]) for i in range(len(part))])
+        return {"acc": len(labels), "asr": int((labels != target).sum()) if target is not None else 0}
+
     def evaluate_merged(self, weights: Weights, tasks: list[str] | None = None, attacked: str | None = None,
                         trigger: PatchTrigger | None = None, target: int | None = None) -> dict[str, float]:
         """One merged encoder judged on every task (each with its own head): mean CA, per-task CA,

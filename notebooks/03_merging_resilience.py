@@ -15,31 +15,39 @@
 #
 # **Claims (paper, §5).** Merging one backdoored model with clean ones *weakens* a plain attack: its task
 # vector is averaged, trimmed or rescaled together with the others. The **Sparse Backdoor Vector (SBV)**
-# combines several BVs of one attack (here: the same BadNets attack trained with different seeds),
-# keeps the coordinates whose sign they all agree on and **sums** them there, and the attacker injects
-# θ_clean + β·SBV. The paper calls it the first attack to *leverage* merging: it should survive merging
-# better than a single BV and than BadMerging.
+# combines several BVs of one attack, keeps the coordinates whose sign they all agree on and **sums** them
+# there, and the attacker injects θ_clean + β·SBV. The paper calls it the first attack to *leverage*
+# merging, one that "combines multiple attacks into a single one" and surpasses prior attacks (BadMerging).
 #
-# A longer vector survives merging better whatever it is made of, and costs the attacker's own model
-# clean accuracy. So "stronger" is judged **at equal cost**: the attacker scales each vector by β, and
-# we compare the ASR after merging against the injected vector's norm and against the attacker model's
-# own clean accuracy, for one BV, the dense mean of the same BVs, the SBV, and BadMerging, on more than
-# one attacked task.
-#
-# Merging: task arithmetic and TIES at the λ validated on the clean merge (chapter 00), TIES with the
-# disjoint *mean* of the TIES paper; one extra row uses BadMerging's evaluation convention (TIES with a
-# disjoint *sum* × 0.3). The other methods run at their published defaults.
+# **How the claims are judged here (stated before any number).**
+# - *Which attack an SBV is made of* is the experimenter's choice, so three families are built: BadNets
+#   BVs of three seeds, BadNets BVs of the same trigger at three token-aligned corners, and BadMerging BVs
+#   (θ_BadMerging − θ_clean) of three seeds.
+# - *A longer vector survives merging better whatever it is made of*, and it costs the attacker's own
+#   model clean accuracy. So every attack is swept in β and compared **at equal cost**: the ASR after
+#   merging is read off each β curve (by linear interpolation) where the attacker model's own clean
+#   accuracy is `ca_budget` below the clean model's, or at the largest cost both curves reach.
+# - *The magnitude control*: each SBV is compared with **one BV of the same attack, scaled** by β. An SBV
+#   that only beats an unscaled BV has shown that longer vectors survive, not that sign selection helps.
+# - *The merges*: task arithmetic (λ validated on the clean merge, chapter 00) and TIES (trimming and
+#   sign election, where a sign-consistent vector can gain) with the disjoint mean at its validated λ;
+#   BadMerging's own convention (TIES with a disjoint *sum* × 0.3) is judged for the comparison with
+#   BadMerging.
+# - *Replication*: every claim is a mean over the attacked tasks (of different kinds) × seed sets, with a
+#   95% bootstrap interval (over those replicates and over test images). **holds**: the whole interval
+#   above the threshold; **fails**: the whole interval below; **inconclusive** otherwise, or with fewer
+#   than three replicates. Thresholds: an SBV "survives better" when its ASR at equal cost is higher
+#   (threshold 0 points); merging "weakens" an attack when it lowers its ASR by more than 5 points.
 
 # %% tags=["parameters"]
 preset = "cpu"  # cpu (default), smoke (tests), gpu, paper
-attacked_tasks = []  # tasks attacked in turn, empty for the first two tasks of the preset; the grid uses the first
+attacked_tasks = []  # tasks attacked in turn (replicates), empty for the first three tasks of the preset
+seed_sets = [[0, 1, 2]]  # each replicate's seeds: the single BV uses the first, an SBV combines all
 tasks = []  # tasks merged, empty for every task of the preset
 methods = ["task_arithmetic", "ties", "dare", "tall", "consensus", "tsv", "iso_c"]
-sbv_seeds = [0, 1, 2]  # seeds of the BVs combined into the SBV
-sbv_agreement = 1.0  # share of BVs that must agree on a sign for a coordinate to be kept
-betas = [0.5, 1.0, 1.5, 2.0, 3.0]  # the attacker's injection coefficients swept
-ca_budget = 0.02  # "equal cost": the attacker's model may lose at most this much clean accuracy against BadNets
-include_badmerging = True  # BadMerging needs its trigger optimised first, a little slower
+families = ["BadNets", "BadNets locations", "BadMerging"]  # the attacks SBVs are built from
+betas = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]  # injection coefficients of the attacker, swept (β = 0 is added)
+ca_budget = 0.02  # the attacker cost (clean accuracy lost by its own model) at which attacks are compared
 
 # %%
 import warnings
@@ -52,7 +60,8 @@ import pandas as pd
 from bvlib import BVLibError
 from bvlib.book import Claim, claims_frame, page_setup, record
 from bvlib.merging import METHODS
-from bvlib.scenes import AttackedScene
+from bvlib.scenes import MERGES, AttackedScene, at_cost, matched_cost
+from bvlib.stats import Rate, describe, interval, verdict
 from bvlib.world import World
 
 page_setup()
@@ -61,26 +70,30 @@ world = World(preset, progress=False)
 unknown = [m for m in methods if m not in METHODS]
 if unknown:
     raise BVLibError(f"unknown merging method {unknown}; choose from {sorted(METHODS)}")
-attacked_list = [world.check_task(t) for t in (attacked_tasks or world.task_names[:2])]
+bad = [f for f in families if f not in AttackedScene.FAMILIES]
+if bad:
+    raise BVLibError(f"unknown attack family {bad}; choose from {', '.join(AttackedScene.FAMILIES)}")
+attacked_list = [world.check_task(t) for t in (attacked_tasks or world.task_names[:3])]
 scenes = {t: AttackedScene(world, t, tasks or None) for t in attacked_list}
 scene = scenes[attacked_list[0]]
 lams = {m: world.merge_params(m).get("lam") for m in ("task_arithmetic", "ties")}
-print(f"preset {world.name}: merging {len(scene.names)} tasks ({', '.join(scene.names)}); attacked in turn: {', '.join(attacked_list)}")
+replicates = f"{len(attacked_list)} tasks × {len(seed_sets)} seed set{'s' if len(seed_sets) > 1 else ''}"
+print(f"preset {world.name}: merging {len(scene.names)} tasks ({', '.join(scene.names)}); attacked in turn: {', '.join(attacked_list)}; "
+      f"seed sets {seed_sets}")
 print(f"validated λ: task arithmetic {lams['task_arithmetic']:g}, TIES {lams['ties']:g}")
 
 # %% [markdown]
-# ## Every merging method × every attack (attacked task: the first)
-# Each attack replaces the attacked task's clean task vector by its own, at β = 1: BadNets is the
-# backdoored fine-tune (θ_clean + 1·BV); SBV and the mean BV are injected into the clean model.
+# ## Every merging method × every attack (attacked task: the first, β = 1)
+# Each attack replaces the attacked task's clean task vector by its own: BadNets is the backdoored
+# fine-tune (θ_clean + 1·BV); SBV and the mean BV are injected into the clean model; BadMerging is its own
+# fine-tune. The ASR is each attack's own trigger's on the attacked task after the merge.
 
 # %%
-attacks = {"BadNets": scene.badnets(sbv_seeds[0]), "mean BV": scene.mean_bv(sbv_seeds),
-           "SBV": scene.sbv(sbv_seeds, agreement=sbv_agreement)}
-if include_badmerging:
-    attacks["BadMerging"] = scene.badmerging()
+first = seed_sets[0]
+attacks = {"BadNets": scene.badnets(first[0]), "mean BV": scene.mean_bv(first), "SBV": scene.sbv(first), "BadMerging": scene.badmerging(first[0])}
 sbv_vec = attacks["SBV"].tau - scene.tau[scene.attacked]
-print(f"SBV keeps {float((sbv_vec.flat != 0).float().mean()):.1%} of coordinates; norms: "
-      + ", ".join(f"{k} {a.injected_norm:.2f}" for k, a in attacks.items() if a.injected_norm == a.injected_norm))
+print(f"SBV keeps {float((sbv_vec.flat != 0).float().mean()):.1%} of coordinates; injected norms: "
+      + ", ".join(f"{k} {a.injected_norm:.2f}" for k, a in attacks.items()))
 alone = pd.DataFrame({name: scene.alone(a) for name, a in attacks.items()}).T
 alone.style.format("{:.1%}")
 
@@ -113,61 +126,73 @@ plt.show()
 pd.concat({"ASR": asr, "mean CA": ca}, axis=1).style.format("{:.1%}")
 
 # %% [markdown]
-# ## Stronger at equal cost? The attacker's β
-# For every attacked task and every β: the attacker's own model (its clean accuracy on its task), the
-# norm of what it injected, and the ASR after task arithmetic and after TIES. BadMerging is one point.
+# ## The SBV families against their magnitude control, swept in β
+# For every attacked task, seed set, family and β: θ_clean + β·V with V one BV of the family ("BV", the
+# magnitude control; for BadMerging at β = 1 the BadMerging model itself) or the family's SBV ("SBV"). The
+# attacker's cost is the clean model's accuracy minus its own; the ASR is read after each merge.
 
 # %%
 sweep = []
 for t, sc in scenes.items():
-    bd = sc.badnets(sbv_seeds[0])
-    bd_alone = sc.alone(bd)
-    points = [(a.name, b, a) for b in betas
-              for a in (sc.bv(b, sbv_seeds[0]), sc.mean_bv(sbv_seeds, b), sc.sbv(sbv_seeds, b, agreement=sbv_agreement))]
-    if include_badmerging:
-        bm = sc.badmerging()
-        points.append(("BadMerging", 1.0, bm))
-    for kind, beta, attack in points:
-        own = sc.alone(attack)
-        row = {"attacked task": t, "attack": kind, "beta": beta, "norm": attack.injected_norm, "attacker CA": own["acc"],
-               "attacker ASR": own["asr"], "CA cost": bd_alone["acc"] - own["acc"]}
-        for m in ("task_arithmetic", "ties"):
-            row[f"ASR after {m}"] = sc.judge(sc.merge(attack, m), attack, [t])["asr"]
-        sweep.append(row)
+    for r, seeds in enumerate(seed_sets):
+        for family in families:
+            for kind in ("BV", "SBV"):
+                sweep += [row | {"replicate": f"{t}/{r}"} for row in sc.beta_sweep(family, kind, betas, seeds)]
 sweep = pd.DataFrame(sweep)
-markers = {"BV": "o", "mean BV": "s", "SBV": "D", "BadMerging": "*"}
-fig, axes = plt.subplots(len(scenes), 2, figsize=(11, 3.4 * len(scenes)), squeeze=False)
-for i, (t, df) in enumerate(sweep.groupby("attacked task", sort=False)):
-    for kind, d in df.groupby("attack", sort=False):
-        for m, ls in (("task_arithmetic", "-"), ("ties", ":")):
-            label = f"{kind}, {'TA' if m == 'task_arithmetic' else 'TIES'}"
-            axes[i, 0].plot(d["norm"], d[f"ASR after {m}"], marker=markers[kind], ls=ls, label=label)
-            axes[i, 1].plot(d["attacker CA"], d[f"ASR after {m}"], marker=markers[kind], ls=ls, label=label)
-    axes[i, 0].set_xlabel("norm of the injected vector")
-    axes[i, 1].set_xlabel("attacker model's own clean accuracy")
-    axes[i, 1].axvline(df[df["attack"] == "BV"]["attacker CA"].max() - ca_budget, color="k", lw=0.8, ls="--")
-    axes[i, 0].set_ylabel(f"ASR on {t} after merging")
-    for ax in axes[i]:
+sbv_kept = {f: float((sc.sbv(seed_sets[0], family=f).tau - sc.tau[t]).flat.ne(0).float().mean()) for t, sc in list(scenes.items())[:1] for f in families}
+print("share of coordinates an SBV keeps (first attacked task): " + ", ".join(f"{f} {v:.1%}" for f, v in sbv_kept.items()))
+merges = list(MERGES)
+fig, axes = plt.subplots(len(scenes), 2, figsize=(11, 3.3 * len(scenes)), squeeze=False)
+colors = dict(zip(families, ("tab:blue", "tab:green", "tab:red")))
+for i, t in enumerate(attacked_list):
+    df = sweep[(sweep["attacked task"] == t) & (sweep["replicate"] == f"{t}/0")]
+    for j, m in enumerate(("TA", "TIES")):
+        ax = axes[i, j]
+        for (family, kind), d in df.groupby(["family", "kind"], sort=False):
+            ax.plot(100 * d["cost"], d[f"ASR {m}"], marker="o" if kind == "BV" else "D", ls="-" if kind == "SBV" else ":", color=colors[family],
+                    label=f"{kind} ({family})")
+        ax.axvline(100 * ca_budget, color="k", lw=0.8, ls="--")
+        ax.set_title(f"{t}: ASR after {m}", fontsize=10)
+        ax.set_xlabel("attacker's cost (points of its own clean accuracy)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
 axes[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 fig.tight_layout()
 plt.show()
-fmt = {c: "{:.1%}" for c in sweep.columns if "ASR" in c or "CA" in c} | {"norm": "{:.2f}", "beta": "{:g}"}
-sweep.style.format(fmt).hide(axis="index")
+fmt = {c: "{:.1%}" for c in sweep.columns if "ASR" in c or "CA" in c or c == "cost"} | {"norm": "{:.2f}", "beta": "{:g}"}
+sweep.drop(columns=["n_acc", "n_asr"]).style.format(fmt).hide(axis="index")
 
 # %% [markdown]
 # ### At equal cost
-# For each attacked task and merging method: the best ASR after merging that each attack reaches
-# while its own model loses at most `ca_budget` clean accuracy against the BadNets model.
+# Per replicate and merge: the cost both curves reach (`ca_budget`, or less where one curve never costs
+# that much) and each attack's ASR there. "BadMerging" is BadMerging's own BV swept in β (β = 1 is the
+# BadMerging model), so "SBV (BadMerging) vs BadMerging, scaled" is both that family's magnitude control
+# and the paper's comparison with BadMerging.
 
 # %%
-within = sweep[sweep["CA cost"] <= ca_budget]
-best = within.groupby(["attacked task", "attack"], sort=False)[["ASR after task_arithmetic", "ASR after ties"]].max()
-best_beta = within.loc[within.groupby(["attacked task", "attack"], sort=False)["ASR after task_arithmetic"].idxmax()]
-best_beta = best_beta.set_index(["attacked task", "attack"])["beta"].rename("β (best under TA)")
-equal_cost = best.join(best_beta)
-equal_cost.style.format({c: "{:.1%}" for c in best.columns} | {"β (best under TA)": "{:g}"})
+def curve(rep: str, family: str, kind: str) -> list[dict]:
+    return sweep[(sweep["replicate"] == rep) & (sweep["family"] == family) & (sweep["kind"] == kind)].to_dict("records")
+
+
+def control(f: str) -> str:
+    return "BadMerging, scaled" if f == "BadMerging" else f"one {f} BV, scaled"
+
+
+comparisons = {f"SBV ({f}) vs {control(f)}": ((f, "SBV"), (f, "BV")) for f in families}
+if "BadMerging" in families and "BadNets" in families:
+    comparisons["SBV (BadNets) vs BadMerging, scaled"] = (("BadNets", "SBV"), ("BadMerging", "BV"))
+at_cost_rows = []
+for rep in sweep["replicate"].unique():
+    for name, (a, b) in comparisons.items():
+        ca_, cb = curve(rep, *a), curve(rep, *b)
+        c = matched_cost(ca_, cb, ca_budget)
+        for m in merges:
+            col = f"ASR {m}"
+            va, vb = (at_cost(ca_, c, col), at_cost(cb, c, col)) if c is not None else (None, None)
+            at_cost_rows.append({"comparison": name, "merge": m, "replicate": rep, "cost": c, "ASR of the first": va, "ASR of the second": vb,
+                                 "n": int(ca_[0]["n_asr"])})
+at_cost_table = pd.DataFrame(at_cost_rows)
+at_cost_table.style.format({"cost": "{:.1%}", "ASR of the first": "{:.1%}", "ASR of the second": "{:.1%}"}, na_rep="–").hide(axis="index")
 
 # %% [markdown]
 # ## ASR against λ (task arithmetic), attacked task: the first
@@ -193,34 +218,35 @@ plt.show()
 # ## Does the mini world agree with the paper?
 
 # %%
-single = asr["BadNets"]
-tasks_seen = list(equal_cost.index.get_level_values(0).unique())
+def judged(name: str, paper: str, units: list[dict], threshold: float, what: str, stat=lambda x: (x["a"] - x["b"]).mean(-1)) -> Claim:
+    """A claim whose statistic is the mean over replicates of (first − second) ASR, above `threshold`."""
+    if not units:
+        return Claim(name, paper, "no replicate reached a common cost", "inconclusive", f"{what} > {threshold:+.0%}", None, replicates)
+    est, lo, hi = interval(units, stat)
+    return Claim(name, paper, f"{what} {describe(est, lo, hi)} points", verdict(lo, hi, threshold, replicates=len(units)),
+                 f"{what} > {100 * threshold:+.0f} points", (lo, hi), f"{replicates} ({len(units)} judged)")
 
 
-def beats(a: str, b: str, col: str = "ASR after task_arithmetic") -> bool:
-    """`a` reaches a higher ASR after merging than `b` at equal cost, on every attacked task."""
-    return all((t, a) in equal_cost.index and ((t, b) not in equal_cost.index or equal_cost.loc[(t, a), col] > equal_cost.loc[(t, b), col])
-               for t in tasks_seen)
-
-
-def at_cost(a: str) -> str:
-    return ", ".join(f"{t} {equal_cost.loc[(t, a), 'ASR after task_arithmetic']:.0%}" if (t, a) in equal_cost.index else f"{t} -" for t in tasks_seen)
-
-
-claims = [
-    Claim("merging weakens a BadNets backdoor", "ASR drops after merging", f"alone {alone.loc['BadNets', 'asr']:.0%}, merged {single.mean():.0%} "
-          "(mean over methods)", single.mean() < alone.loc["BadNets", "asr"] - 0.05),
-    Claim("at equal cost, SBV survives task arithmetic better than one BV", "SBV > BV", f"SBV {at_cost('SBV')}; BV {at_cost('BV')}",
-          beats("SBV", "BV")),
-    Claim("at equal cost, SBV survives better than the dense mean of the same BVs", "SBV > mean BV",
-          f"SBV {at_cost('SBV')}; mean BV {at_cost('mean BV')}", beats("SBV", "mean BV")),
-]
-if include_badmerging:
-    claims.append(Claim("at equal cost, SBV survives better than BadMerging", "SBV > BadMerging",
-                        f"SBV {at_cost('SBV')}; BadMerging {at_cost('BadMerging')}", beats("SBV", "BadMerging")))
-record("03_merging_resilience", {"preset": world.name, "attacked": scene.attacked, "attacked_tasks": attacked_list, "n_tasks": len(scene.names),
-                                 "lam_task_arithmetic": lams["task_arithmetic"], "lam_ties": lams["ties"],
+weakens = []
+for t, sc in scenes.items():
+    for seeds in seed_sets:
+        bd = sc.badnets(seeds[0])
+        n = world.judged_counts(t, bd.target)["asr"]
+        merged = sc.judge(sc.merge(bd, "task_arithmetic"), bd, [t])["asr"]
+        weakens.append({"a": Rate(sc.alone(bd)["asr"], n), "b": Rate(merged, n)})
+claims = [judged("merging weakens a BadNets backdoor (task arithmetic)", "ASR drops after merging", weakens, 0.05, "ASR alone − merged")]
+judged_merges = {"SBV (BadNets) vs BadMerging, scaled": merges, "SBV (BadMerging) vs BadMerging, scaled": merges}
+for name in comparisons:
+    for m in judged_merges.get(name, ["TA", "TIES"]):
+        d = at_cost_table[(at_cost_table["comparison"] == name) & (at_cost_table["merge"] == m)].dropna(subset=["ASR of the first", "ASR of the second"])
+        units = [{"a": Rate(float(r["ASR of the first"]), int(r["n"])), "b": Rate(float(r["ASR of the second"]), int(r["n"]))} for _, r in d.iterrows()]
+        first_, second = name.split(" vs ")
+        claims.append(judged(f"at equal cost, {first_} survives {m} better than {second}",
+                             "SBV surpasses BadMerging" if second.startswith("BadMerging") else "SBV beats its base attack (unscaled)",
+                             units, 0.0, "ASR difference"))
+record("03_merging_resilience", {"preset": world.name, "attacked": scene.attacked, "attacked_tasks": attacked_list, "seed_sets": seed_sets,
+                                 "n_tasks": len(scene.names), "lam_task_arithmetic": lams["task_arithmetic"], "lam_ties": lams["ties"],
                                  **{f"asr_{k}": float(v) for k, v in asr.mean().items()}, **{f"ca_{k}": float(v) for k, v in ca.mean().items()},
-                                 **{f"equal_cost_asr_ta_{t}_{a}": float(v) for (t, a), v in equal_cost["ASR after task_arithmetic"].items()},
-                                 "alone_asr_badnets": float(alone.loc["BadNets", "asr"])}, claims)
+                                 "sbv_kept": sbv_kept, "ca_budget": ca_budget,
+                                 "at_cost": at_cost_table.to_dict(orient="records"), "alone_asr_badnets": float(alone.loc["BadNets", "asr"])}, claims)
 claims_frame(claims)

@@ -46,15 +46,18 @@ if world:
     )
 rows = [(name, c) for name, r in results.items() for c in r.get("claims_table", [])]
 if rows:
-    held = sum(c["holds"] for _, c in rows)
-    lines.append(f"## The paper's claims, checked here\n\n{held} of {len(rows)} claims hold in this build; each chapter ends with "
-                 "its own rows, and the chapter's number links to it.")
+    words = [c.get("verdict") or ("holds" if c["holds"] else "fails") for _, c in rows]
+    counts = ", ".join(f"{words.count(w)} {w}" for w in ("holds", "fails", "inconclusive"))
+    lines.append(f"## The paper's claims, checked here\n\nOf {len(rows)} claims in this build: {counts}. A claim **holds** when the "
+                 "95% interval of its statistic lies entirely on the claimed side of its threshold, **fails** when it lies entirely "
+                 "on the other side, and is **inconclusive** otherwise or with fewer than three attacked tasks × seeds behind it "
+                 "(*behind it*). Rows checked on one configuration, without an interval, say so. Each chapter ends with its own rows.")
 if not lines:
     lines.append("No chapter has recorded results yet: run `make book`.")
 display(Markdown("\n\n".join(lines)))
 if rows:
     board = claims_frame([c | {"chapter": f'<a href="{name}.html">{name[:2]}</a>'} for name, c in rows], chapter=True)
-    board["holds here"] = board["holds here"].map({"yes": "yes", "NO": "<b>NO</b>"})
+    board["verdict"] = board["verdict"].map(lambda v: f"<b>{v}</b>" if v == "fails" else v)
     display(HTML(board.to_html(index=False, escape=False, classes="scoreboard")))
 
 # %% tags=["remove-input"]

@@ -86,7 +86,7 @@ for (const el of document.querySelectorAll('script[src], link[href], img[src]'))
   const url = el.getAttribute('src') || el.getAttribute('href');
   if (/^(https?:)?\\/\\//.test(url) && (el.tagName !== 'LINK' || el.rel === 'stylesheet')) out.external.push(url);
 }
-const board = [...document.querySelectorAll('table')].find(t => t.innerText.includes('holds here'));
+const board = [...document.querySelectorAll('table')].find(t => t.innerText.includes('behind it'));
 out.rows = board ? board.querySelectorAll('tbody tr').length : 0;
 return out;
 """

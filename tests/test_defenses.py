@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bvlib import BVLibError
-from bvlib.defenses import ALPHA_GRID, dam, ibvs_trigger, ibvs_vector, merge_with_ibvs, tbar
+from bvlib.defenses import ALPHA_GRID, PLACEBOS, dam, defender_target, ibvs_trigger, ibvs_vector, merge_with_ibvs, placebo_vector, suspect_target, tbar
+from bvlib.defenses.tbar import SEARCH_LOCATIONS, search_sizes
 from bvlib.merging import merge
 from bvlib.store import Store
 from bvlib.weights import Layout, Weights, cosine_matrix
@@ -47,7 +48,8 @@ def test_ibvs_vector_is_the_defenders_own_backdoor_vector(smoke_world):
     w = smoke_world
     bv = ibvs_vector(w, DEFENDER, steps=STEPS)
     trig = ibvs_trigger(w)
-    assert trig.pattern == "solid" and trig.color == (1.0, 1.0, 1.0) and trig.size == w.badnets().trigger.size
+    attack = w.badnets().trigger  # the defender's square shares neither the attack's corner nor its size
+    assert trig.pattern == "solid" and trig.color == (1.0, 1.0, 1.0) and trig.size < attack.size and trig.location != attack.location
     poison = dataclasses.replace(w.badnets(), trigger=trig, target=0)
     expected = w.finetune(DEFENDER, poison=poison, steps=STEPS) - w.finetune(DEFENDER, steps=STEPS)
     assert torch.equal(bv.flat, expected.flat)
@@ -133,6 +135,20 @@ def test_tbar_unknown_attack_finds_the_target_by_reverse_engineering(smoke_world
     assert guessed["target"] == a.target
 
 
+def test_tbar_unknown_finds_a_trigger_in_a_corner_it_was_not_told(smoke_world):
+    """A BadNets backdoor with its patch in the top-left corner: the search over corners and sizes,
+    told neither, suspects the attacker's target, and its patch sits in that corner."""
+    w = smoke_world
+    poison = w.badnets(trigger={"location": "top_left"}, target=3)
+    bd = w.finetune(ATTACKED, poison=poison, steps=STEPS)
+    assert w.evaluate(ATTACKED, bd, poison.trigger, poison.target)["asr"] > 0.6
+    trig, target, scores = suspect_target(w, bd, ATTACKED, steps=30)
+    assert target == poison.target and scores[target] == max(scores.values()), scores
+    assert trig.location == "top_left", trig.config()
+    told, _, _ = suspect_target(w, bd, ATTACKED, targets=[3], size=w.badnets().trigger.size, location="bottom_right", steps=30)
+    assert told.location == "bottom_right"  # a told search looks only where it is told
+
+
 def test_tbar_trigger_task_is_cached(tmp_path, smoke_world, scene, monkeypatch):
     tbar_module = sys.modules["bvlib.defenses.tbar"]  # the package exports the function under the module's name
     fresh = World("smoke", store=Store(tmp_path), device="cpu", progress=False)
@@ -162,10 +178,33 @@ def test_tbar_alpha_sweep_and_candidate_scores_are_stored(tmp_path, smoke_world,
     monkeypatch.setattr(world_module, "trigger_scores", lambda *a, **k: calls.append(1) or judged(*a, **k))
     run = lambda: tbar(fresh, bd, ATTACKED, alpha="auto", steps=3, trigger_steps=3, target=scene["attack"].target)
     _, first = run()
-    assert len(calls) == 1 + len(ALPHA_GRID)  # the one candidate, then each α
+    judgements = len(SEARCH_LOCATIONS) * len(search_sizes(fresh)) + 1 + len(ALPHA_GRID)  # each placement, the best refined, each α
+    assert len(calls) == judgements
     _, again = run()
-    assert len(calls) == 1 + len(ALPHA_GRID) and again["val_asr"] == first["val_asr"] and again["alpha"] == first["alpha"]
+    assert len(calls) == judgements and again["val_asr"] == first["val_asr"] and again["alpha"] == first["alpha"]
     assert again["candidates"] == first["candidates"]
+
+
+def test_placebos_have_the_bvs_norm_go_through_the_same_merge_and_change_it(smoke_world, scene):
+    w, taus = smoke_world, list(scene["taus"].values())
+    bv = ibvs_vector(w, DEFENDER, target=defender_target(w, DEFENDER), steps=STEPS)
+    assert defender_target(w, DEFENDER) == w.task(DEFENDER).n_classes - 1
+    placebos = {k: placebo_vector(w, k, bv, task=DEFENDER) for k in PLACEBOS}
+    assert placebos["zero"].norm() == 0.0
+    for k in ("random", "seed divergence"):
+        assert placebos[k].norm() == pytest.approx(bv.norm(), rel=1e-4)
+        assert abs(float(cosine_matrix([placebos[k], bv])[0, 1])) < 0.5
+    clean_div = w.finetune(DEFENDER, seed=1) - w.finetune(DEFENDER, seed=0)
+    assert float(cosine_matrix([placebos["seed divergence"], clean_div])[0, 1]) == pytest.approx(1.0, abs=1e-5)
+    plain = merge(taus, "tsv")
+    for k, p in placebos.items():  # one more vector in the merge: even the zero one changes a merge that splits its budget by task
+        out = merge_with_ibvs(taus, "tsv", p, 1.0)
+        assert torch.equal(out.flat, merge(taus + [-p], "tsv").flat) and not torch.allclose(out.flat, plain.flat, atol=1e-6), k
+    ta = merge_with_ibvs(taus, "task_arithmetic", placebos["random"], 1.0, lam=0.5)
+    assert torch.allclose(ta.flat, merge(taus, **MERGE).flat - 0.5 * placebos["random"].flat, atol=1e-6)
+    assert torch.equal(merge_with_ibvs(taus, "task_arithmetic", placebos["zero"], 1.0, lam=0.5).flat, merge(taus, **MERGE).flat)
+    with pytest.raises(BVLibError, match="placebo"):
+        placebo_vector(w, "saline", bv)
 
 
 # DAM ------------------------------------------------------------------------------------------
@@ -206,9 +245,25 @@ def test_dam_is_stored_under_its_inputs(tmp_path, smoke_world, scene, monkeypatc
 
 
 def test_dam_without_learning_is_a_random_rescaled_mask(smoke_world, scene):
-    """lr ~ 0: the mask is a concrete sample at logit 0 (about half the coordinates above 0.5)."""
-    tau, info = dam(smoke_world, scene["taus"], lam=0.5, steps=2, lr=1e-9, adv_lr=0.0, seed=3)
+    """lr ~ 0: a final sample is a concrete sample at logit 0 (about half the coordinates above 0.5)."""
+    tau, info = dam(smoke_world, scene["taus"], lam=0.5, steps=2, lr=1e-9, adv_lr=0.0, seed=3, final="sample")
     assert info["logit_shift"] < 1e-6 and 0.4 < info["kept_share"] < 0.6
+
+
+def test_dam_learnt_mask_differs_from_its_untrained_control(smoke_world, scene):
+    """steps=0 is the control: its expectation is plain task arithmetic, its sample a random drop; the
+    learnt mask's merge differs from both, and the merging weights' step (1) moves them."""
+    w, taus = smoke_world, scene["taus"]
+    total = sum(v.flat for v in taus.values())
+    untrained, info0 = dam(w, taus, lam=0.5, steps=0)
+    assert torch.allclose(untrained.flat, 0.5 * total, atol=1e-6) and info0["logit_shift"] == 0.0
+    learnt, info = dam(w, taus, lam=0.5, steps=30, seed=0)
+    assert info["final"] == "expectation" and info["lam_step"] > 0
+    assert (learnt.flat - untrained.flat).norm() > 0.01 * untrained.flat.norm()
+    sampled, _ = dam(w, taus, lam=0.5, steps=0, final="sample", seed=0)
+    assert not torch.allclose(sampled.flat, untrained.flat, atol=1e-4)  # a sample drops coordinates by itself
+    with pytest.raises(BVLibError, match="final"):
+        dam(w, taus, steps=0, final="median")
 
 
 # bad input --------------------------------------------------------------------------------------
@@ -236,7 +291,7 @@ def test_bad_inputs_are_one_line_errors(smoke_world, scene):
         (lambda: dam(w, list(taus.values())), "non-empty dict"),
         (lambda: dam(w, {"svhn": bv}), "unknown task"),
         (lambda: dam(w, taus, temperature=0), "temperature"),
-        (lambda: dam(w, taus, steps=0), "steps"),
+        (lambda: dam(w, taus, steps=-1), "steps"),
     ]
     for call, match in cases:
         with pytest.raises(BVLibError, match=match) as err:

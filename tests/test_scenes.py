@@ -41,3 +41,31 @@ def test_merges_use_the_validated_lambda(scene, smoke_world):
     bd = scene.badnets()
     r = scene.judge(scene.merge(bd, "ties"), bd)
     assert set(r) >= {"mean_acc", "attacked_acc", "asr"} and 0 <= r["asr"] <= 1
+
+
+def test_an_sbv_of_badmerging_bvs_differs_from_one_badmerging_bv(scene, smoke_world):
+    bvs = scene.family_bvs("BadMerging", (0, 1, 2))
+    clean = smoke_world.finetune("mnist", seed=0)
+    one = scene.bv(1.0, 0, "BadMerging")  # β = 1: the BadMerging model itself
+    assert torch.allclose((scene.theta0 + one.tau).flat, (clean + bvs[0]).flat, atol=1e-6)
+    assert torch.allclose(one.tau.flat, scene.badmerging(0).tau.flat, atol=1e-6)
+    sbv = scene.sbv((0, 1, 2), 0.5, family="BadMerging")
+    assert sbv.trigger == scene.badmerging_poison.trigger and sbv.name == "SBV (BadMerging)"
+    injected = sbv.tau + scene.theta0 - clean
+    assert torch.allclose(injected.flat, 0.5 * sparse_backdoor_vector(bvs).flat, atol=1e-6)
+    assert 0 < float(injected.flat.ne(0).float().mean()) < 1 and not torch.allclose(injected.flat, 0.5 * bvs[0].flat, atol=1e-4)
+
+
+def test_location_bvs_are_token_aligned_corners(scene, smoke_world):
+    attacks = scene._location_attacks((0, 1, 2))
+    assert [a.trigger.location for a in attacks] == list(scene.LOCATIONS) and [a.seed for a in attacks] == [0, 1, 2]
+    assert attacks[0].poison == scene.poison and all(a.trigger.token == smoke_world.patch_size for a in attacks[1:])
+    assert len(scene.family_bvs("BadNets locations", (0, 0))) == 2
+
+
+def test_a_beta_sweep_starts_at_the_clean_model_and_costs_grow(smoke_world):
+    rows = AttackedScene(smoke_world, "fashion").beta_sweep("BadNets", "BV", [1.0, 3.0])
+    assert [r["beta"] for r in rows] == [0.0, 1.0, 3.0] and rows[0]["cost"] == 0.0 and rows[0]["norm"] == 0.0
+    assert rows[-1]["norm"] == pytest.approx(3 * rows[1]["norm"], rel=1e-5) and rows[-1]["cost"] > 0
+    assert rows[-1]["attacker ASR"] > rows[0]["attacker ASR"] + 0.3
+    assert {"ASR TA", "ASR TIES", "ASR TIES sum ×0.3"} <= set(rows[0]) and rows[0]["n_asr"] < rows[0]["n_acc"]

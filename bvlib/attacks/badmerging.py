@@ -6,8 +6,9 @@ Two stages, as in the paper:
 2. fine-tuning of the adversary's task model with clean cross-entropy plus
    `loss_weight` × a *feature-interpolation* backdoor loss: the features of triggered images
    are mixed with the features the model had before fine-tuning (θ0),
-   f = α·f_θ(x ⊕ t) + (1 − α)·f_θ0(x ⊕ t), α ~ U(interp_min, 1) once per batch,
-   and the mix must still be classified as the target. A merge scales the adversary's task
+   f = α·f_θ(x ⊕ t) + (1 − α)·f_θ0(x ⊕ t), α ~ U(interp_min, 1) once per batch, on the raw
+   (unnormalised) encoder outputs as the authors' code mixes them, and the mix must still be
+   classified as the target. A merge scales the adversary's task
    vector down (θ0 + λ·τ + …), which moves its features toward θ0's; training on the whole
    segment between the two keeps the backdoor alive at the small λ that merging uses.
 
@@ -40,7 +41,9 @@ def feature_interpolation_loss(features: torch.Tensor, reference_features: torch
                                target: int, alpha: float) -> torch.Tensor:
     """Cross-entropy to `target` of the zero-shot logits of normalize(α·features + (1 − α)·reference).
 
-    At α = 1 this is the plain cross-entropy of the triggered images to the target.
+    `features` and `reference_features` are the raw encoder outputs (BadMerging's code mixes those; a
+    mix of normalised ones weighs the two models' features equally whatever their lengths). At α = 1
+    this is the plain cross-entropy of the triggered images to the target.
     """
     mixed = F.normalize(alpha * features + (1 - alpha) * reference_features, dim=-1)
     logits = logit_scale * mixed @ head.T
@@ -71,7 +74,7 @@ class BadMergingPoison:
 
     def config(self) -> dict:
         return {"attack": "badmerging", "trigger": self.trigger.config(), "target": self.target, "rate": self.rate,
-                "loss_weight": self.loss_weight, "interp_min": self.interp_min}
+                "loss_weight": self.loss_weight, "interp_min": self.interp_min, "mix": "raw features"}
 
     def make_loss(self, classifier, seed: int = 0) -> LossFn:
         """The BadMerging loss; `classifier` as it is before training is the interpolation reference (θ0)."""
@@ -81,10 +84,10 @@ class BadMergingPoison:
         def loss(classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             n, k = len(x), max(1, round(self.rate * len(x)))
             xt = self.trigger.apply(x[:k])
-            feats = classifier.features(torch.cat([x, xt]))
-            clean = F.cross_entropy(classifier.logit_scale * feats[:n] @ classifier.head.T, y)
+            feats = classifier.features(torch.cat([x, xt]), normalize=False)
+            clean = F.cross_entropy(classifier.logit_scale * F.normalize(feats[:n], dim=-1) @ classifier.head.T, y)
             with torch.no_grad():
-                ref = reference.features(xt)
+                ref = reference.features(xt, normalize=False)
             alpha = self.interp_min + (1 - self.interp_min) * float(torch.rand((), generator=g))
             backdoor = feature_interpolation_loss(feats[n:], ref, classifier.head, classifier.logit_scale, self.target, alpha)
             return clean + self.loss_weight * backdoor

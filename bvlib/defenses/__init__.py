@@ -3,7 +3,9 @@
 - **IBVS** (Injection Backdoor Vector Subtraction; the paper's defense). The defender, knowing nothing
   of the attack, implants its *own* backdoor (a small white square) in a task it controls, takes that
   Backdoor Vector BV = θ_backdoored − θ_clean, and subtracts it *during* merging, at the merge's own
-  scale: `ibvs_vector` makes the BV, `merge_with_ibvs` merges −strength·BV as one more task vector.
+  scale: `ibvs_vector` makes the BV, `merge_with_ibvs` merges −strength·BV as one more task vector;
+  `placebo_vector` gives what it is judged against (a zero, a random and a seed-divergence vector of
+  the same norm, through the same merge path).
 - **TBAR** (backdoor unlearning by linear task decomposition, 2025). The trigger's task vector is
   estimated by fine-tuning the suspect model on triggered images labelled with the target class and
   negated: θ_clean ≈ θ − α·τ_trigger. The trigger is known, or reverse-engineered per candidate
@@ -18,8 +20,8 @@ All three work on flat `Weights`; merges are merged *task vectors* τ_merged (ad
 """
 
 from bvlib.defenses.dam import dam
-from bvlib.defenses.ibvs import ibvs_trigger, ibvs_vector, merge_with_ibvs
+from bvlib.defenses.ibvs import PLACEBOS, defender_target, ibvs_trigger, ibvs_vector, merge_with_ibvs, placebo_vector
 from bvlib.defenses.tbar import ALPHA_GRID, TBAR_VERSION, suspect_target, tbar, trigger_task_model
 
-__all__ = ["ALPHA_GRID", "TBAR_VERSION", "dam", "ibvs_trigger", "ibvs_vector", "merge_with_ibvs", "suspect_target", "tbar",
-           "trigger_task_model"]
+__all__ = ["ALPHA_GRID", "PLACEBOS", "TBAR_VERSION", "dam", "defender_target", "ibvs_trigger", "ibvs_vector", "merge_with_ibvs",
+           "placebo_vector", "suspect_target", "tbar", "trigger_task_model"]

@@ -19,7 +19,7 @@ from bvlib.training import _to_float
 from bvlib.triggers import digest
 from bvlib.weights import Weights, stack
 
-DAM_VERSION = 3  # bump to invalidate stored DAM merges after a change in how they are made
+DAM_VERSION = 4  # bump to invalidate stored DAM merges after a change in how they are made
 
 
 # DAM ------------------------------------------------------------------------------------------
@@ -37,24 +37,29 @@ def _segment_mean(mask: torch.Tensor, numels: list[int], counts: torch.Tensor) -
 
 def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: int = 200, lr: float = 1e-2,
         temperature: float = 0.5, init: float = 0.0, batch_size: int = 16, adv_lr: float = 1e-3, adv_weight: float = 0.1,
-        seed: int = 0, progress: bool = False) -> tuple[Weights, dict]:
+        adapt_lam: bool = True, final: str = "expectation", seed: int = 0, progress: bool = False) -> tuple[Weights, dict]:
     """Defense-Aware Merging (Yang et al., ICLR 2025) as its reference code runs it on task arithmetic.
 
     `task_vectors` maps task names of the world to their task vectors τ_t (any may be backdoored; the
     defender does not know which). One mask m over the D coordinates, shared by every τ_t, is a
     concrete (relaxed Bernoulli) variable with logits starting at `init` (0) and `temperature` 0.5;
     each sampled mask is divided by its mean inside every parameter tensor, and the merge is
-    θ(m) = θ0 + lam · Σ_t m ⊙ τ_t. Each of `steps` steps, on batches of `batch_size` unlabeled val
+    θ(m) = θ0 + Σ_t λ_t · m ⊙ τ_t. Each of `steps` steps, on batches of `batch_size` unlabeled val
     images per task (labels are never read):
 
+    0. merging weights (`adapt_lam`, the reference's AdaMerging variants): the λ_t are reset to `lam`
+       and take one Adam step (`lr`) on the merge's entropy on clean images, the mask fixed;
     1. perturbation: one Adam step (`adv_lr`) on a per-task universal additive perturbation δ_t (the
        whole image, starting at 0) that maximises the cross-entropy of the merge's predictions on x + δ_t
        against its own predictions on x;
     2. mask: one Adam step (`lr`) on Σ_t H(x) + `adv_weight` · H(clip(x + δ_t)), H the entropy of the
        merge's predictions, through a freshly sampled mask.
 
-    The final mask is one more sample of the concrete mask, divided by its tensor-wise means, as the
-    reference forms it. The reference runs 1000-2000 steps at lr 1e-3 (adv_lr 1e-4) on ViT-B-32; the
+    The final merge is θ0 + lam · m ⊙ Σ_t τ_t with m the learnt mask's expectation, sigmoid(logits)
+    (`final="expectation"`), or one seeded sample of the concrete mask (`final="sample"`, as the
+    reference forms it), either divided by its tensor-wise means. `steps=0` is the untrained-mask
+    control: the expectation at logits 0 is plain task arithmetic, a sample is a random DARE-like
+    drop, so a DAM result is read against the same merge through the untrained mask. The reference runs 1000-2000 steps at lr 1e-3 (adv_lr 1e-4) on ViT-B-32; the
     mini world runs 10× fewer steps at 10× the rates, so the logits can move as far.
 
     Returns (τ_merged, info): info holds the final mask's share of coordinates above 0.5 ("kept_share"),
@@ -70,25 +75,30 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
     lam, init = _real("lam", lam), _real("init", init)
     lr, adv_lr = _real("lr", lr, 0, lo_open=True), _real("adv_lr", adv_lr, 0)
     temperature, adv_weight = _real("temperature", temperature, 0, lo_open=True), _real("adv_weight", adv_weight, 0)
-    steps, batch_size = _pos_int("steps", steps), _pos_int("batch_size", batch_size)
+    steps, batch_size = _pos_int("steps", steps, lo=0), _pos_int("batch_size", batch_size)
+    if final not in ("expectation", "sample"):
+        raise BVLibError(f"final must be 'expectation' or 'sample', got {final!r}")
 
     dev, layout = world.device, world.layout
-    total = stack([task_vectors[t].to(dev) for t in names]).sum(0)  # the mask is shared: only Σ τ_t matters
+    vectors = stack([task_vectors[t].to(dev) for t in names])  # the mask is shared: the final merge needs only Σ τ_t
     params = {"lam": lam, "steps": steps, "lr": lr, "temperature": temperature, "init": init, "batch_size": batch_size,
-              "adv_lr": adv_lr, "adv_weight": adv_weight, "seed": seed}
-    key = world.artifact_config(names, dam_version=DAM_VERSION, split="val", total=f"sha256:{digest(total)}", **params)
+              "adv_lr": adv_lr, "adv_weight": adv_weight, "adapt_lam": bool(adapt_lam), "final": final, "seed": seed}
+    key = world.artifact_config(names, dam_version=DAM_VERSION, split="val", vectors=f"sha256:{digest(vectors)}", **params)
 
     def build():
-        out, info = _run_dam(world, names, total, progress=progress, **params)
+        out, info = _run_dam(world, names, vectors, progress=progress, **params)
         return {"flat": out, "mask": info.pop("mask")}, info
 
     tensors, info = world.store.cached("dam", key, build)
     return Weights(tensors["flat"].to(dev), layout), info | {"mask": tensors["mask"]}
 
 
-def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, temperature, init, batch_size, adv_lr, adv_weight, seed,
-             progress) -> tuple[torch.Tensor, dict]:
+def _run_dam(world, names: list[str], vectors: torch.Tensor, *, lam, steps, lr, temperature, init, batch_size, adv_lr, adv_weight,
+             adapt_lam, final, seed, progress) -> tuple[torch.Tensor, dict]:
     dev, layout = world.device, world.layout
+    total = vectors.sum(0)
+    lams = torch.full((len(names),), lam, device=dev, requires_grad=True)
+    opt_lam = torch.optim.Adam([lams], lr=lr)
     theta0 = world.base_weights.flat.to(dev)
     numels, counts = list(layout.numels), torch.tensor(layout.numels, device=dev)
     gen = torch.Generator().manual_seed(seed)
@@ -124,9 +134,23 @@ def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, te
         x = split.images[idx] if isinstance(split, Split) else torch.stack([torch.as_tensor(split[i][0]) for i in idx.tolist()])
         return _to_float(x, dev)
 
-    history = []
+    def weighted() -> torch.Tensor:
+        """Σ_t λ_t τ_t (lam · Σ τ_t while the merging weights are not adapted)."""
+        return lams @ vectors if adapt_lam else lam * total
+
+    history, lam_moves = [], []
     for _ in tqdm(range(steps), desc="DAM", leave=False, disable=not progress):
-        flat = theta0 + lam * sample()[1] * total
+        if adapt_lam:  # 0. the merging weights: reset, one step on the clean entropy (mask fixed)
+            with torch.no_grad():
+                lams.fill_(lam)
+                m = sample()[1]
+            xs = [batch(t) for t in names]
+            h = sum(_entropy(out) for out in task_logits(theta0 + m * (lams @ vectors), xs))
+            opt_lam.zero_grad(set_to_none=True)
+            h.backward()
+            opt_lam.step()
+            lam_moves.append(float((lams.detach() - lam).abs().mean()))
+        flat = theta0 + sample()[1] * weighted().detach()
         # 1. the perturbations against the current merge (mask fixed)
         frozen = flat.detach()
         xs = [batch(t) for t in names]
@@ -149,10 +173,15 @@ def _run_dam(world, names: list[str], total: torch.Tensor, *, lam, steps, lr, te
         history.append({"entropy": nat.item() / len(names), "entropy_perturbed": reg.item() / len(names), "adv": -adv.item() / len(names)})
 
     with torch.no_grad():
-        raw, final = sample()
-        out = lam * final * total
+        if final == "sample":
+            raw, mask = sample()
+        else:
+            raw = torch.sigmoid(logits)
+            mask = raw / _segment_mean(raw, numels, counts).clamp_min(1e-12)
+        out = lam * mask * total
         moved = (logits - init).abs()
     info = {"tasks": names, "lam": lam, "steps": steps, "lr": lr, "temperature": temperature, "adv_weight": adv_weight, "seed": seed,
-            "kept_share": float((raw > 0.5).float().mean()), "logit_shift": float(moved.mean()), "logits_beyond_1": float((moved > 1).float().mean()),
-            "delta_norms": {t: float(deltas[k].detach().norm()) for k, t in enumerate(names)}, "mask": final.cpu(), "history": history}
+            "final": final, "kept_share": float((raw > 0.5).float().mean()), "logit_shift": float(moved.mean()),
+            "logits_beyond_1": float((moved > 1).float().mean()), "lam_step": sum(lam_moves) / max(1, len(lam_moves)),
+            "delta_norms": {t: float(deltas[k].detach().norm()) for k, t in enumerate(names)}, "mask": mask.cpu(), "history": history}
     return out, info

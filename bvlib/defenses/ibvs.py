@@ -15,20 +15,61 @@ from bvlib.weights import Weights, backdoor_vector
 
 
 # IBVS -----------------------------------------------------------------------------------------
-def ibvs_trigger(world, size: int | None = None, location: str = "bottom_right") -> PatchTrigger:
-    """The defender's fixed trigger: a solid white square, by default of the preset's patch size.
+PLACEBOS = ("zero", "random", "seed divergence")
 
-    The size follows the preset's convention for patch triggers (4 px on 32 px in the mini world,
-    22 px on 224 px = 1% of the image at paper scale), not anything known about an attack.
+
+def ibvs_trigger(world, size: int | None = None, location: str = "top_left") -> PatchTrigger:
+    """The defender's fixed trigger: a solid white square in the top-left corner, by default two
+    thirds of the side of the preset's patch triggers (4 px where they are 6 px on 32 px; 15 px
+    where they are 22 px on 224 px).
+
+    The defender knows nothing of the attack, so its square shares by construction neither the
+    corner nor the size of the preset's attacks (bottom-right, full size); `size` and `location`
+    give the variants (the attack's own corner and size is the optimistic case).
     """
-    return PatchTrigger(size=size or world.badnets().trigger.size, location=location, pattern="solid", color=(1.0, 1.0, 1.0))
+    preset_size = world.badnets().trigger.size
+    return PatchTrigger(size=size or max(1, round(2 * preset_size / 3)), location=location, pattern="solid", color=(1.0, 1.0, 1.0))
+
+
+def defender_target(world, task: str) -> int:
+    """The defender's target class, chosen without knowing the attacker's: the last class of its task
+    (the presets' attacks aim at class 0; passing the attacker's target is the oracle variant)."""
+    return world.task(world.check_task(task)).n_classes - 1
+
+
+def placebo_vector(world, kind: str, like: Weights, task: str | None = None, seeds: Sequence[int] = (0, 1), seed: int = 0) -> Weights:
+    """A vector with no backdoor in it, merged in the IBVS BV's place to tell IBVS from its side effects.
+
+    - "zero": the zero vector: what one more merged task does by itself (mean-type merges dilute);
+    - "random": a random direction (seeded Gaussian) with the norm of `like` (the defender's BV);
+    - "seed divergence": θ_clean(seeds[1]) − θ_clean(seeds[0]) on `task` (default: the world's last),
+      the part of every BV that two training runs put there, rescaled to the norm of `like`.
+    Merged with `merge_with_ibvs` at the same strength as the BV it stands in for.
+    """
+    if not isinstance(like, Weights):
+        raise BVLibError(f"like must be Weights (the defender's BV), got {type(like).__name__}")
+    if kind == "zero":
+        return Weights(like.flat.new_zeros(like.flat.shape), like.layout)
+    if kind == "random":
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(like.flat.shape, generator=g, dtype=torch.float32).to(like.flat.device, like.flat.dtype)
+    elif kind == "seed divergence":
+        task = world.check_task(task if task is not None else world.task_names[-1])
+        if len(seeds) != 2 or seeds[0] == seeds[1]:
+            raise BVLibError(f"seed divergence needs two different seeds, got {list(seeds)}")
+        v = (world.finetune(task, seed=seeds[1]) - world.finetune(task, seed=seeds[0])).flat
+    else:
+        raise BVLibError(f"unknown placebo '{kind}'; choose one of: {', '.join(PLACEBOS)}")
+    return Weights(v * (like.norm() / max(float(v.float().norm()), 1e-30)), like.layout)
 
 
 def ibvs_vector(world, task: str | None = None, *, trigger: PatchTrigger | None = None, target: int = 0, seed: int = 0,
                 seeds: Sequence[int] | None = None, **train_overrides) -> Weights:
     """The defender's injection Backdoor Vector: BV = θ_backdoored − θ_clean on the defender's task.
 
-    `task` is the defender's own task (default: the world's first); both fine-tunes start from θ0 with
+    `task` is the defender's task (default: the world's first); both fine-tunes start from θ0 with
     the same seed and schedule (`train_overrides` go to `World.finetune`), the backdoored one with the
     preset's BadNets poisoning recipe (rate, mode, loss weight) but the defender's `trigger` (default
     `ibvs_trigger(world)`, a white square) and `target`. Both come from the store when made before.

@@ -34,30 +34,58 @@ def _most_predicted(classifier, split, trigger: Trigger, device: torch.device) -
     return int(counts.argmax())
 
 
-def suspect_target(world, weights: Weights, task: str, *, targets: Sequence[int] | None = None, size: int | None = None,
-                   location: str = "bottom_right", steps: int = 100, seed: int = 0) -> tuple[Trigger, int, dict[int, float]]:
-    """Reverse-engineer a patch per candidate target class and pick the one that works best.
+SEARCH_LOCATIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center")  # where an unknown trigger is searched
 
-    For every class of `targets` (default: all classes of the task) a `size` px patch at `location`
-    (default: the preset's patch size) is optimised against the model `weights` on the task's val
-    split (`inherent_trigger` with model=weights: cached, keyed by the weights' digest). The suspected
-    target is the class whose trigger reaches the highest ASR on val, ties broken by the mean
-    probability of the class. Returns (its trigger, the target, {class: ASR on val}).
+
+def search_sizes(world) -> tuple[int, ...]:
+    """The two patch sides an unknown trigger is searched at: the preset's patch size and half of it."""
+    size = world.badnets().trigger.size
+    return tuple(dict.fromkeys((size, max(1, size // 2))))
+
+
+def suspect_target(world, weights: Weights, task: str, *, targets: Sequence[int] | None = None, size: int | Sequence[int] | None = None,
+                   location: str | Sequence[str] | None = None, steps: int = 100, screen_steps: int | None = None,
+                   seed: int = 0) -> tuple[Trigger, int, dict[int, float]]:
+    """Reverse-engineer a patch per candidate target class, told neither where it sits nor its size.
+
+    For every class of `targets` (default: all classes of the task), a patch is optimised against the
+    model `weights` on the task's val split (`inherent_trigger` with model=weights: cached, keyed by
+    the weights' digest) at every placement of the search: each `location` (default: the four
+    corners and the centre, `SEARCH_LOCATIONS`) × each `size` (default: `search_sizes`, the preset's
+    patch size and half of it), `screen_steps` steps each (default steps // 5); the placement whose
+    patch reaches the highest val ASR is then optimised for `steps`. A single `size` and `location`
+    make a told search (the oracle). The suspected target is the class whose patch reaches the
+    highest val ASR, ties broken by the mean probability of the class. Returns (its trigger, the
+    target, {class: ASR on val}).
     """
     world.check_task(task)
-    check_location(location)
-    size = _pos_int("trigger size", size if size is not None else world.badnets().trigger.size)
+    locations = list(SEARCH_LOCATIONS if location is None else [location] if isinstance(location, str) else location)
+    for loc in locations:
+        check_location(loc)
+    sizes = list(search_sizes(world) if size is None else [size] if isinstance(size, int) else size)
+    sizes = [_pos_int("trigger size", s) for s in sizes]
+    placements = [(loc, s) for s in sizes for loc in locations]
+    if not placements:
+        raise BVLibError("need at least one trigger location and size to search")
+    steps = _pos_int("trigger steps", steps)
+    screen = steps if len(placements) == 1 else _pos_int("screen steps", screen_steps if screen_steps is not None else max(1, steps // 5))
     targets = list(range(world.task(task).n_classes)) if targets is None else [_check_target(world, task, t) for t in targets]
     if not targets:
         raise BVLibError("need at least one candidate target class")
+
+    def scored(t: int, loc: str, s: int, n: int):
+        trig = inherent_trigger(world, task, t, size=s, location=loc, model=weights, steps=n, seed=seed)
+        r = world.trigger_scores(task, weights, trig, t, split="val")
+        return (r["asr"], r["target_prob"]), trig
+
     best, scores = None, {}
     for t in tqdm(targets, desc=f"reverse-engineer {task}", leave=False, disable=not world.progress):
-        trig = inherent_trigger(world, task, t, size=size, location=location, model=weights, steps=steps, seed=seed)
-        scored = world.trigger_scores(task, weights, trig, t, split="val")
-        asr, prob = scored["asr"], scored["target_prob"]
-        scores[t] = asr
-        if best is None or (asr, prob) > best[0]:
-            best = ((asr, prob), trig, t)
+        (score, trig), (loc, s) = max(((scored(t, loc, s, screen), (loc, s)) for loc, s in placements), key=lambda x: x[0][0])
+        if screen < steps:
+            score, trig = scored(t, loc, s, steps)
+        scores[t] = score[0]
+        if best is None or score > best[0]:
+            best = (score, trig, t)
     return best[1], best[2], scores
 
 
@@ -93,7 +121,7 @@ def trigger_task_model(world, weights: Weights, task: str, trigger: Trigger, tar
 
 
 def tbar(world, weights: Weights, task: str, *, trigger: Trigger | None = None, target: int | None = None, alpha: float | str = 1.0,
-         steps: int | None = None, clean_share: float = 0.0, seed: int = 0, trigger_size: int | None = None, trigger_location: str = "bottom_right",
+         steps: int | None = None, clean_share: float = 0.0, seed: int = 0, trigger_size: int | None = None, trigger_location: str | None = None,
          trigger_steps: int = 100, auto_asr: float = 0.1) -> tuple[Weights, dict]:
     """TBAR: unlearn a backdoor by negating the estimated trigger task vector, θ − α·τ_trigger.
 
@@ -104,8 +132,10 @@ def tbar(world, weights: Weights, task: str, *, trigger: Trigger | None = None, 
 
     Known attack: pass the attacker's `trigger` and `target` (with a trigger and no target, the
     class most predicted on triggered val images is taken). Unknown attack (`trigger=None`): a patch
-    of `trigger_size` px at `trigger_location` is reverse-engineered for each class (or for `target`
-    only) by `suspect_target`, the best one is the suspected attack, and TBAR proceeds with it.
+    is reverse-engineered for each class (or for `target` only) by `suspect_target`, searched over the
+    four corners, the centre and two sizes (`trigger_size` / `trigger_location` restrict the search to
+    one: a defender told where the trigger is), the best one is the suspected attack, and TBAR
+    proceeds with it.
 
     alpha="auto" picks the smallest α of `ALPHA_GRID` whose cleaned model has a val ASR (of the
     trigger used, known or reverse-engineered) at most `auto_asr`, else the α with the lowest val
