@@ -135,3 +135,21 @@ def group_means(matrix: torch.Tensor, attacks: Sequence[Attack]) -> dict[str, fl
         vals = torch.cat([matrix[0, idx], matrix[idx, 0]])
         out[group] = float(vals.mean())
     return out
+
+
+def group_rates(world, matrix: torch.Tensor, attacks: Sequence[Attack], floor: torch.Tensor | None = None) -> dict[str, dict]:
+    """Per variation group, its transfer pooled over the pairs (reference, j) and (j, reference) of
+    the group, as `bvlib.stats.Rate`s on the images behind them: {"transfer": Rate, "floor": Rate}
+    (the floor: the rows' triggers on their clean models, `clean_asr`), for intervals over tasks."""
+    from bvlib.stats import Rate
+
+    n = [world.judged_counts(a.task, a.target)["asr"] for a in attacks]
+    out = {}
+    for group in dict.fromkeys(a.group for a in attacks[1:]):
+        idx = [j for j, a in enumerate(attacks) if a.group == group]
+        pairs = [(0, j) for j in idx] + [(j, 0) for j in idx]
+        total = sum(n[i] for i, _ in pairs)
+        out[group] = {"transfer": Rate(float(sum(matrix[i, j] for i, j in pairs) / len(pairs)), total)}
+        if floor is not None:
+            out[group]["floor"] = Rate(float(sum(floor[i] for i, _ in pairs) / len(pairs)), total)
+    return out

@@ -265,6 +265,21 @@ def cmd_book(args) -> None:
     print(" ".join(f"{k}={v:.1f}s" for k, v in timings.items()))
 
 
+def cmd_readme(args) -> None:
+    from bvlib.book import project_root, readme_block, results_snapshot, write_readme
+
+    root = project_root()
+    snapshot_path = root / args.snapshot
+    if args.from_snapshot:
+        snapshot = json.loads(snapshot_path.read_text())
+    else:
+        snapshot = results_snapshot(root)
+        snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+        snapshot_path.write_text(json.dumps(snapshot, indent=1, default=float) + "\n")
+    changed = write_readme(root / "README.md", readme_block(snapshot))
+    print(f"README.md {'updated' if changed else 'unchanged'} from {snapshot['commit']} ({snapshot_path.relative_to(root)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bvlib", description="Backdoor Vectors companion: build the mini world, fine-tune, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="processes at a time, each with one thread: the world's fine-tunes, then the "
                    "chapters (default: one per core; the book is the same for any number)")
     p.set_defaults(func=cmd_book)
+
+    p = sub.add_parser("readme", help="write the README's results block from this build (book/results) and keep a snapshot of them")
+    p.add_argument("--snapshot", default="benchmarks/results/book-cpu.json", help="where the build's results are kept (relative to the checkout)")
+    p.add_argument("--from-snapshot", action="store_true", help="rewrite the block from the kept snapshot, not from book/results")
+    p.set_defaults(func=cmd_readme)
 
     args = parser.parse_args(argv)
     try:

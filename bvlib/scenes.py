@@ -12,11 +12,10 @@ Every model comes from the world's store, so two chapters that build the same at
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-
-import dataclasses
 
 from bvlib.attacks.sbv import sparse_backdoor_vector
 from bvlib.backdoor_vectors import Attack, attack_bv, backdoored_model, clean_model
@@ -57,8 +56,9 @@ class AttackedScene:
 
     # attacks ------------------------------------------------------------------------------------
     # An attack *family* is one base attack whose BVs an SBV combines: "BadNets" (seeds), "BadNets
-    # locations" (the BadNets trigger at token-aligned corners, seed `seeds[i]` for location i) and
-    # "BadMerging" (seeds). Every family is judged with its first member's trigger and target.
+    # locations" (the BadNets trigger at `LOCATIONS`, token-aligned, all with the first seed: the BVs
+    # differ only in where the trigger sits) and "BadMerging" (seeds). Every family is judged with
+    # its first member's trigger and target.
     FAMILIES = ("BadNets", "BadNets locations", "BadMerging")
     LOCATIONS = ("bottom_right", "top_left", "center")  # the reference corner first
 
@@ -77,9 +77,9 @@ class AttackedScene:
             raise BVLibError(f"the locations family has {len(self.LOCATIONS)} members: give 1 to {len(self.LOCATIONS)} seeds")
         token = self.world.patch_size
         out = []
-        for loc, s in zip(self.LOCATIONS, seeds):
+        for loc in self.LOCATIONS[: len(seeds)]:
             trig = self.poison.trigger if loc == self.poison.trigger.location else dataclasses.replace(self.poison.trigger, location=loc, token=token)
-            out.append(Attack(self.attacked, dataclasses.replace(self.poison, trigger=trig), s))
+            out.append(Attack(self.attacked, dataclasses.replace(self.poison, trigger=trig), seeds[0]))
         return out
 
     @cached_property

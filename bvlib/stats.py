@@ -40,11 +40,12 @@ class Rate:
             raise BVLibError(f"a rate needs a value in [0, 1] and n >= 1, got {self.value!r} on {self.n!r}")
 
 
-def interval(units: Sequence[Mapping[str, Rate]], statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray], *,
+def interval(units: Sequence[Mapping[str, Rate | float]], statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray], *,
              n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(estimate, low, high): `statistic` of the measured rates and its bootstrap percentile interval.
 
-    `units` holds one {name: Rate} per replicate, all with the same names. `statistic` gets
+    `units` holds one {name: Rate} per replicate, all with the same names; a plain number (a cosine)
+    is exact within its replicate and varies only as replicates are resampled. `statistic` gets
     {name: array [..., U]} (U replicates) and returns the statistic per leading index, for example
     `lambda x: (x["none"] - x["ibvs"]).mean(-1)`.
     """
@@ -53,8 +54,8 @@ def interval(units: Sequence[Mapping[str, Rate]], statistic: Callable[[Mapping[s
     names = list(units[0])
     if any(list(u) != names for u in units):
         raise BVLibError("every replicate must measure the same rates")
-    values = np.array([[u[k].value for k in names] for u in units])  # [U, K]
-    ns = np.array([[u[k].n for k in names] for u in units])
+    values = np.array([[getattr(u[k], "value", u[k]) for k in names] for u in units], dtype=float)  # [U, K]
+    ns = np.array([[getattr(u[k], "n", 0) for k in names] for u in units])  # 0: exact
 
     def stat(x: np.ndarray) -> np.ndarray:  # x: [..., U, K]
         return np.asarray(statistic({k: x[..., i] for i, k in enumerate(names)}), dtype=float)
@@ -63,7 +64,8 @@ def interval(units: Sequence[Mapping[str, Rate]], statistic: Callable[[Mapping[s
     rng = np.random.default_rng(seed)
     u = len(units)
     idx = rng.integers(0, u, size=(n_boot, u)) if u > 1 else np.zeros((n_boot, 1), dtype=int)
-    draws = rng.binomial(ns[idx], values[idx]) / ns[idx]  # [B, U, K]
+    n, v = ns[idx], values[idx]
+    draws = np.where(n > 0, rng.binomial(n, np.clip(v, 0, 1)) / np.maximum(n, 1), v)  # [B, U, K]
     boot = stat(draws)
     alpha = (1 - level) / 2
     lo, hi = np.quantile(boot, [alpha, 1 - alpha])

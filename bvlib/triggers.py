@@ -166,3 +166,20 @@ def optimized_trigger(values: torch.Tensor, location: str = "bottom_right", seed
 
 Trigger = PatchTrigger
 """The trigger type (kept as a name for annotations)."""
+
+
+def in_token_overlap(a: PatchTrigger, b: PatchTrigger, image_size: int, token: int) -> float:
+    """Share of trigger `a`'s in-token pixel positions that trigger `b` covers too.
+
+    A ViT sees a patch through the `token`-px tokens it falls in; two triggers at different places
+    look alike to the encoder where they cover the same (row, column) offsets inside their tokens.
+    1.0: every offset `a` covers, `b` covers too (e.g. two corners aligned to one offset).
+    """
+    def offsets(t: PatchTrigger) -> set[tuple[int, int]]:
+        r, c = t.position(image_size, image_size)
+        return {((r + i) % token, (c + j) % token) for i in range(t.size) for j in range(t.size)}
+
+    if isinstance(token, bool) or not isinstance(token, int) or token < 1:
+        raise BVLibError(f"token must be a patch size of at least 1 px, got {token!r}")
+    mine = offsets(a)
+    return len(mine & offsets(b)) / len(mine)

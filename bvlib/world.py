@@ -33,7 +33,8 @@ from bvlib.weights import Layout, Weights
 
 BASE_DIR = Path(__file__).parent / "bases"  # pretrained mini bases shipped with the package (see `World.export_base`)
 LAM_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
-VALIDATED = ("task_arithmetic", "ties")  # methods whose λ is chosen on validation data for every chapter
+VALIDATED = ("task_arithmetic", "ties")  # the regime's methods: their λ curves on val and test (chapter 00)
+SCALED = ("dare", "tall", "consensus", "tsv", "iso_c")  # the other methods: their λ chosen on val the same way
 VERSION = 3  # bump to invalidate every stored artifact after a change in how they are made
 
 
@@ -377,12 +378,41 @@ class World:
                            "normalized_acc": sum(normalized.values()) / len(tasks), "acc": acc, "normalized": normalized}
         return out
 
+    def merge_scales(self, methods: tuple[str, ...] = SCALED, lams: tuple[float, ...] = LAM_GRID) -> dict[str, dict]:
+        """The scale λ of every other merging method, chosen on the validation split as task
+        arithmetic's is (each method's other parameters at their published defaults): per method
+        `lams`, the `val` curve, the chosen `lam` and the test `mean_acc` there. Every method is linear
+        in λ, so one merge at λ = 1 gives the whole curve. Cached in the store."""
+        from bvlib.merging import merge
+
+        tasks = self.task_names
+        cfg = {"version": VERSION, "base": self.base_key, "finetuned": {t: self.finetune_key(t) for t in tasks},
+               "methods": list(methods), "lams": list(lams)}
+        key = config_key(cfg)
+
+        def build():
+            taus = [self.finetune(t) - self.base_weights for t in tasks]
+            out = {}
+            for method in methods:
+                unit = merge(taus, method, lam=1.0)
+                val = [sum(self.evaluate(t, self.base_weights + unit * lam, split="val")["acc"] for t in tasks) / len(tasks) for lam in lams]
+                best = max(range(len(lams)), key=lambda i: val[i])
+                test = sum(self.evaluate(t, self.base_weights + unit * lams[best])["acc"] for t in tasks) / len(tasks)
+                out[method] = {"lams": list(lams), "val": val, "lam": lams[best], "mean_acc": test}
+            return None, out
+
+        if key not in self._curves:
+            self._curves[key] = self.store.cached("merge_scales", cfg, build)[1]
+        return self._curves[key]
+
     def merge_params(self, method: str) -> dict:
-        """The parameters every chapter merges with: the validated λ for task arithmetic and TIES (on the
-        clean task vectors of all the world's tasks), each method's own defaults otherwise."""
-        if method not in VALIDATED:
-            return {}
-        return {"lam": self.merge_curves()[method]["lam"]}
+        """The parameters every chapter merges with: λ chosen on validation data (on the clean task
+        vectors of all the world's tasks) for every method that has one, as for task arithmetic."""
+        if method in VALIDATED:
+            return {"lam": self.merge_curves()[method]["lam"]}
+        if method in SCALED:
+            return {"lam": self.merge_scales()[method]["lam"]}
+        return {}
 
     def card(self) -> list[dict]:
         """The world card: per task, sizes, zero-shot CA, clean CA, BadNets CA and ASR."""

@@ -67,7 +67,7 @@ import pandas as pd
 defense = results.get("05_defenses", {})
 if defense.get("asr_by_attack"):
     by_attack = pd.DataFrame(defense["asr_by_attack"]).T
-    order = [d for d in ("none", "IBVS", "IBVS (sparse)", "TBAR (known)", "DAM") if d in by_attack.columns]
+    order = [d for d in ("none", "IBVS", "TBAR (known, oracle)", "DAM", "DAM, untrained mask") if d in by_attack.columns]
     by_attack = by_attack[order + [d for d in by_attack.columns if d not in order]]
     ax = by_attack.plot.bar(rot=0, figsize=(8, 3.2), width=0.8)
     ax.set_ylabel("ASR after merging")

@@ -421,8 +421,11 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
            "finetune_steps": preset.finetune.steps, "eval_batch_size": batch}
 
     def per_step(label: str, run) -> None:
-        """run(steps): its wall ms per step (between `few` and `more` steps: no set-up) and GPU ms."""
+        """run(steps): its wall ms per step (between `few` and `more` steps: no set-up) and GPU ms.
+        One untimed run first: the first call's compilation and allocator warm-up once fell into the
+        `few` run alone and made the difference negative (pretraining: -24.8 ms on the H200)."""
         walls: dict = {}
+        run(few)
         for steps in (few, more):
             timed_stage(walls, steps, lambda: run(steps), device)  # noqa: B023
         busy = profiled_busy_ms(lambda: run(few), device) / few
@@ -451,7 +454,7 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
     return out
 
 
-def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False) -> dict:
+def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False, on_stage=lambda partial: None) -> dict:
     """The gpu preset's world card (and validated merge) built cold in a fresh store: seconds, and
     which data. A machine without the mini world's image sources builds it on fabricated images."""
     from bvlib import BVLibError
@@ -464,8 +467,11 @@ def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False) -> dict
             t = time.perf_counter()
             world = World("smoke" if tiny else "gpu", store=Store(tmp), device=device, progress=False)
             for stage, fn in (("pretrain_s", lambda: world.base_weights), ("card_s", world.card), ("merge_curves_s", world.merge_curves)):
+                out["running"] = stage
+                on_stage(dict(out))  # into the JSON before each stage: a check cut short keeps how far it got
                 timed_stage(out, stage, fn, device)
-                print(f"  gpu world {stage} {out[stage]:.1f} s", flush=True)  # a check cut short still shows how far it got
+                print(f"  gpu world {stage} {out[stage]:.1f} s", flush=True)
+            out.pop("running")
             out["total_s"] = time.perf_counter() - t
         return out
 
@@ -515,7 +521,11 @@ def main() -> int:
             elif part == "merge":
                 results[key] = fn(device, args.tiny, tuple(filter(None, args.methods.split(","))))
             elif part == "world":
-                results[key] = fn(device, args.tiny, args.fabricated_world)
+                def partial(value, key=key, t=t):
+                    results[key] = value | {"written_after_s": time.perf_counter() - t}
+                    out.write_text(json.dumps(results, indent=1))
+
+                results[key] = fn(device, args.tiny, args.fabricated_world, partial)
             else:
                 results[key] = fn(device, args.tiny)
         except Exception as e:  # noqa: BLE001 -- one failed part must not lose the others' numbers

@@ -26,6 +26,7 @@ def smoke_book(tmp_path_factory, smoke_world):
         mp.setenv("BVLIB_RESULTS", str(out / "book" / "results"))
         for name in notebook_names(root):
             execute(name, out / "book", {"preset": "smoke"}, root)
+        shutil.copy(root / "book" / "lab_notes.md", out / "book" / "lab_notes.md")  # a source page, not executed
         build_html(out)
     return out
 
@@ -35,7 +36,11 @@ def test_book_builds_with_every_page_and_figure(smoke_book):
     names = notebook_names(root)
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     listed = {toc["root"]} | {c["file"] for c in toc.get("chapters", [])}
-    assert {f"book/{n}" for n in names} == listed, "every notebook is a page of the book, and only those"
+    notebooks = {f"book/{n}" for n in names}
+    assert notebooks <= listed, "every notebook is a page of the book"
+    assert listed - notebooks == {"book/lab_notes"}, "the pages that are not notebooks: the lab notes"
+    for page in listed - notebooks:
+        assert (root / f"{page}.md").is_file(), f"{page} is a markdown page in book/"
     html = smoke_book / "_build" / "html" / "book"
     for name in names:
         page = (html / f"{name}.html").read_text()
@@ -99,7 +104,7 @@ def test_the_book_in_a_browser(smoke_book):
     driver = _browser()
     try:
         problems = {}
-        for name in notebook_names(project_root()):
+        for name in [*notebook_names(project_root()), "lab_notes"]:
             driver.get((html / "book" / f"{name}.html").as_uri())
             r = driver.execute_script(PAGE_CHECKS)
             bad = {k: r[k] for k in ("images", "overflow", "errors", "external") if r[k]}

@@ -27,6 +27,13 @@ def test_the_interval_holds_the_estimate_and_narrows_with_more_images_and_replic
         [{"a": Rate(0.8, 500), "b": Rate(0.5, 500)}] * 3, diff, seed=4)  # seeded
 
 
+def test_exact_numbers_vary_only_across_replicates():
+    same = [{"a": 0.9, "b": 0.2}] * 4
+    assert interval(same, diff)[1:] == pytest.approx((0.7, 0.7))  # one cosine per replicate, all equal: no width
+    est, lo, hi = interval([{"a": 0.9, "b": 0.2}, {"a": 0.5, "b": 0.2}, {"a": 0.7, "b": 0.2}], diff)
+    assert lo < est == pytest.approx(0.5) < hi and lo >= 0.3 - 1e-9 and hi <= 0.7 + 1e-9
+
+
 def test_verdict_words():
     assert verdict(0.02, 0.10, 0.0) == "holds"
     assert verdict(-0.10, -0.02, 0.0) == "fails"

@@ -79,3 +79,14 @@ def test_trigger_configs_keep_their_store_keys():
     assert set(opt.config()) == {"type", "size", "location", "seed", "source", "sha256"} and opt.config()["type"] == "optimized"
     assert opt.pattern == "optimized" and opt.size == 4 and opt == optimized_trigger(values.clone(), location="top_left", source="test")
     assert opt != drawn and torch.equal(opt.patch(), values)
+
+
+def test_in_token_overlap_counts_shared_offsets_inside_tokens():
+    from bvlib.triggers import in_token_overlap
+
+    ref = PatchTrigger(size=6, location="bottom_right")  # rows/cols 26..31 of 32: offsets 2..7 of 8-px tokens
+    assert in_token_overlap(ref, ref, 32, 8) == 1.0
+    assert in_token_overlap(ref, PatchTrigger(size=6, location="top_left", token=8), 32, 8) == 1.0  # aligned corner
+    plain = in_token_overlap(ref, PatchTrigger(size=6, location="top_left"), 32, 8)  # offsets 0..5: rows 2..5 × cols 2..5 shared
+    assert plain == pytest.approx(16 / 36)
+    assert in_token_overlap(PatchTrigger(size=8, location="top_left"), ref, 32, 8) == pytest.approx(36 / 64)

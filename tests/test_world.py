@@ -108,7 +108,12 @@ def test_merge_curves_choose_lambda_on_validation(smoke_world):
         best = max(range(len(c["lams"])), key=lambda i: c["val"][i])
         assert c["lam"] == c["lams"][best] and c["mean_acc"] == c["test"][best]
         assert smoke_world.merge_params(method) == {"lam": c["lam"]}
-    assert smoke_world.merge_params("tsv") == {}
+    scales = smoke_world.merge_scales()
+    assert set(scales) == {"dare", "tall", "consensus", "tsv", "iso_c"}  # every method with a scale: chosen on val too
+    for method, c in scales.items():
+        assert c["lam"] == c["lams"][max(range(len(c["lams"])), key=lambda i: c["val"][i])]
+        assert smoke_world.merge_params(method) == {"lam": c["lam"]}
+    assert smoke_world.merge_params("average") == {}
 
 
 def test_the_cpu_preset_ships_the_base_it_names(tmp_path):

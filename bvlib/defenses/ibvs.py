@@ -13,7 +13,6 @@ from bvlib.merging import _real, merge
 from bvlib.triggers import PatchTrigger
 from bvlib.weights import Weights, backdoor_vector
 
-
 # IBVS -----------------------------------------------------------------------------------------
 PLACEBOS = ("zero", "random", "seed divergence")
 
