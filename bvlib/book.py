@@ -200,8 +200,10 @@ def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path
     check_parameters(name, parameters, root)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.ipynb"
+    running = running_dir(root)  # papermill saves the run there at every cell: `BuildProgress` reads it
+    running.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # the chapter in book/ is replaced only by a run that succeeded
-        raw, executed = Path(tmp) / f"{name}.py.ipynb", Path(tmp) / f"{name}.ipynb"
+        raw, executed = Path(tmp) / f"{name}.py.ipynb", running / f"{name}.ipynb"
         nb = jupytext.read(src)
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         jupytext.write(nb, raw)
@@ -216,6 +218,79 @@ def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path
         _tidy(executed, intro=name == INTRO)
         shutil.move(executed, out)
     return out
+
+
+def running_dir(root: Path) -> Path:
+    """Where chapters being executed are saved cell by cell (under _build/, which the book ignores)."""
+    return root / "_build" / "running"
+
+
+class BuildProgress:
+    """One live line while `make book` runs, on a terminal only: chapters done, each running
+    chapter's cells done of its total (read from the run papermill saves at every cell), the time
+    elapsed and, from the previous build's `_build/timings.json`, an estimate of what is left."""
+
+    def __init__(self, root: Path, chapters: list[str], every: float = 2.0, stream=None):
+        import threading
+
+        self.root, self.chapters, self.every, self.stream = root, chapters, every, stream or sys.stdout
+        self.done: set[str] = set()
+        self.start = time.perf_counter()
+        previous = root / "_build" / "timings.json"
+        try:
+            self.previous = float(json.loads(previous.read_text())["total_s"]) if previous.is_file() else None
+        except (ValueError, KeyError, TypeError):
+            self.previous = None
+        self._stop, self._lock, self._width = threading.Event(), threading.Lock(), 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def cells(self, name: str) -> tuple[int, int] | None:
+        """(cells done, cells) of a running chapter, None when it has not saved a run yet."""
+        try:
+            nb = json.loads((running_dir(self.root) / f"{name}.ipynb").read_text())
+        except (OSError, ValueError):
+            return None
+        code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+        done = sum(c.get("metadata", {}).get("papermill", {}).get("status") == "completed" for c in code)
+        return done, len(code)
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        parts = [f"book: {len(self.done)}/{len(self.chapters)} chapters"]
+        for name in self.chapters:
+            if name not in self.done and (c := self.cells(name)) is not None:
+                parts.append(f"{name[:2]} {c[0]}/{c[1]} cells")
+        clock = f"{elapsed // 60:.0f}:{elapsed % 60:02.0f} elapsed"
+        if self.previous:
+            left = max(0.0, self.previous - elapsed)
+            clock += f", ~{left // 60:.0f} min left (previous build {self.previous / 60:.0f} min)"
+        return " | ".join(parts + [clock])
+
+    def note(self, message: str) -> None:
+        """A line of its own (a chapter done), above the live line."""
+        with self._lock:
+            print(("\r" + message.ljust(self._width)) if self._width else message, file=self.stream, flush=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            text = self.line()
+            with self._lock:
+                self.stream.write("\r" + text.ljust(self._width))
+                self.stream.flush()
+                self._width = len(text)
+        with self._lock:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+
+    def __enter__(self):
+        if getattr(self.stream, "isatty", lambda: False)():  # CI logs get the plain per-chapter lines only
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 FOLD_LINES = 12  # code cells longer than this are folded behind a "show code" toggle on the page
@@ -291,9 +366,11 @@ def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, 
     raised in one error."""
     if workers <= 1:
         meanwhile()
-        for name in names:
-            print(f"executing {name} (preset {parameters.get('preset')})", flush=True)
-            timings[name] = _execute_timed(name, out_dir, parameters, root)
+        with BuildProgress(root, names) as progress:
+            for name in names:
+                progress.note(f"executing {name} (preset {parameters.get('preset')})")
+                timings[name] = _execute_timed(name, out_dir, parameters, root)
+                progress.done.add(name)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -303,15 +380,17 @@ def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, 
     with ProcessPoolExecutor(min(workers, max(1, len(chapters))), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_execute_timed, name, out_dir, parameters, root): name for name in chapters}
         print(f"executing {', '.join(chapters)} (preset {parameters.get('preset')}), {workers} at a time", flush=True)
-        meanwhile()
-        for fut in as_completed(futures):
-            name = futures[fut]
-            if fut.exception() is not None:
-                failed.append(f"{name}: {fut.exception()}")
-                print(f"failed {name}", flush=True)
-            else:
-                timings[name] = fut.result()
-                print(f"executed {name} in {timings[name]:.0f} s", flush=True)
+        with BuildProgress(root, chapters) as progress:
+            meanwhile()
+            for fut in as_completed(futures):
+                name = futures[fut]
+                progress.done.add(name)
+                if fut.exception() is not None:
+                    failed.append(f"{name}: {fut.exception()}")
+                    progress.note(f"failed {name}")
+                else:
+                    timings[name] = fut.result()
+                    progress.note(f"executed {name} in {timings[name]:.0f} s")
     if failed:
         raise BVLibError("; ".join(failed))
     if INTRO in names:

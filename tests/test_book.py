@@ -2,7 +2,9 @@
 figure, and a real browser (headless Chromium) shows each page whole, offline."""
 
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -133,7 +135,7 @@ def test_preset_notebook_parameters_name_real_parameters():
             assert params and set(params) <= set(declared), f"{preset}/{name}: {sorted(set(params) - set(declared))} are not parameters"
             seen += 1
     assert seen >= 1
-    assert preset_parameters("05_defenses", "cpu") == {}
+    assert preset_parameters("01_backdoor_vectors", "cpu") == {}  # a chapter the preset leaves at its defaults
 
 
 def test_a_failed_run_keeps_the_chapter(tmp_path, smoke_world):
@@ -172,3 +174,37 @@ def test_chapters_run_side_by_side_single_threaded_and_a_failure_stops_none(tmp_
     assert {p.name: p.read_text() for p in marks.iterdir()} == {"01_a": "1", "02_b": "1", "main": "1"}, \
         "one thread each, the world's card built meanwhile; no intro after a failure"
     assert set(timings) == {"01_a", "02_b"} and (tmp_path / "book" / "01_a.ipynb").is_file()
+
+
+def test_build_progress_shows_cells_done_on_a_terminal_only(tmp_path):
+    import io
+
+    from bvlib.book import BuildProgress, running_dir
+
+    running = running_dir(tmp_path)
+    running.mkdir(parents=True)
+    cells = [{"cell_type": "markdown", "metadata": {}}] + [
+        {"cell_type": "code", "metadata": {"papermill": {"status": s}}} for s in ("completed", "completed", "running", "pending")]
+    (running / "05_defenses.ipynb").write_text(json.dumps({"cells": cells}))
+    (tmp_path / "_build" / "timings.json").write_text(json.dumps({"total_s": 600.0}))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    progress = BuildProgress(tmp_path, ["03_merging_resilience", "05_defenses"], every=0.02, stream=Terminal())
+    assert progress.cells("05_defenses") == (2, 4) and progress.cells("03_merging_resilience") is None
+    progress.done.add("03_merging_resilience")
+    line = progress.line()
+    assert line.startswith("book: 1/2 chapters | 05 2/4 cells | ") and "min left (previous build 10 min)" in line
+    with progress:
+        time.sleep(0.2)
+        progress.note("executed 03_merging_resilience in 1 s")
+    out = progress.stream.getvalue()
+    assert out.count("\r") >= 3 and "05 2/4 cells" in out
+    assert re.search(r"\rexecuted 03_merging_resilience in 1 s *\n", out)  # over the live line, on a line of its own
+    plain = io.StringIO()  # not a terminal (a CI log): no live line, the notes only
+    with BuildProgress(tmp_path, ["05_defenses"], every=0.02, stream=plain) as quiet:
+        time.sleep(0.1)
+        quiet.note("executed 05_defenses in 1 s")
+    assert plain.getvalue() == "executed 05_defenses in 1 s\n"

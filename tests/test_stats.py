@@ -31,7 +31,7 @@ def test_exact_numbers_vary_only_across_replicates():
     same = [{"a": 0.9, "b": 0.2}] * 4
     assert interval(same, diff)[1:] == pytest.approx((0.7, 0.7))  # one cosine per replicate, all equal: no width
     est, lo, hi = interval([{"a": 0.9, "b": 0.2}, {"a": 0.5, "b": 0.2}, {"a": 0.7, "b": 0.2}], diff)
-    assert lo < est == pytest.approx(0.5) < hi and lo >= 0.3 - 1e-9 and hi <= 0.7 + 1e-9
+    assert est == pytest.approx(0.5) and lo < est < hi and lo >= 0.3 - 1e-9 and hi <= 0.7 + 1e-9
 
 
 def test_verdict_words():
