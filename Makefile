@@ -13,7 +13,7 @@ export BVLIB_CACHE ?= $(CURDIR)/.bvlib/data
 export HF_HUB_OFFLINE := 1
 unexport MPLBACKEND
 
-.PHONY: setup book notebook readme html world test unit nbval baselines bench lint clean device-wheels device-check
+.PHONY: setup book notebook readme publish html world test unit nbval baselines bench lint clean device-wheels device-check
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml scripts/setup.sh
@@ -26,6 +26,9 @@ book: setup            ## the main result: the book in _build/html/index.html
 notebook: setup        ## re-run one notebook: make notebook NB=00_world PARAMS="-p show_samples false"
 	$(BIN)/bvlib notebook $(NB) --preset $(PRESET) $(PARAMS)
 	$(BIN)/bvlib book --html-only
+
+publish: setup         ## the built book onto a local gh-pages branch (ghp-import, not pushed): git push origin gh-pages publishes it
+	$(BIN)/bvlib publish
 
 readme: setup          ## the README's results block from this build's book/results (and its snapshot in benchmarks/results)
 	$(BIN)/bvlib readme

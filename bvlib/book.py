@@ -451,6 +451,26 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     return timings
 
 
+def publish(root: Path | None = None, branch: str = "gh-pages") -> str:
+    """Put the built HTML (_build/html) on a local `branch` with ghp-import, as jupyter-book's
+    documentation recommends, without pushing: `git push origin gh-pages` publishes it. Returns the
+    branch's new commit."""
+    root = root or project_root()
+    html = root / "_build" / "html"
+    if not (html / "index.html").is_file():
+        raise BVLibError(f"no built book in {html}: run `make book` first")
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True)  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD").stdout.strip()
+    if not head:
+        raise BVLibError(f"{root} is not a git checkout with a commit: the book is published from one")
+    tool = Path(sys.executable).with_name("ghp-import")
+    proc = subprocess.run([str(tool), "--no-jekyll", "--branch", branch, "--message", f"book of {head}", str(html)], cwd=root,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BVLibError("ghp-import failed: " + ((proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"])[-1])
+    return git("rev-parse", "--short", branch).stdout.strip()
+
+
 def build_html(root: Path) -> Path:
     """jupyter-book (v1) build of the executed notebooks under `root`; returns index.html."""
     jb = Path(sys.executable).with_name("jupyter-book")

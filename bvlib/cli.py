@@ -280,8 +280,18 @@ def cmd_readme(args) -> None:
     print(f"README.md {'updated' if changed else 'unchanged'} from {snapshot['commit']} ({snapshot_path.relative_to(root)})")
 
 
+def cmd_publish(args) -> None:
+    from bvlib.book import publish
+
+    commit = publish(branch=args.branch)
+    print(f"the built book is on the local branch '{args.branch}' ({commit}); `git push origin {args.branch}` publishes it")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bvlib", description="Backdoor Vectors companion: build the mini world, fine-tune, evaluate.")
+    from bvlib import __version__
+
+    parser.add_argument("--version", action="version", version=f"bvlib {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
@@ -369,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="processes at a time, each with one thread: the world's fine-tunes, then the "
                    "chapters (default: one per core; the book is the same for any number)")
     p.set_defaults(func=cmd_book)
+
+    p = sub.add_parser("publish", help="put the built HTML (_build/html) on a local gh-pages branch (ghp-import; nothing is pushed)")
+    p.add_argument("--branch", default="gh-pages")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("readme", help="write the README's results block from this build (book/results) and keep a snapshot of them")
     p.add_argument("--snapshot", default="benchmarks/results/book-cpu.json", help="where the build's results are kept (relative to the checkout)")

@@ -33,6 +33,7 @@ from bvlib.weights import Layout, Weights
 
 BASE_DIR = Path(__file__).parent / "bases"  # pretrained mini bases shipped with the package (see `World.export_base`)
 LAM_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5)
+SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)  # the other methods' λ, chosen on val over fewer points
 VALIDATED = ("task_arithmetic", "ties")  # the regime's methods: their λ curves on val and test (chapter 00)
 SCALED = ("dare", "tall", "consensus", "tsv", "iso_c")  # the other methods: their λ chosen on val the same way
 VERSION = 3  # bump to invalidate every stored artifact after a change in how they are made
@@ -378,7 +379,7 @@ class World:
                            "normalized_acc": sum(normalized.values()) / len(tasks), "acc": acc, "normalized": normalized}
         return out
 
-    def merge_scales(self, methods: tuple[str, ...] = SCALED, lams: tuple[float, ...] = LAM_GRID) -> dict[str, dict]:
+    def merge_scales(self, methods: tuple[str, ...] = SCALED, lams: tuple[float, ...] = SCALE_GRID) -> dict[str, dict]:
         """The scale λ of every other merging method, chosen on the validation split as task
         arithmetic's is (each method's other parameters at their published defaults): per method
         `lams`, the `val` curve, the chosen `lam` and the test `mean_acc` there. Every method is linear

@@ -208,3 +208,36 @@ def test_build_progress_shows_cells_done_on_a_terminal_only(tmp_path):
         time.sleep(0.1)
         quiet.note("executed 05_defenses in 1 s")
     assert plain.getvalue() == "executed 05_defenses in 1 s\n"
+
+
+def test_publish_puts_a_working_book_on_a_local_gh_pages_branch(smoke_book, tmp_path):
+    import subprocess
+
+    from bvlib.book import publish
+
+    with pytest.raises(BVLibError, match="git checkout"):
+        publish(smoke_book)  # not a checkout yet
+    git = lambda *a: subprocess.run(["git", *a], cwd=smoke_book, capture_output=True, text=True, check=True).stdout  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "source")
+    env_user = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env_user.items():
+            mp.setenv(k, v)
+        commit = publish(smoke_book)
+    files = git("ls-tree", "-r", "--name-only", "gh-pages").split()
+    assert commit and "index.html" in files and ".nojekyll" in files and "book/intro.html" in files
+    assert any(f.startswith("_images/") and f.endswith(".png") for f in files)
+    assert git("branch", "--show-current").strip() != "gh-pages"  # the work tree stays on its branch; nothing is pushed
+    site = tmp_path / "site"
+    site.mkdir()
+    subprocess.run(f"git archive gh-pages | tar -x -C {site}", shell=True, cwd=smoke_book, check=True)
+    driver = _browser()
+    try:
+        driver.get((site / "index.html").as_uri())  # the landing page forwards to the intro
+        time.sleep(1)
+        assert driver.current_url.endswith("book/intro.html"), driver.current_url
+        r = driver.execute_script(PAGE_CHECKS)
+        assert not any(r[k] for k in ("images", "errors", "external")) and r["rows"] > 0, r
+    finally:
+        driver.quit()
