@@ -46,7 +46,7 @@ seed_sets = [[0, 1, 2]]  # each replicate's seeds: the single BV uses the first,
 tasks = []  # tasks merged, empty for every task of the preset
 methods = ["task_arithmetic", "ties", "dare", "tall", "consensus", "tsv", "iso_c"]
 families = ["BadNets", "BadNets locations", "BadMerging"]  # the attacks SBVs are built from
-betas = [0.5, 1.0, 2.0, 3.0]  # injection coefficients of the attacker, swept (and 0, the clean model)
+betas = [0.25, 0.5, 1.0, 1.5, 2.0]  # injection coefficients of the attacker, swept (and 0, the clean model)
 ca_budget = 0.02  # the attacker cost (clean accuracy lost by its own model) at which attacks are compared
 
 # %%
