@@ -91,6 +91,22 @@ class Claim:
         return self.verdict == "holds"
 
 
+def judged_claim(claim: str, paper: str, units: list, stat, threshold: float, what: str, replicates: str, *, points: bool = True,
+                 note: str = "", empty: str = "no replicate to judge") -> Claim:
+    """A replicated claim: `stat` of the replicates' rates (`bvlib.stats.interval`) must lie above
+    `threshold`; the text says `what` with its interval, in points of a percentage unless not
+    `points`, and the rule it is held to, stated as the chapter states it before any number."""
+    from bvlib.stats import describe, interval, verdict
+
+    unit, scale = (" points", 100) if points else ("", 1)
+    rule = f"{what} > {scale * threshold:+g}{unit}"
+    if not units:
+        return Claim(claim, paper, empty, "inconclusive", rule, None, replicates)
+    est, lo, hi = interval(units, stat)
+    ours = f"{what} {describe(est, lo, hi, percent=points)}{unit}" + (f" ({note})" if note else "")
+    return Claim(claim, paper, ours, verdict(lo, hi, threshold, replicates=len(units)), rule, (lo, hi), replicates)
+
+
 def claims_frame(claims: list[Claim] | list[dict], chapter: bool = False):
     """The claims as a table for a page (the scoreboard's rows; `chapter` adds its column)."""
     import pandas as pd

@@ -85,21 +85,6 @@ def verdict(low: float, high: float, threshold: float = 0.0, *, replicates: int 
     return "inconclusive"
 
 
-def interpolate_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
-    """y at `x` on the piecewise-linear curve through (xs, ys), None outside the curve's x range.
-
-    Used to read an attack's ASR at a matched attacker cost: xs are the attacker's clean-accuracy
-    costs along its β sweep (sorted here), ys the ASRs after merging.
-    """
-    pts = sorted(zip(xs, ys))
-    if not pts or x < pts[0][0] - 1e-12 or x > pts[-1][0] + 1e-12:
-        return None
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 - 1e-12 <= x <= x1 + 1e-12:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return pts[0][1]
-
-
 def describe(estimate: float, low: float, high: float, *, percent: bool = True) -> str:
     """'+12.3 [+4.0, +20.1]' in points (percent) or plain numbers."""
     f = (lambda v: f"{100 * v:+.1f}") if percent else (lambda v: f"{v:+.3f}")

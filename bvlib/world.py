@@ -59,6 +59,7 @@ class World:
         self._tasks: dict[str, data.Task] = {}
         self._heads: dict[str, torch.Tensor] = {}
         self._curves: dict[str, dict] = {}
+        self._labels: dict[tuple[str, str], torch.Tensor] = {}
         self.timings: dict[str, float] = {}
 
     @classmethod
@@ -318,8 +319,11 @@ class World:
     def judged_counts(self, name: str, target: int | None = None, split: str = "test") -> dict[str, int]:
         """How many images stand behind a CA ("acc") and an ASR for `target` ("asr": those whose label
         is not the target) on task `name`'s split: the n of their bootstrap intervals."""
-        part = getattr(self.task(name), split)
-        labels = part.labels if isinstance(part, data.Split) else torch.tensor([int(part[i][1]) for i in range(len(part))])
+        key = (name, split)
+        if key not in self._labels:  # a Dataset split reads every image to give its labels: once
+            part = getattr(self.task(name), split)
+            self._labels[key] = part.labels if isinstance(part, data.Split) else torch.tensor([int(part[i][1]) for i in range(len(part))])
+        labels = self._labels[key]
         return {"acc": len(labels), "asr": int((labels != target).sum()) if target is not None else 0}
 
     def evaluate_merged(self, weights: Weights, tasks: list[str] | None = None, attacked: str | None = None,

@@ -60,8 +60,8 @@ import numpy as np
 import pandas as pd
 
 from bvlib.backdoor_vectors import clean_asr, group_means, group_rates, similarity_matrix, transfer_matrix, variations
-from bvlib.book import Claim, claims_frame, page_setup, record
-from bvlib.stats import describe, interval, verdict
+from bvlib.book import Claim, claims_frame, judged_claim, page_setup, record
+from bvlib.stats import interval
 from bvlib.triggers import in_token_overlap
 from bvlib.world import World
 
@@ -201,11 +201,8 @@ far = [g for g in ("target", "task") if g in groups]
 replicates = f"{len(reference_list)} tasks × 1 seed set"
 
 
-def judged(claim: str, paper: str, cols: dict, stat, threshold: float, what: str, scale: float = 100, unit: str = " points") -> Claim:
-    est, lo, hi = interval([{k: f(u) for k, f in cols.items()} for u in units], stat)
-    text = describe(est, lo, hi) if scale == 100 else describe(est, lo, hi, percent=False)
-    return Claim(claim, paper, f"{what} {text}{unit if scale == 100 else ''}", verdict(lo, hi, threshold, replicates=len(units)),
-                 f"{what} > {threshold * scale:+g}{unit if scale == 100 else ''}", (lo, hi), replicates)
+def judged(claim: str, paper: str, cols: dict, stat, threshold: float, what: str, points: bool = True) -> Claim:
+    return judged_claim(claim, paper, [{k: f(u) for k, f in cols.items()} for u in units], stat, threshold, what, replicates, points=points)
 
 
 claims = []
@@ -216,7 +213,7 @@ if near and far:
     cos_cols = {f"c{g}": (lambda u, g=g: u["cos"][g]) for g in near + far}
     claims.append(judged("cosine: attacks that differ in seed or location are closer than those that differ in target or task",
                          "seeds, locations > target classes, tasks", cos_cols, lambda x: gap(x, "c"), 0.0, "lowest near − highest far group",
-                         scale=1))
+                         points=False))
     tr_cols = {f"t{g}": (lambda u, g=g: u["rates"][g]["transfer"]) for g in near + far}
     claims.append(judged("transfer: a backdoor transfers more across seeds and locations than across targets and tasks",
                          "strong vs weak transfer", tr_cols, lambda x: gap(x, "t"), 0.0, "lowest near − highest far group"))

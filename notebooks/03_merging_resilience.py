@@ -58,10 +58,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bvlib import BVLibError
-from bvlib.book import Claim, claims_frame, page_setup, record
+from bvlib.book import Claim, claims_frame, judged_claim, page_setup, record
 from bvlib.merging import METHODS
 from bvlib.scenes import MERGES, AttackedScene, at_cost, matched_cost
-from bvlib.stats import Rate, describe, interval, verdict
+from bvlib.stats import Rate
 from bvlib.world import World
 
 page_setup()
@@ -218,13 +218,10 @@ plt.show()
 # ## Does the mini world agree with the paper?
 
 # %%
-def judged(name: str, paper: str, units: list[dict], threshold: float, what: str, stat=lambda x: (x["a"] - x["b"]).mean(-1)) -> Claim:
+def judged(name: str, paper: str, units: list[dict], threshold: float, what: str) -> Claim:
     """A claim whose statistic is the mean over replicates of (first − second) ASR, above `threshold`."""
-    if not units:
-        return Claim(name, paper, "no replicate reached a common cost", "inconclusive", f"{what} > {threshold:+.0%}", None, replicates)
-    est, lo, hi = interval(units, stat)
-    return Claim(name, paper, f"{what} {describe(est, lo, hi)} points", verdict(lo, hi, threshold, replicates=len(units)),
-                 f"{what} > {100 * threshold:+.0f} points", (lo, hi), f"{replicates} ({len(units)} judged)")
+    return judged_claim(name, paper, units, lambda x: (x["a"] - x["b"]).mean(-1), threshold, what, f"{replicates} ({len(units)} judged)",
+                        empty="no replicate reached a common cost")
 
 
 weakens = []

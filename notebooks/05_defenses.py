@@ -82,11 +82,11 @@ import numpy as np
 import pandas as pd
 
 from bvlib import BVLibError, cosine_matrix
-from bvlib.book import Claim, claims_frame, page_setup, record
+from bvlib.book import Claim, claims_frame, judged_claim, page_setup, record
 from bvlib.defenses import PLACEBOS, dam, defender_target, ibvs_trigger, ibvs_vector, merge_with_ibvs, placebo_vector, tbar
 from bvlib.merging import METHODS
 from bvlib.scenes import AttackedScene
-from bvlib.stats import Rate, describe, interval, verdict
+from bvlib.stats import Rate
 from bvlib.world import World
 
 page_setup()
@@ -231,7 +231,6 @@ plt.show()
 judged_rows = []
 for (t, r), avs in all_attacks.items():
     sc = scenes[t]
-    n = world.judged_counts(t, world.badnets().target)
     for attack_name, attack in avs.items():
         n_asr = world.judged_counts(t, attack.target)["asr"]
         vecs = sc.vectors(attack)
@@ -331,11 +330,7 @@ def units_of(cols: list[str], n_col: str = "n_asr") -> list[dict]:
 
 
 def judged(claim: str, paper: str, units: list[dict], stat, threshold: float, what: str, assumes: str = "") -> Claim:
-    if not units:
-        return Claim(claim, paper, "no attack survived merging", "inconclusive", f"{what} > {100 * threshold:+.0f} points", None, replicates)
-    est, lo, hi = interval(units, stat)
-    return Claim(claim, paper, f"{what} {describe(est, lo, hi)} points" + (f" ({assumes})" if assumes else ""),
-                 verdict(lo, hi, threshold, replicates=len(units)), f"{what} > {100 * threshold:+.0f} points", (lo, hi), replicates)
+    return judged_claim(claim, paper, units, stat, threshold, what, replicates, note=assumes, empty="no attack survived merging")
 
 
 placebo_cols = [f"placebo: {p}" for p in placebos]
@@ -370,10 +365,8 @@ dam_alive = dam_cells[dam_cells["untrained"] >= survives]
 dam_units = [{c: pooled(d, c, "n_asr") for c in ("untrained", "DAM")} for _, d in dam_alive.groupby(["attacked task", "replicate"], sort=False)]
 dam_replicates = replicates if dam_all_tasks else "1 task × 1 seed set (DAM judged on the first attacked task only)"
 if dam_units:
-    est, lo, hi = interval(dam_units, lambda x: (x["untrained"] - x["DAM"]).mean(-1))
-    claims.append(Claim("DAM lowers the ASR of surviving attacks beyond its untrained mask", "ASR −2 to −10 points",
-                        f"ASR untrained − DAM {describe(est, lo, hi)} points", verdict(lo, hi, 0.02, replicates=len(dam_units)),
-                        "ASR untrained − DAM > +2 points", (lo, hi), dam_replicates))
+    claims.append(judged_claim("DAM lowers the ASR of surviving attacks beyond its untrained mask", "ASR −2 to −10 points", dam_units,
+                               lambda x: (x["untrained"] - x["DAM"]).mean(-1), 0.02, "ASR untrained − DAM", dam_replicates))
 record("05_defenses", {"preset": world.name, "attacked": scene.attacked, "attacked_tasks": attacked_list, "seed_sets": seed_sets, "defender": defender,
                        "defender_trigger": square.config(), "defender_target": own_target, "n_tasks": len(scene.names), "n_methods": len(methods),
                        "surviving_merges": len(alive), "judged_merges": len(judged_grid),

@@ -4,7 +4,7 @@ import pytest
 
 from bvlib import BVLibError
 from bvlib.scenes import at_cost, matched_cost
-from bvlib.stats import Rate, interpolate_at, interval, verdict
+from bvlib.stats import Rate, interval, verdict
 
 
 def diff(x):
@@ -54,8 +54,6 @@ def test_bad_rates_and_units_are_one_line_errors():
 
 
 def test_a_sweep_is_read_at_equal_cost_by_interpolation():
-    assert interpolate_at([0.0, 0.02, 0.04], [0.1, 0.5, 0.9], 0.03) == pytest.approx(0.7)
-    assert interpolate_at([0.0, 0.02], [0.1, 0.5], 0.05) is None
     rows = [{"beta": b, "cost": c, "ASR TA": a} for b, c, a in [(0, 0.0, 0.1), (1, 0.01, 0.3), (2, 0.005, 0.6), (3, 0.03, 0.9)]]
     # the cost curve is made non-decreasing in β (β = 2 is not cheaper than β = 1): 0.02 lies between β 2 and 3
     assert at_cost(rows, 0.02, "ASR TA") == pytest.approx(0.6 + 0.3 * (0.02 - 0.01) / (0.03 - 0.01))
