@@ -32,9 +32,13 @@
 # **How the claims are judged here (stated before any number).**
 # - *The defender knows nothing of the attack.* Its square is white, in the **top-left** corner and two
 #   thirds of the attacks' patch size (the attacks sit bottom-right); its target is the **last class** of
-#   its task (the attacks aim at class 0); it injects into **its own task** (the last merged task). Three
+#   its task (the attacks aim at class 0); it injects into **its own task** (the last merged task). Four
 #   variants are judged apart, each saying what it assumes: the defender injects into the *attacked
-#   task* (it knows which one), uses the *attack's corner and size*, or the *attacker's target* (oracle).
+#   task* (it knows which one), uses the *attack's corner and size*, the *attacker's target* (oracle), or
+#   controls no task and injects into **every merged task** (one −BV per task, each aimed at that task's
+#   last class; here trained from θ0 on each task's training images with the world's recipe, as every BV
+#   of the book is). The last is set against placebos of as many vectors, each of the norm of the BV it
+#   stands in for (zero and random).
 # - *Placebos*: every IBVS result is set against three vectors with no backdoor in them, merged through
 #   the same path at the same strength and norm: a **zero** vector (what one more merged task does by
 #   itself), a **random** vector and a **seed divergence** (two clean fine-tunes of the defender's task
@@ -83,7 +87,7 @@ import pandas as pd
 
 from bvlib import BVLibError, cosine_matrix
 from bvlib.book import Claim, claims_frame, judged_claim, page_setup, record
-from bvlib.defenses import PLACEBOS, dam, defender_target, ibvs_trigger, ibvs_vector, merge_with_ibvs, placebo_vector, tbar
+from bvlib.defenses import PLACEBOS, dam, defender_target, ibvs_trigger, ibvs_vector, ibvs_vectors, merge_with_ibvs, placebo_vector, tbar
 from bvlib.merging import METHODS
 from bvlib.scenes import AttackedScene
 from bvlib.stats import Rate
@@ -136,10 +140,19 @@ if defender_variants:
                                                    dict.fromkeys(attacked_list, ibvs_vector(world, defender, trigger=attack_square, target=own_target))),
         "IBVS with the attacker's target (oracle)": ("knows the attacked task and the attacker's target",
                                                      {t: ibvs_vector(world, t, trigger=square, target=world.badnets().target) for t in attacked_list}),
+        "IBVS on every merged task": ("controls no task: injects its square into each merged task",
+                                      {t: ibvs_vectors(world, scenes[t].names, trigger=square) for t in attacked_list}),
     }
+# placebos of as many vectors, each with the norm of the BV it stands in for (no seed divergence: it would
+# need a second clean fine-tune of every task)
+count_matched = {name: {p: {t: [placebo_vector(world, p, bv, seed=i) for i, bv in enumerate(bvs)] for t, bvs in by_task.items()}
+                        for p in ("zero", "random")}
+                 for name, (_, by_task) in variants.items() if isinstance(next(iter(by_task.values())), list)}
 print(f"defender: {square.size}px white square at {square.location} on {defender}, target {own_target}; BV norm {defender_bv.norm():.2f}")
 first_bv = {name: a.tau - scene.tau[scene.attacked] for name, a in first_attacks.items()}  # each attack's BV (BadMerging's too)
-vectors = {"defender BV": defender_bv, **{f"placebo: {p}": v for p, v in placebos.items()}, **{v: bvs[scene.attacked] for v, (_, bvs) in variants.items()}}
+vectors = {"defender BV": defender_bv, **{f"placebo: {p}": v for p, v in placebos.items()},
+           **{v: bvs[scene.attacked] if v not in count_matched else sum(bvs[scene.attacked][1:], bvs[scene.attacked][0])
+              for v, (_, bvs) in variants.items()}}
 anatomy = pd.DataFrame({name: {"norm": v.norm(), **{f"cos {a} BV": float(cosine_matrix([v, bv])[0, 1]) for a, bv in first_bv.items()}}
                         for name, v in vectors.items()}).T
 anatomy.style.format("{:+.3f}").format({"norm": "{:.2f}"}).set_caption(f"the defender's vectors against the attacks' BVs on {scene.attacked}")
@@ -242,13 +255,15 @@ for (t, r), avs in all_attacks.items():
                    "n_ca": sum(world.judged_counts(x)["acc"] for x in sc.names), "none": none["asr"], "IBVS": ibvs["asr"],
                    "mean CA none": none["mean_acc"], "mean CA IBVS": ibvs["mean_acc"]}
             others = {f"placebo: {p}": v for p, v in placebos.items()} | {name: bvs[t] for name, (_, bvs) in variants.items()}
+            others |= {f"{name}, placebo: {p}": by_task[t] for name, ps in count_matched.items() for p, by_task in ps.items()}
             for name, v in others.items():  # the ASR alone: one triggered pass
                 tau = merge_with_ibvs(vecs, method, v, ibvs_strength, **params)
                 row[name] = world.trigger_scores(t, sc.theta0 + tau, attack.trigger, attack.target)["asr"]
             judged_rows.append(row)
 judged_grid = pd.DataFrame(judged_rows)
 alive = judged_grid[judged_grid["none"] >= survives]
-asr_cols = ["none", "IBVS", *[f"placebo: {p}" for p in placebos], *variants]
+asr_cols = ["none", "IBVS", *[f"placebo: {p}" for p in placebos], *variants,
+            *[f"{name}, placebo: {p}" for name, ps in count_matched.items() for p in ps]]
 print(f"{len(alive)} of {len(judged_grid)} attacked merges keep ASR >= {survives:.0%} without a defense")
 fig, ax = plt.subplots(figsize=(10, 3.6))
 means = alive.groupby("attacked task", sort=False)[asr_cols].mean() if len(alive) else pd.DataFrame(columns=asr_cols)
@@ -336,8 +351,8 @@ def judged(claim: str, paper: str, units: list[dict], stat, threshold: float, wh
 placebo_cols = [f"placebo: {p}" for p in placebos]
 
 
-def beyond_placebos(col: str):
-    return lambda x: np.min([(x[p] - x[col]).mean(-1) for p in placebo_cols], axis=0)
+def beyond_placebos(col: str, against: list[str] = placebo_cols):
+    return lambda x: np.min([(x[p] - x[col]).mean(-1) for p in against], axis=0)
 
 
 claims = [
@@ -349,8 +364,9 @@ claims = [
            lambda x: ca_cost - (x["mean CA none"] - x["mean CA IBVS"]).mean(-1), 0.0, f"{100 * ca_cost:.0f} points − CA cost"),
 ]
 for name, (assumes, _) in variants.items():
-    claims.append(judged(f"{name} lowers the ASR more than the placebos", "(not in the paper)", units_of([name, *placebo_cols]),
-                         beyond_placebos(name), 0.05, "ASR strongest placebo − IBVS", assumes))
+    against = [f"{name}, placebo: {p}" for p in count_matched[name]] if name in count_matched else placebo_cols
+    claims.append(judged(f"{name} lowers the ASR more than the placebos", "(not in the paper)", units_of([name, *against]),
+                         beyond_placebos(name, against), 0.05, "ASR strongest placebo − IBVS", assumes))
 dam_cells = []
 for (t, r), avs in (all_attacks.items() if dam_all_tasks else [((scene.attacked, 0), first_attacks)]):
     sc = scenes[t]

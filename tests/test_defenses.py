@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bvlib import BVLibError
-from bvlib.defenses import ALPHA_GRID, PLACEBOS, dam, defender_target, ibvs_trigger, ibvs_vector, merge_with_ibvs, placebo_vector, suspect_target, tbar
+from bvlib.defenses import ALPHA_GRID, PLACEBOS, dam, defender_target, ibvs_trigger, ibvs_vector, ibvs_vectors, merge_with_ibvs, placebo_vector, suspect_target, tbar
 from bvlib.defenses.tbar import SEARCH_LOCATIONS, search_sizes
 from bvlib.merging import merge
 from bvlib.store import Store
@@ -65,6 +65,20 @@ def test_merge_with_ibvs_enters_the_merge_at_its_own_scale(scene):
     ties = merge_with_ibvs(taus, "ties", bv, 1.0, k=0.2, lam=1.0)  # TIES trims and elects the −BV with the others
     assert torch.equal(ties.flat, merge(taus + [-bv], "ties", k=0.2, lam=1.0).flat)
     assert not torch.allclose(ties.flat, merge(taus, "ties", k=0.2, lam=1.0).flat - bv.flat, atol=1e-3)
+
+
+def test_a_defender_in_every_merged_task_subtracts_one_bv_per_task(smoke_world, scene):
+    w, taus = smoke_world, list(scene["taus"].values())
+    bvs = ibvs_vectors(w, [ATTACKED, OTHER], steps=STEPS)
+    for t, bv in zip((ATTACKED, OTHER), bvs):  # each its own task's BV, aimed at that task's last class
+        expected = ibvs_vector(w, t, target=defender_target(w, t), steps=STEPS)
+        assert torch.equal(bv.flat, expected.flat) and bv.norm() > 0
+    ta = merge_with_ibvs(taus, "task_arithmetic", bvs, 1.0, lam=0.5)
+    assert torch.allclose(ta.flat, merge(taus, **MERGE).flat - 0.5 * (bvs[0].flat + bvs[1].flat), atol=1e-6)
+    ties = merge_with_ibvs(taus, "ties", bvs, 1.0, k=0.2, lam=1.0)  # each −BV votes in TIES's election
+    assert torch.equal(ties.flat, merge(taus + [-b for b in bvs], "ties", k=0.2, lam=1.0).flat)
+    with pytest.raises(BVLibError, match="IBVS BVs"):
+        merge_with_ibvs(taus, "ties", [], 1.0)
 
 
 def test_ibvs_with_the_attackers_own_bv_removes_the_attack(smoke_world, scene):

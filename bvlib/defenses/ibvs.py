@@ -89,20 +89,30 @@ def ibvs_vector(world, task: str | None = None, *, trigger: PatchTrigger | None 
     return sparse_backdoor_vector([one(s) for s in seeds], combine="rescale")
 
 
-def merge_with_ibvs(task_vectors: Sequence[Weights] | Mapping[str, Weights], method: str, ibvs_bv: Weights, strength: float = 1.0,
-                    **merge_params) -> Weights:
+def ibvs_vectors(world, tasks: Sequence[str], *, trigger: PatchTrigger | None = None, seed: int = 0,
+                 **train_overrides) -> list[Weights]:
+    """The defender's BV on each of `tasks` (its square in every model it merges, each aimed at that
+    task's `defender_target`), for a defender that controls no task of its own: merged with
+    `merge_with_ibvs` as one −BV per task."""
+    return [ibvs_vector(world, t, trigger=trigger, target=defender_target(world, t), seed=seed, **train_overrides)
+            for t in tasks]
+
+
+def merge_with_ibvs(task_vectors: Sequence[Weights] | Mapping[str, Weights], method: str,
+                    ibvs_bv: Weights | Sequence[Weights], strength: float = 1.0, **merge_params) -> Weights:
     """The merge with the defender's BV subtracted at the merge's own scale: merge(τ_1..τ_K, −strength·BV).
 
     The defender's −BV enters the merge as one more task vector, so it gets what every task vector
     gets: task arithmetic scales it by λ (subtracting 1·BV after a λ = 0.3 merge would remove ~3× what
     any attacker's vector keeps), TIES trims it and lets it vote in the sign election, DARE drops and
-    rescales it. strength = 0 is the plain merge.
+    rescales it. A list of BVs (a defender that injected its trigger into several merged tasks) enters
+    as that many more task vectors. strength = 0 is the plain merge.
     """
     vectors = _vector_list(task_vectors)
-    if not isinstance(ibvs_bv, Weights):
-        raise BVLibError(f"ibvs_bv must be Weights (a Backdoor Vector), got {type(ibvs_bv).__name__}")
-    vectors[0].layout.check_same(ibvs_bv.layout, "task vectors and the IBVS BV")
+    bvs = [ibvs_bv] if isinstance(ibvs_bv, Weights) else _vector_list(ibvs_bv, "IBVS BVs")
+    for bv in bvs:
+        vectors[0].layout.check_same(bv.layout, "task vectors and the IBVS BV")
     strength = _real("strength", strength, 0)
     if strength == 0:
         return merge(vectors, method, **merge_params)
-    return merge(vectors + [-strength * ibvs_bv], method, **merge_params)
+    return merge(vectors + [-strength * bv for bv in bvs], method, **merge_params)
