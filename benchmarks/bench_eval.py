@@ -38,7 +38,10 @@ def main():
                 runs.append(time.perf_counter() - t)
             seconds[size], same = min(runs), same and bool((preds == reference).all())
         cells = " ".join(f"{seconds[b]:6.3f} s" + ("*" if b == default else " ") for b in SIZES)
-        print(f"{task:10} {len(split):>6} {cells}  {same}  (1024 / {default}: x{seconds[1024] / seconds[default]:.2f})")
+        print(
+            f"{task:10} {len(split):>6} {cells}  {same}  (1024 / {default}: "
+            f"x{seconds[1024] / seconds[default]:.2f})"
+        )
     print("* the default; times are one clean pass over the test split, best of", args.repeats)
 
 

@@ -57,10 +57,16 @@ def main():
                 for j in jobs:
                     j.run(world)
             times[mode] = time.perf_counter() - t
-            flats[mode] = [world.finetune(j.task, world.badnets() if j.attack is not None else None, **j.train).flat for j in jobs]
+            flats[mode] = [
+                world.finetune(j.task, world.badnets() if j.attack is not None else None, **j.train).flat
+                for j in jobs
+            ]
     torch.set_num_threads(threads)
     same = all(torch.equal(a, b) for a, b in zip(flats["executor"], flats["sequential_1_thread"]))
-    print(f"{len(jobs)} fine-tunes of {args.steps} steps ({args.preset}), {os.cpu_count()} cores, torch threads {threads}")
+    print(
+        f"{len(jobs)} fine-tunes of {args.steps} steps ({args.preset}), {os.cpu_count()} cores, torch "
+        f"threads {threads}"
+    )
     for mode, s in times.items():
         print(f"  {mode:22s} {s:7.1f} s   x{times['sequential'] / s:.2f} vs sequential")
     print(f"  executor bits equal the one-thread run: {same}")

@@ -31,8 +31,10 @@ def default_encoder(world: World) -> nn.Module:
     """The world's encoder as open_clip builds it by default, holding the same weights."""
     import open_clip
 
-    reference = open_clip.create_model(world.preset.model, vision_cfg={**open_clip.get_model_config(world.preset.model)["vision_cfg"],
-                                                                       "block_type": "default"}).visual
+    reference = open_clip.create_model(
+        world.preset.model,
+        vision_cfg={**open_clip.get_model_config(world.preset.model)["vision_cfg"], "block_type": "default"},
+    ).visual
     state = world.classifier(world.task_names[0]).encoder.state_dict()
     reference.load_state_dict(state)
     return reference
@@ -66,7 +68,11 @@ def passes(world: World, task: str, encoder: nn.Module | None) -> tuple[dict, Ca
         with torch.no_grad():
             return clf(x)
 
-    return {"fine-tuning step": finetune_step, "trigger step": trigger_step, "test pass": test_pass}, test_pass
+    return {
+        "fine-tuning step": finetune_step,
+        "trigger step": trigger_step,
+        "test pass": test_pass,
+    }, test_pass
 
 
 def timed(fn, repeats: int) -> float:
@@ -88,7 +94,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = World(args.preset, progress=False)
-    print(f"preset {world.name} ({world.preset.model}, {world.preset.precision}), one thread, batch 128, best of 3 x {args.repeats}")
+    print(
+        f"preset {world.name} ({world.preset.model}, {world.preset.precision}), one thread, batch 128, best "
+        f"of 3 x {args.repeats}"
+    )
     fused = mock.patch("bvlib.models.sdpa_kernel", lambda backend: contextlib.nullcontext())
     rows = {}
     ref_passes, ref_logits = passes(world, args.task, default_encoder(world))
@@ -99,8 +108,21 @@ def main():
         with fused:
             rows[name].append(timed(new_passes[name], args.repeats))
     names, reference, plain = world.task_names, default_encoder(world), world.classifier
-    total = sum(((world.finetune(t) - world.base_weights).flat for t in names), torch.zeros(world.layout.numel))
-    dam_args = dict(lam=0.2, steps=3, lr=1e-2, temperature=0.5, init=0.0, batch_size=16, adv_lr=1e-3, adv_weight=0.1, seed=0, progress=False)
+    total = sum(
+        ((world.finetune(t) - world.base_weights).flat for t in names), torch.zeros(world.layout.numel)
+    )
+    dam_args = dict(
+        lam=0.2,
+        steps=3,
+        lr=1e-2,
+        temperature=0.5,
+        init=0.0,
+        batch_size=16,
+        adv_lr=1e-3,
+        adv_weight=0.1,
+        seed=0,
+        progress=False,
+    )
 
     def dam_step():
         _run_dam(world, names, total, **dam_args)
@@ -115,12 +137,20 @@ def main():
     rows["DAM step (8 tasks)"].append(timed(dam_step, 1) / 3)
     with fused:
         rows["DAM step (8 tasks)"].append(timed(dam_step, 1) / 3)
-    print(f"{'pass':22} {'open_clip default':>18} {'bvlib':>9} {'speed-up':>9} {'bvlib, fused attention':>23}")
+    print(
+        f"{'pass':22} {'open_clip default':>18} {'bvlib':>9} {'speed-up':>9} {'bvlib, fused attention':>23}"
+    )
     for name, (ref, new, fus) in rows.items():
         print(f"{name:22} {ref:15.1f} ms {new:6.1f} ms {ref / new:8.2f}x {fus:20.1f} ms")
-    print(f"largest logit difference between the two on a batch: {diff:.3g} (logit scale {world.classifier(args.task).logit_scale:.0f})")
+    print(
+        f"largest logit difference between the two on a batch: {diff:.3g} (logit scale "
+        f"{world.classifier(args.task).logit_scale:.0f})"
+    )
     with sdpa_kernel(SDPBackend.MATH):
-        print(f"test pass with the math attention: {timed(new_passes['test pass'], args.repeats):.1f} ms (bvlib keeps the fused one there)")
+        print(
+            f"test pass with the math attention: {timed(new_passes['test pass'], args.repeats):.1f} ms "
+            "(bvlib keeps the fused one there)"
+        )
     patchify(world, args.repeats)
 
 
@@ -132,7 +162,11 @@ def patchify(world: World, repeats: int) -> None:
     side = world.task(world.task_names[0]).test.images.shape[-1]
     x = torch.rand(128, 3, side, side)
     print(f"patch embedding ({embed.kernel_size[0]} px patches, batch 128): {'conv':>8} {'matmul':>8}")
-    for what, needs_grad in (("forward", None), ("backward to the weight", False), ("backward to the pixels", True)):
+    for what, needs_grad in (
+        ("forward", None),
+        ("backward to the weight", False),
+        ("backward to the pixels", True),
+    ):
         pixels = x.clone().requires_grad_(bool(needs_grad))
 
         def run(module, pixels=pixels, needs_grad=needs_grad):

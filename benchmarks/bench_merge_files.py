@@ -33,17 +33,33 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        visual = {k: v.detach().contiguous() for k, v in create_clip(args.model)[0].visual.state_dict().items()}
+        visual = {
+            k: v.detach().contiguous() for k, v in create_clip(args.model)[0].visual.state_dict().items()
+        }
         numel = sum(v.numel() for v in visual.values())
         save_file(visual, tmp / "base.safetensors")
         g = torch.Generator().manual_seed(0)
         files = []
         for i in range(args.k):
-            save_file({k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in visual.items()}, tmp / f"ft{i}.safetensors")
+            save_file(
+                {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in visual.items()},
+                tmp / f"ft{i}.safetensors",
+            )
             files.append(str(tmp / f"ft{i}.safetensors"))
         del visual
-        cmd = [sys.executable, "-m", "bvlib.cli", "merge", "--base", str(tmp / "base.safetensors"), *files, "--method", args.method,
-               "--out", str(tmp / "merged.safetensors")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bvlib.cli",
+            "merge",
+            "--base",
+            str(tmp / "base.safetensors"),
+            *files,
+            "--method",
+            args.method,
+            "--out",
+            str(tmp / "merged.safetensors"),
+        ]
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         anon = file = 0
@@ -62,11 +78,18 @@ def main():
             sys.exit(err)
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # KiB -> GB
         model_gb = numel * 4 / 1e9
-        print(f"{args.model}: {numel / 1e6:.0f}M parameters ({model_gb:.2f} GB fp32), K={args.k}, {args.method}, "
-              f"{torch.get_num_threads()} threads")
-        print(f"bvlib merge: {seconds:.1f} s; peak RSS {peak_gb:.2f} GB, of which the process's own memory peaked at {anon / 1e6:.2f} GB "
-              f"({anon / 1e6 / model_gb:.1f} models) and mapped checkpoint pages (reclaimable) at {file / 1e6:.2f} GB; "
-              f"the K task vectors stacked would be {args.k * model_gb:.2f} GB")
+        print(
+            f"{args.model}: {numel / 1e6:.0f}M parameters ({model_gb:.2f} GB fp32), K={args.k}, "
+            f"{args.method}, "
+            f"{torch.get_num_threads()} threads"
+        )
+        print(
+            f"bvlib merge: {seconds:.1f} s; peak RSS {peak_gb:.2f} GB, of which the process's own memory "
+            f"peaked at {anon / 1e6:.2f} GB "
+            f"({anon / 1e6 / model_gb:.1f} models) and mapped checkpoint pages (reclaimable) at "
+            f"{file / 1e6:.2f} GB; "
+            f"the K task vectors stacked would be {args.k * model_gb:.2f} GB"
+        )
 
 
 if __name__ == "__main__":

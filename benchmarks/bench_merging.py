@@ -5,7 +5,8 @@ is usually written (mlfoundations/task_vectors, the TIES and TSV repositories): 
 dict of per-layer tensors, and TIES with `torch.kthvalue` on each task's whole flattened vector.
 `max|Δ|` is the largest difference between the two results (DARE's masks come from other RNG calls).
 
-    python benchmarks/bench_merging.py                          # CPU: mini layout (ViT-B-32 at width 256, 10M)
+    python benchmarks/bench_merging.py                          # CPU: mini layout (ViT-B-32 at width 256,
+    10M)
     python benchmarks/bench_merging.py --size vit-b-32 --device cuda
     python benchmarks/bench_merging.py --methods ties,sparse_backdoor_vector --repeats 5
 """
@@ -204,7 +205,9 @@ def timed(fn, device: torch.device, repeats: int, budget_s: float = 20.0) -> tup
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=list(SIZES), default=None, help="default: vit-b-32 on CUDA, mini on CPU")
+    ap.add_argument(
+        "--size", choices=list(SIZES), default=None, help="default: vit-b-32 on CUDA, mini on CPU"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default=",".join([*METHODS, "sparse_backdoor_vector"]))
     ap.add_argument("--k", type=int, default=8, help="number of task vectors")
@@ -226,9 +229,11 @@ def main():
 
     floor, _, _ = timed(lambda: stack.sum(0), device, max(args.repeats, 5))
     gbps = stack.numel() * stack.element_size() / floor / 1e9
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    )
     print(
-        f"{size}: K={args.k} × D={layout.numel / 1e6:.2f}M float32 on {device} "
-        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"{size}: K={args.k} × D={layout.numel / 1e6:.2f}M float32 on {device} ({where}), "
         f"torch {torch.__version__}"
     )
     print(f"floor = stack.sum(0), one read of the stack: {floor * 1e3:.1f} ms ({gbps:.0f} GB/s)\n")

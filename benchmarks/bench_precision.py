@@ -28,10 +28,16 @@ POLICIES = ("fp32", "bf16 (blocks)", "bf16 (whole pass)", "bf16 (blocks, fused)"
 
 
 def run(world: World, task: str, policy: str, steps: int) -> dict:
-    world.preset = dataclasses.replace(world.preset, precision="fp32" if policy in ("fp32", "bf16 (whole pass)") else "bf16")
+    world.preset = dataclasses.replace(
+        world.preset, precision="fp32" if policy in ("fp32", "bf16 (whole pass)") else "bf16"
+    )
     model = world.classifier(task)
     losses = []
-    whole = torch.autocast(world.device.type, dtype=torch.bfloat16) if policy == "bf16 (whole pass)" else nullcontext()
+    whole = (
+        torch.autocast(world.device.type, dtype=torch.bfloat16)
+        if policy == "bf16 (whole pass)"
+        else nullcontext()
+    )
 
     def loss_fn(classifier, x, y):
         with whole:
@@ -39,7 +45,11 @@ def run(world: World, task: str, policy: str, steps: int) -> dict:
         losses.append(float(loss.detach()))
         return loss
 
-    fused = mock.patch("bvlib.models.sdpa_kernel", lambda backend: nullcontext()) if "fused" in policy else nullcontext()
+    fused = (
+        mock.patch("bvlib.models.sdpa_kernel", lambda backend: nullcontext())
+        if "fused" in policy
+        else nullcontext()
+    )
     cfg = world.train_config(task, steps=steps, warmup_steps=max(1, steps // 10))
     with fused:
         t = time.perf_counter()
@@ -49,8 +59,12 @@ def run(world: World, task: str, policy: str, steps: int) -> dict:
         acc = evaluate(model, world.task(task).test, device=world.device)["acc"]
         eval_s = time.perf_counter() - t
     third = max(1, steps // 3)
-    return {"ms_step": 1e3 * seconds / steps, "loss": [sum(losses[i:i + third]) / len(losses[i:i + third]) for i in (0, third, steps - third)],
-            "acc": acc, "eval_s": eval_s}
+    return {
+        "ms_step": 1e3 * seconds / steps,
+        "loss": [sum(losses[i : i + third]) / len(losses[i : i + third]) for i in (0, third, steps - third)],
+        "acc": acc,
+        "eval_s": eval_s,
+    }
 
 
 def main():
@@ -60,16 +74,26 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
     world = World(args.preset, progress=False)
-    print(f"preset {world.name}, device {world.device}, {torch.get_num_threads()} threads, {args.steps} fine-tuning steps")
-    print(f"{'task':8} {'policy':22} {'ms/step':>8} {'x fp32':>7}  {'loss (thirds of the run)':26} {'test acc':>8} {'test pass':>9}")
+    print(
+        f"preset {world.name}, device {world.device}, {torch.get_num_threads()} threads, {args.steps} "
+        "fine-tuning steps"
+    )
+    print(
+        f"{'task':8} {'policy':22} {'ms/step':>8} {'x fp32':>7}  {'loss (thirds of the run)':26} "
+        f"{'test acc':>8} {'test pass':>9}"
+    )
     for task in args.tasks:
         base = None
         for policy in POLICIES:
             r = run(world, task, policy, args.steps)
             base = base or r
             loss = " ".join(f"{v:.3f}" for v in r["loss"])
-            print(f"{task:8} {policy:22} {r['ms_step']:8.1f} {base['ms_step'] / r['ms_step']:7.2f}  {loss:26} {r['acc']:8.3f} "
-                  f"{r['eval_s']:7.3f} s", flush=True)
+            print(
+                f"{task:8} {policy:22} {r['ms_step']:8.1f} {base['ms_step'] / r['ms_step']:7.2f}  {loss:26} "
+                f"{r['acc']:8.3f} "
+                f"{r['eval_s']:7.3f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -35,12 +35,17 @@ def main():
         timed("load all tasks (cold)", lambda: [world.task(n) for n in world.task_names])
         timed("pretrain base (corpus + contrastive)", lambda: world.clip)
         timed("zero-shot heads", lambda: [world.head(n) for n in world.task_names])
-        w = timed(f"one clean fine-tune ({name}, {world.preset.finetune.steps} steps)", lambda: world.finetune(name))
+        w = timed(
+            f"one clean fine-tune ({name}, {world.preset.finetune.steps} steps)", lambda: world.finetune(name)
+        )
         timed(f"one BadNets fine-tune ({name})", lambda: world.finetune(name, poison=world.badnets()))
         timed("evaluate CA + ASR on one task", lambda: world.evaluate(name, w, world.badnets().trigger, 0))
         cached = timed("the same fine-tune from the store", lambda: world.finetune(name))
         assert torch.equal(cached.flat.cpu(), w.flat.cpu())
-    print(f"preset {world.name}, device {world.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"preset {world.name}, device {world.device}, torch {torch.__version__}, {torch.get_num_threads()} "
+        "threads"
+    )
     for label, s in rows:
         print(f"{label:<55s} {s:8.2f} s")
     steps = world.preset.finetune.steps

@@ -53,11 +53,15 @@ def scale_sweep(world, attack: Attack, scales: Sequence[float], mode: str = "inj
     if mode not in ("inject", "remove"):
         raise BVLibError(f"mode must be 'inject' or 'remove', got '{mode}'")
     bv = attack_bv(world, attack)
-    start, sign = (clean_model(world, attack), 1.0) if mode == "inject" else (backdoored_model(world, attack), -1.0)
+    start, sign = (
+        (clean_model(world, attack), 1.0) if mode == "inject" else (backdoored_model(world, attack), -1.0)
+    )
     rows = []
     for lam in scales:
         r = world.evaluate(attack.task, apply_vector(start, bv, sign * lam), attack.trigger, attack.target)
-        rows.append({"task": attack.task, "mode": mode, "scale": float(lam), "acc": r["acc"], "asr": r["asr"]})
+        rows.append(
+            {"task": attack.task, "mode": mode, "scale": float(lam), "acc": r["acc"], "asr": r["asr"]}
+        )
     return rows
 
 
@@ -74,13 +78,26 @@ def vector_stats(world, attack: Attack) -> dict:
     bv = attack_bv(world, attack)
     cos = float(cosine_matrix([tau, bv])[0, 1])
     return {
-        "task": attack.task, "tau_norm": tau.norm(), "bv_norm": bv.norm(), "bv_over_tau": bv.norm() / max(tau.norm(), 1e-30),
-        "tau_top1pct_mass": top_mass(tau), "bv_top1pct_mass": top_mass(bv), "cos_bv_tau": cos,
+        "task": attack.task,
+        "tau_norm": tau.norm(),
+        "bv_norm": bv.norm(),
+        "bv_over_tau": bv.norm() / max(tau.norm(), 1e-30),
+        "tau_top1pct_mass": top_mass(tau),
+        "bv_top1pct_mass": top_mass(bv),
+        "cos_bv_tau": cos,
     }
 
 
-def variations(world, task: str, *, seeds: Sequence[int] = (0, 1, 2), locations: Sequence[str] = ("top_left", "center", "random"),
-               targets: Sequence[int] = (1, 2), tasks: Sequence[str] = (), aligned_token: int = 0) -> list[Attack]:
+def variations(
+    world,
+    task: str,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    locations: Sequence[str] = ("top_left", "center", "random"),
+    targets: Sequence[int] = (1, 2),
+    tasks: Sequence[str] = (),
+    aligned_token: int = 0,
+) -> list[Attack]:
     """The reference BadNets attack on `task` and its variations, one knob at a time.
 
     With `aligned_token` (the encoder's patch size), every location also gets a variant snapped to the
@@ -91,11 +108,26 @@ def variations(world, task: str, *, seeds: Sequence[int] = (0, 1, 2), locations:
     loc = ref.trigger.location
     attacks = [Attack(task, ref, seeds[0] if seeds else 0, f"{task} ref", "reference")]
     attacks += [Attack(task, ref, s, f"seed {s}", "seed") for s in seeds[1:]]
-    attacks += [Attack(task, replace(ref, trigger=replace(ref.trigger, location=lo)), 0, f"at {lo}", "location") for lo in locations if lo != loc]
+    attacks += [
+        Attack(task, replace(ref, trigger=replace(ref.trigger, location=lo)), 0, f"at {lo}", "location")
+        for lo in locations
+        if lo != loc
+    ]
     if aligned_token:
-        attacks += [Attack(task, replace(ref, trigger=replace(ref.trigger, location=lo, token=aligned_token)), 0, f"at {lo}, aligned",
-                           "location, aligned") for lo in locations if lo != loc]
-    attacks += [Attack(task, replace(ref, target=t), 0, f"target {t}", "target") for t in targets if t != ref.target]
+        attacks += [
+            Attack(
+                task,
+                replace(ref, trigger=replace(ref.trigger, location=lo, token=aligned_token)),
+                0,
+                f"at {lo}, aligned",
+                "location, aligned",
+            )
+            for lo in locations
+            if lo != loc
+        ]
+    attacks += [
+        Attack(task, replace(ref, target=t), 0, f"target {t}", "target") for t in targets if t != ref.target
+    ]
     attacks += [Attack(t, ref, 0, f"task {t}", "task") for t in tasks if t != task]
     for a in attacks:
         world.check_task(a.task)
@@ -109,14 +141,18 @@ def transfer_matrix(world, attacks: Sequence[Attack]) -> torch.Tensor:
     for i, a in enumerate(attacks):
         clean = clean_model(world, a)
         for j, bv in enumerate(bvs):
-            out[i, j] = world.trigger_scores(a.task, clean + bv, a.trigger, a.target)["asr"]  # one triggered pass
+            out[i, j] = world.trigger_scores(a.task, clean + bv, a.trigger, a.target)[
+                "asr"
+            ]  # one triggered pass
     return out
 
 
 def clean_asr(world, attacks: Sequence[Attack]) -> torch.Tensor:
     """[i] = ASR of attack i's trigger and target on θ_clean(i) with no BV: the floor of row i of the
     transfer matrix (a trigger alone moves some images to the target)."""
-    return torch.tensor([world.trigger_scores(a.task, clean_model(world, a), a.trigger, a.target)["asr"] for a in attacks])
+    return torch.tensor(
+        [world.trigger_scores(a.task, clean_model(world, a), a.trigger, a.target)["asr"] for a in attacks]
+    )
 
 
 def similarity_matrix(world, attacks: Sequence[Attack]) -> torch.Tensor:
@@ -137,7 +173,9 @@ def group_means(matrix: torch.Tensor, attacks: Sequence[Attack]) -> dict[str, fl
     return out
 
 
-def group_rates(world, matrix: torch.Tensor, attacks: Sequence[Attack], floor: torch.Tensor | None = None) -> dict[str, dict]:
+def group_rates(
+    world, matrix: torch.Tensor, attacks: Sequence[Attack], floor: torch.Tensor | None = None
+) -> dict[str, dict]:
     """Per variation group, its transfer pooled over the pairs (reference, j) and (j, reference) of
     the group, as `bvlib.stats.Rate`s on the images behind them: {"transfer": Rate, "floor": Rate}
     (the floor: the rows' triggers on their clean models, `clean_asr`), for intervals over tasks."""

@@ -91,8 +91,19 @@ class Claim:
         return self.verdict == "holds"
 
 
-def judged_claim(claim: str, paper: str, units: list, stat, threshold: float, what: str, replicates: str, *, points: bool = True,
-                 note: str = "", empty: str = "no replicate to judge") -> Claim:
+def judged_claim(
+    claim: str,
+    paper: str,
+    units: list,
+    stat,
+    threshold: float,
+    what: str,
+    replicates: str,
+    *,
+    points: bool = True,
+    note: str = "",
+    empty: str = "no replicate to judge",
+) -> Claim:
     """A replicated claim: `stat` of the replicates' rates (`bvlib.stats.interval`) must lie above
     `threshold`; the text says `what` with its interval, in points of a percentage unless not
     `points`, and the rule it is held to, stated as the chapter states it before any number."""
@@ -104,7 +115,9 @@ def judged_claim(claim: str, paper: str, units: list, stat, threshold: float, wh
         return Claim(claim, paper, empty, "inconclusive", rule, None, replicates)
     est, lo, hi = interval(units, stat)
     ours = f"{what} {describe(est, lo, hi, percent=points)}{unit}" + (f" ({note})" if note else "")
-    return Claim(claim, paper, ours, verdict(lo, hi, threshold, replicates=len(units)), rule, (lo, hi), replicates)
+    return Claim(
+        claim, paper, ours, verdict(lo, hi, threshold, replicates=len(units)), rule, (lo, hi), replicates
+    )
 
 
 def claims_frame(claims: list[Claim] | list[dict], chapter: bool = False):
@@ -115,7 +128,14 @@ def claims_frame(claims: list[Claim] | list[dict], chapter: bool = False):
     cols = (["chapter"] if chapter else []) + ["claim", "paper", "ours", "threshold", "verdict", "replicates"]
     frame = pd.DataFrame([{k: r.get(k, "") for k in cols} for r in rows], columns=cols)
     frame["verdict"] = [r.get("verdict") or ("holds" if r.get("holds") else "fails") for r in rows]
-    return frame.rename(columns={"paper": "the paper", "ours": "this book", "threshold": "holds if", "replicates": "behind it"})
+    return frame.rename(
+        columns={
+            "paper": "the paper",
+            "ours": "this book",
+            "threshold": "holds if",
+            "replicates": "behind it",
+        }
+    )
 
 
 def _claim_dict(c: Claim) -> dict:
@@ -126,8 +146,12 @@ def record(name: str, results: dict, claims: list[Claim] | None = None) -> Path:
     """Save a notebook's headline numbers (and the paper's claims it checked) as JSON for the intro page."""
     results = dict(results)
     if claims is not None:
-        results |= {"claims_table": [_claim_dict(c) for c in claims], "claims_held": sum(c.holds for c in claims), "claims": len(claims),
-                    "verdicts": {v: sum(c.verdict == v for c in claims) for v in ("holds", "fails", "inconclusive")}}
+        results |= {
+            "claims_table": [_claim_dict(c) for c in claims],
+            "claims_held": sum(c.holds for c in claims),
+            "claims": len(claims),
+            "verdicts": {v: sum(c.verdict == v for c in claims) for v in ("holds", "fails", "inconclusive")},
+        }
     path = results_dir() / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=float))
@@ -140,7 +164,8 @@ def recorded() -> dict[str, dict]:
 
 
 def preset_parameters(name: str, preset) -> dict:
-    """The notebook parameters a preset sets for notebook `name` (its "notebooks" entry, e.g. smaller sweeps for smoke)."""
+    """The notebook parameters a preset sets for notebook `name` (its "notebooks" entry, e.g. smaller sweeps
+    for smoke)."""
     from bvlib.presets import load_preset
 
     return dict(load_preset(preset).notebooks.get(name, {}))
@@ -168,8 +193,17 @@ def notebook_parameters(name: str, root: Path | None = None) -> dict:
 
 
 def _type_name(value) -> str:
-    return "a list" if isinstance(value, list) else {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-                                                     dict: "a JSON object"}.get(type(value), type(value).__name__)
+    return (
+        "a list"
+        if isinstance(value, list)
+        else {
+            bool: "true/false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            dict: "a JSON object",
+        }.get(type(value), type(value).__name__)
+    )
 
 
 def check_parameters(name: str, parameters: dict, root: Path | None = None) -> None:
@@ -184,10 +218,15 @@ def check_parameters(name: str, parameters: dict, root: Path | None = None) -> N
         default = defaults[key]
         if default is None:  # "None for the preset default": any value
             continue
-        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        ok = isinstance(value, type(default)) and not (
+            isinstance(value, bool) and not isinstance(default, bool)
+        )
         ok = ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
-            raise BVLibError(f"parameter '{key}' of notebook {name} takes {_type_name(default)} (default {default!r}), got {value!r}")
+            raise BVLibError(
+                f"parameter '{key}' of notebook {name} takes {_type_name(default)} (default {default!r}), "
+                f"got {value!r}"
+            )
 
 
 def _notebook_source(name: str, root: Path) -> Path:
@@ -218,19 +257,30 @@ def execute(name: str, out_dir: Path, parameters: dict | None = None, root: Path
     out = out_dir / f"{name}.ipynb"
     running = running_dir(root)  # papermill saves the run there at every cell: `BuildProgress` reads it
     running.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:  # the chapter in book/ is replaced only by a run that succeeded
+    with (
+        tempfile.TemporaryDirectory() as tmp
+    ):  # the chapter in book/ is replaced only by a run that succeeded
         raw, executed = Path(tmp) / f"{name}.py.ipynb", running / f"{name}.ipynb"
         nb = jupytext.read(src)
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         jupytext.write(nb, raw)
         try:
-            papermill.execute_notebook(str(raw), str(executed), parameters=parameters, kernel_name="python3", cwd=str(root),
-                                       progress_bar=False, log_output=False)
+            papermill.execute_notebook(
+                str(raw),
+                str(executed),
+                parameters=parameters,
+                kernel_name="python3",
+                cwd=str(root),
+                progress_bar=False,
+                log_output=False,
+            )
         except papermill.PapermillExecutionError as e:
             failed = Path(tempfile.gettempdir()) / f"bvlib-failed-{name}.ipynb"
             shutil.copyfile(executed, failed)
-            raise BVLibError(f"notebook {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
-                             f"(the chapter in {out_dir.name}/ is unchanged; the failed run is {failed})") from None
+            raise BVLibError(
+                f"notebook {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                f"(the chapter in {out_dir.name}/ is unchanged; the failed run is {failed})"
+            ) from None
         _tidy(executed, intro=name == INTRO)
         shutil.move(executed, out)
     return out
@@ -285,7 +335,9 @@ class BuildProgress:
     def note(self, message: str) -> None:
         """A line of its own (a chapter done), above the live line."""
         with self._lock:
-            print(("\r" + message.ljust(self._width)) if self._width else message, file=self.stream, flush=True)
+            print(
+                ("\r" + message.ljust(self._width)) if self._width else message, file=self.stream, flush=True
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
@@ -324,7 +376,11 @@ def _tidy(path: Path, intro: bool = False) -> None:
         tags = set(cell.get("metadata", {}).get("tags", []))
         if tags & {"parameters", "injected-parameters"}:
             tags.add("remove-cell" if intro else "hide-input")
-        elif len(cell.source.splitlines()) > FOLD_LINES and not tags & {"show-input", "remove-input", "remove-cell"}:
+        elif len(cell.source.splitlines()) > FOLD_LINES and not tags & {
+            "show-input",
+            "remove-input",
+            "remove-cell",
+        }:
             tags.add("hide-input")
         if tags:
             cell.metadata["tags"] = sorted(tags)
@@ -363,8 +419,14 @@ def _execute_timed(name: str, out_dir: Path, parameters: dict, root: Path) -> fl
 
 # The chapters by their expected time in a cold build (cpu preset; 05 and 03 grew with their replicates
 # and controls), so that the longest does not start last; a fresh clone has no earlier build to ask.
-LONGEST_FIRST = ("05_defenses", "03_merging_resilience", "02_similarity_transfer", "06_own_models", "04_inherent_triggers",
-                 "01_backdoor_vectors")
+LONGEST_FIRST = (
+    "05_defenses",
+    "03_merging_resilience",
+    "02_similarity_transfer",
+    "06_own_models",
+    "04_inherent_triggers",
+    "01_backdoor_vectors",
+)
 
 
 def _longest_first(names: list[str]) -> list[str]:
@@ -375,8 +437,15 @@ def _longest_first(names: list[str]) -> list[str]:
     return chapters + [n for n in names if n == INTRO]
 
 
-def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, workers: int, timings: dict,
-                 meanwhile: Callable[[], None] = lambda: None) -> None:
+def _execute_all(
+    names: list[str],
+    out_dir: Path,
+    parameters: dict,
+    root: Path,
+    workers: int,
+    timings: dict,
+    meanwhile: Callable[[], None] = lambda: None,
+) -> None:
     """Execute the chapters, `workers` at a time (the intro after all others), and `meanwhile()` in
     this process while they start; every chapter runs even if one fails, then the failures are
     raised in one error."""
@@ -393,9 +462,14 @@ def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, 
 
     failed = []
     chapters = [n for n in names if n != INTRO]
-    with ProcessPoolExecutor(min(workers, max(1, len(chapters))), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        min(workers, max(1, len(chapters))), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         futures = {pool.submit(_execute_timed, name, out_dir, parameters, root): name for name in chapters}
-        print(f"executing {', '.join(chapters)} (preset {parameters.get('preset')}), {workers} at a time", flush=True)
+        print(
+            f"executing {', '.join(chapters)} (preset {parameters.get('preset')}), {workers} at a time",
+            flush=True,
+        )
         with BuildProgress(root, chapters) as progress:
             meanwhile()
             for fut in as_completed(futures):
@@ -413,8 +487,14 @@ def _execute_all(names: list[str], out_dir: Path, parameters: dict, root: Path, 
         timings[INTRO] = _execute_timed(INTRO, out_dir, parameters, root)
 
 
-def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | None = None, html: bool = True,
-          parameters: dict | None = None, workers: int | None = None) -> dict[str, float]:
+def build(
+    preset: str = "cpu",
+    out_dir: Path | None = None,
+    names: list[str] | None = None,
+    html: bool = True,
+    parameters: dict | None = None,
+    workers: int | None = None,
+) -> dict[str, float]:
     """Execute notebooks with `preset` into book/, then build the HTML; returns seconds per step.
 
     `workers` processes at a time (default: one per core) build the world card's fine-tunes
@@ -428,7 +508,9 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     timings, start, cold, since = {}, time.perf_counter(), None, time.time()
     parameters = {"preset": preset, **(parameters or {})}
     with _one_thread():
-        if names is None:  # build the world first, with progress bars; the notebooks then read it from the store
+        if (
+            names is None
+        ):  # build the world first, with progress bars; the notebooks then read it from the store
             from bvlib.jobs import run_jobs, world_jobs
             from bvlib.world import World
 
@@ -440,7 +522,8 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
                 timings["world/jobs"] = run_jobs(world, world_jobs(world), workers=workers)["seconds"]
             timings["world"] = time.perf_counter() - t
 
-        def card_and_curves():  # while the first chapters start; a chapter that needs them first waits for them
+        # while the first chapters start; a chapter that needs them first waits for them
+        def card_and_curves():
             t = time.perf_counter()
             world.card()
             world.merge_curves()  # the validated λ every merging chapter uses
@@ -451,8 +534,15 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
                 timings[stage] = timings.get(stage, 0.0) + seconds
 
         todo = names if names is not None else notebook_names(root)
-        _execute_all(_longest_first(todo) if workers > 1 else todo, out_dir, parameters, root, workers, timings,
-                     card_and_curves if names is None else lambda: None)
+        _execute_all(
+            _longest_first(todo) if workers > 1 else todo,
+            out_dir,
+            parameters,
+            root,
+            workers,
+            timings,
+            card_and_curves if names is None else lambda: None,
+        )
     if html:
         t = time.perf_counter()
         index = build_html(root)
@@ -461,9 +551,19 @@ def build(preset: str = "cpu", out_dir: Path | None = None, names: list[str] | N
     if names is None:  # a later build compares itself with this one
         path = root / "_build" / "timings.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"preset": preset, "total_s": time.perf_counter() - start, "cold": cold, "workers": workers,
-                                    "stages": {k: round(v, 2) for k, v in timings.items()},
-                                    "built": world.store.built_since(since)}, indent=1))
+        path.write_text(
+            json.dumps(
+                {
+                    "preset": preset,
+                    "total_s": time.perf_counter() - start,
+                    "cold": cold,
+                    "workers": workers,
+                    "stages": {k: round(v, 2) for k, v in timings.items()},
+                    "built": world.store.built_since(since),
+                },
+                indent=1,
+            )
+        )
     return timings
 
 
@@ -480,10 +580,16 @@ def publish(root: Path | None = None, branch: str = "gh-pages") -> str:
     if not head:
         raise BVLibError(f"{root} is not a git checkout with a commit: the book is published from one")
     tool = Path(sys.executable).with_name("ghp-import")
-    proc = subprocess.run([str(tool), "--no-jekyll", "--branch", branch, "--message", f"book of {head}", str(html)], cwd=root,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(tool), "--no-jekyll", "--branch", branch, "--message", f"book of {head}", str(html)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise BVLibError("ghp-import failed: " + ((proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"])[-1])
+        raise BVLibError(
+            "ghp-import failed: " + ((proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"])[-1]
+        )
     return git("rev-parse", "--short", branch).stdout.strip()
 
 
@@ -525,9 +631,15 @@ def results_snapshot(root: Path | None = None) -> dict:
     dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "bvlib", "notebooks"))
     timings = root / "_build" / "timings.json"
     build = json.loads(timings.read_text()) if timings.is_file() else {}
-    return {"commit": commit + ("+changes" if dirty else ""), "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "preset": build.get("preset") or next(iter(results.values())).get("preset"), "cold": build.get("cold"),
-            "total_min": round(build["total_s"] / 60, 1) if "total_s" in build else None, "chapters": results}
+    return {
+        "commit": commit + ("+changes" if dirty else ""),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "preset": build.get("preset") or next(iter(results.values())).get("preset"),
+        "cold": build.get("cold"),
+        "total_min": round(build["total_s"] / 60, 1) if "total_s" in build else None,
+        "chapters": results,
+    }
 
 
 def readme_block(snapshot: dict) -> str:
@@ -535,22 +647,43 @@ def readme_block(snapshot: dict) -> str:
     the claims scoreboard, so the front page and the book cannot disagree."""
     chapters = snapshot["chapters"]
     built = f"a {'cold ' if snapshot.get('cold') else ''}`make book` of {snapshot['commit']}" + (
-        f" ({snapshot['total_min']} min" + f" on {snapshot['cores']} cores of an {snapshot['cpu']})" if snapshot.get("total_min") else "")
-    lines = [f"Generated by `make readme` from {built}, preset `{snapshot['preset']}`; the book shows each number's chapter.", ""]
+        f" ({snapshot['total_min']} min" + f" on {snapshot['cores']} cores of an {snapshot['cpu']})"
+        if snapshot.get("total_min")
+        else ""
+    )
+    lines = [
+        f"Generated by `make readme` from {built}, preset `{snapshot['preset']}`; the book shows each "
+        "number's chapter.",
+        "",
+    ]
     w = chapters.get("00_world")
     if w:
-        lines += [f"**The world**: {w['n_tasks']} tasks; zero-shot {w['mean_zeroshot_acc']:.1%}, clean fine-tunes {w['mean_clean_acc']:.1%}, "
-                  f"BadNets ASR {w['mean_backdoor_asr']:.1%} at clean accuracy {w['mean_backdoor_clean_acc']:.1%}; task arithmetic "
-                  f"{w['ta_mean_acc']:.1%} (normalized {w['ta_normalized_acc']:.2f}, λ {w['ta_lam']:g}), TIES {w['ties_mean_acc']:.1%} "
-                  f"(normalized {w['ties_normalized_acc']:.2f}).", ""]
+        lines += [
+            f"**The world**: {w['n_tasks']} tasks; zero-shot {w['mean_zeroshot_acc']:.1%}, clean fine-tunes "
+            f"{w['mean_clean_acc']:.1%}, "
+            f"BadNets ASR {w['mean_backdoor_asr']:.1%} at clean accuracy {w['mean_backdoor_clean_acc']:.1%}; "
+            "task arithmetic "
+            f"{w['ta_mean_acc']:.1%} (normalized {w['ta_normalized_acc']:.2f}, λ {w['ta_lam']:g}), TIES "
+            f"{w['ties_mean_acc']:.1%} "
+            f"(normalized {w['ties_normalized_acc']:.2f}).",
+            "",
+        ]
     rows = [(name, c) for name, r in chapters.items() for c in r.get("claims_table", [])]
     words = [c.get("verdict") or ("holds" if c["holds"] else "fails") for _, c in rows]
-    lines += [f"**{len(rows)} claims**: " + ", ".join(f"{words.count(v)} {v}" for v in ("holds", "fails", "inconclusive")) + ".", "",
-              "| ch. | claim | this book | holds if | verdict | behind it |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"**{len(rows)} claims**: "
+        + ", ".join(f"{words.count(v)} {v}" for v in ("holds", "fails", "inconclusive"))
+        + ".",
+        "",
+        "| ch. | claim | this book | holds if | verdict | behind it |",
+        "|---|---|---|---|---|---|",
+    ]
     cell = lambda text: str(text).replace("|", "/").replace("\n", " ")  # noqa: E731
     for (name, c), word in zip(rows, words):
-        lines.append(f"| {name[:2]} | {cell(c['claim'])} | {cell(c['ours'])} | {cell(c.get('threshold', ''))} | "
-                     f"{'**' + word + '**' if word == 'fails' else word} | {cell(c.get('replicates', ''))} |")
+        lines.append(
+            f"| {name[:2]} | {cell(c['claim'])} | {cell(c['ours'])} | {cell(c.get('threshold', ''))} | "
+            f"{'**' + word + '**' if word == 'fails' else word} | {cell(c.get('replicates', ''))} |"
+        )
     return "\n".join(lines)
 
 

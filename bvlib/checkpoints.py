@@ -51,7 +51,7 @@ class EncoderFile:
             self._shape = lambda k: tuple(state[k].shape)
         self.keys = keys
         self.prefix = PREFIX if any(k.startswith(PREFIX) for k in keys) else ""
-        self.names = [k[len(self.prefix):] for k in keys if k.startswith(self.prefix)]
+        self.names = [k[len(self.prefix) :] for k in keys if k.startswith(self.prefix)]
         if not self.names:
             raise BVLibError(f"{self.path} holds no tensors")
         self._checked: set[str] = set()
@@ -65,12 +65,17 @@ class EncoderFile:
         mine = self.layout
         if set(mine.names) != set(layout.names):
             diff = sorted(set(mine.names) ^ set(layout.names))[:3]
-            raise BVLibError(f"{self.path} and {what} come from different architectures: parameter names differ (e.g. {diff})")
+            raise BVLibError(
+                f"{self.path} and {what} come from different architectures: parameter names differ (e.g. "
+                f"{diff})"
+            )
         shapes = dict(zip(mine.names, mine.shapes))
         for name, shape in zip(layout.names, layout.shapes):
             if shapes[name] != shape:
-                raise BVLibError(f"{self.path} and {what} come from different architectures: '{name}' has shape "
-                                 f"{list(shapes[name])} vs {list(shape)}")
+                raise BVLibError(
+                    f"{self.path} and {what} come from different architectures: '{name}' has shape "
+                    f"{list(shapes[name])} vs {list(shape)}"
+                )
 
     def tensor(self, name: str) -> torch.Tensor:
         t = self._get(self.prefix + name)
@@ -92,7 +97,9 @@ class EncoderFile:
         return file_sha256(self.path)
 
 
-def open_encoders(base: str | os.PathLike, others: Sequence[str | os.PathLike]) -> tuple[EncoderFile, list[EncoderFile], Layout]:
+def open_encoders(
+    base: str | os.PathLike, others: Sequence[str | os.PathLike]
+) -> tuple[EncoderFile, list[EncoderFile], Layout]:
     """The base and the other files, checked to be the same architecture (one line naming the file)."""
     if not others:
         raise BVLibError("give at least one fine-tuned checkpoint besides the base")
@@ -107,7 +114,8 @@ def open_encoders(base: str | os.PathLike, others: Sequence[str | os.PathLike]) 
 
 
 def tensor_groups(layout: Layout, rows: int, budget_bytes: int = DEFAULT_BUDGET) -> Iterator[Layout]:
-    """Consecutive parameter tensors in groups of about `budget_bytes` of float32 values for `rows` vectors."""
+    """Consecutive parameter tensors in groups of about `budget_bytes` of float32 values for `rows`
+    vectors."""
     names, shapes, size = [], [], 0
     for name, shape, numel in zip(layout.names, layout.shapes, layout.numels):
         if names and size + rows * numel * 4 > budget_bytes:
@@ -120,11 +128,17 @@ def tensor_groups(layout: Layout, rows: int, budget_bytes: int = DEFAULT_BUDGET)
         yield Layout(tuple(names), tuple(shapes))
 
 
-def _vector_rows(base: EncoderFile, files: Sequence[EncoderFile], names: Sequence[str],
-                 extra: Sequence[tuple[EncoderFile, float]] = ()) -> torch.Tensor:
+def _vector_rows(
+    base: EncoderFile,
+    files: Sequence[EncoderFile],
+    names: Sequence[str],
+    extra: Sequence[tuple[EncoderFile, float]] = (),
+) -> torch.Tensor:
     """[K(+extra), d] task vectors τ = θ_file − θ_base on `names`; `extra` rows are scale · file (vectors)."""
     theta0 = base.flat(names)
-    return torch.stack([_vector_row(base, files, names, extra, i, theta0) for i in range(len(files) + len(extra))])
+    return torch.stack(
+        [_vector_row(base, files, names, extra, i, theta0) for i in range(len(files) + len(extra))]
+    )
 
 
 def _vector_row(base, files, names, extra, i: int, theta0: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,13 +151,23 @@ def _vector_row(base, files, names, extra, i: int, theta0: torch.Tensor | None =
 def _check_params(method: str, params: Mapping, rows: int) -> None:
     """Refuse a bad method or parameter in one line before any file is read: run it on a tiny stack."""
     if method == "dare" and params.get("base", "task_arithmetic") != "task_arithmetic":
-        raise BVLibError("bvlib merge streams DARE over task arithmetic only; DARE over TIES is `bvlib.merging.merge` in Python")
+        raise BVLibError(
+            "bvlib merge streams DARE over task arithmetic only; DARE over TIES is `bvlib.merging.merge` in "
+            "Python"
+        )
     _call(method, torch.zeros(rows, 4), Layout(("w",), ((2, 2),)), dict(params))
 
 
-def merge_files(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike], method: str = "task_arithmetic", *,
-                params: Mapping | None = None, defender_bv: str | os.PathLike | None = None, strength: float = 1.0,
-                budget_bytes: int = DEFAULT_BUDGET) -> tuple[dict[str, torch.Tensor], dict]:
+def merge_files(
+    base: str | os.PathLike,
+    finetuned: Sequence[str | os.PathLike],
+    method: str = "task_arithmetic",
+    *,
+    params: Mapping | None = None,
+    defender_bv: str | os.PathLike | None = None,
+    strength: float = 1.0,
+    budget_bytes: int = DEFAULT_BUDGET,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """θ0 + merge(τ_1..τ_K [, −strength·BV]) in the base file's own key layout, and a report.
 
     With `defender_bv` (a Backdoor Vector file, `bvlib.defenses.ibvs_vector` saved), the merge is
@@ -161,7 +185,9 @@ def merge_files(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
     _check_params(method, params, rows)
     thresholds = None
     if method == "ties":
-        thresholds = _whole_vector_thresholds(base_file, files, extra, layout, params.get("k", 0.2), budget_bytes)
+        thresholds = _whole_vector_thresholds(
+            base_file, files, extra, layout, params.get("k", 0.2), budget_bytes
+        )
     merged_tau, parts = {}, []
     for group in tensor_groups(layout, rows, budget_bytes):
         x = _vector_rows(base_file, files, group.names, extra)
@@ -173,17 +199,25 @@ def merge_files(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike],
         merged_tau.update(_split(out, group))
     if parts:
         lam = float(params.get("lam", 1.0))
-        for (group, _), out in zip(parts, ties_finish([p for _, p in parts], disjoint=params.get("disjoint", "mean"))):
+        for (group, _), out in zip(
+            parts, ties_finish([p for _, p in parts], disjoint=params.get("disjoint", "mean"))
+        ):
             merged_tau.update(_split(out.mul_(lam), group))
     state = dict(base_file.other_tensors())
     for name in layout.names:
         theta0 = base_file.tensor(name)
         state[base_file.prefix + name] = (theta0.float() + merged_tau[name]).to(theta0.dtype)
     report = {
-        "method": method, "params": params, "base": {"path": str(base_file.path), "sha256": base_file.sha256},
+        "method": method,
+        "params": params,
+        "base": {"path": str(base_file.path), "sha256": base_file.sha256},
         "inputs": [{"path": str(f.path), "sha256": f.sha256} for f in files],
-        "defense": None if defender_bv is None else {"name": "ibvs", "defender_bv": str(defender_bv), "strength": float(strength)},
-        "parameters": layout.numel, "key_prefix": base_file.prefix, **stats.report([f.path.name for f in files] + (["-BV"] if extra else [])),
+        "defense": None
+        if defender_bv is None
+        else {"name": "ibvs", "defender_bv": str(defender_bv), "strength": float(strength)},
+        "parameters": layout.numel,
+        "key_prefix": base_file.prefix,
+        **stats.report([f.path.name for f in files] + (["-BV"] if extra else [])),
     }
     return state, report
 
@@ -201,8 +235,14 @@ def _json_safe(info: Mapping) -> dict:
     return out
 
 
-def defend_merge(world, state: Mapping[str, torch.Tensor], finetuned: Mapping[str, str | os.PathLike], defense: str,
-                 params: Mapping | None = None, lam: float = 1.0) -> tuple[dict[str, torch.Tensor], dict]:
+def defend_merge(
+    world,
+    state: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, str | os.PathLike],
+    defense: str,
+    params: Mapping | None = None,
+    lam: float = 1.0,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """A defense that needs data, on files: the merged `state` (a whole CLIP state dict in the base's
     layout, as `merge_files` gives it) cleaned, and what the defense reports.
 
@@ -217,13 +257,21 @@ def defend_merge(world, state: Mapping[str, torch.Tensor], finetuned: Mapping[st
     from bvlib.defenses import dam, tbar
 
     if defense not in DATA_DEFENSES:
-        raise BVLibError(f"unknown defense '{defense}'; the ones that need data are: {', '.join(DATA_DEFENSES)}")
+        raise BVLibError(
+            f"unknown defense '{defense}'; the ones that need data are: {', '.join(DATA_DEFENSES)}"
+        )
     params = dict(params or {})
     fn = tbar if defense == "tbar" else dam
-    allowed = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and n not in ("trigger", "target", "progress")]
+    allowed = [
+        n
+        for n, p in inspect.signature(fn).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and n not in ("trigger", "target", "progress")
+    ]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise BVLibError(f"--defense-param {unknown[0]} is not a parameter of {defense}; it takes: {', '.join(allowed)}")
+        raise BVLibError(
+            f"--defense-param {unknown[0]} is not a parameter of {defense}; it takes: {', '.join(allowed)}"
+        )
     layout = world.layout
     prefix = PREFIX if any(k.startswith(PREFIX) for k in state) else ""
     if defense == "tbar":
@@ -258,7 +306,10 @@ def _whole_vector_thresholds(base_file, files, extra, layout, k, budget_bytes) -
 
 
 def _split(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-    return {n: flat[o : o + k].view(s) for n, s, o, k in zip(layout.names, layout.shapes, layout.offsets, layout.numels)}
+    return {
+        n: flat[o : o + k].view(s)
+        for n, s, o, k in zip(layout.names, layout.shapes, layout.offsets, layout.numels)
+    }
 
 
 class VectorStats:
@@ -268,7 +319,9 @@ class VectorStats:
         self.gram = torch.zeros(k, k, dtype=torch.float64)
         self.nonzero = torch.zeros(k, dtype=torch.float64)
         self.count = 0
-        self.unanimous = 0.0  # coordinates where every nonzero value has the same sign (of those with 2+ nonzero)
+        self.unanimous = (
+            0.0  # coordinates where every nonzero value has the same sign (of those with 2+ nonzero)
+        )
         self.contested = 0.0
 
     def add(self, x: torch.Tensor) -> None:
@@ -286,16 +339,29 @@ class VectorStats:
         norms = self.gram.diagonal().sqrt()
         cos = self.gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
         return {
-            "vectors": [{"name": n, "norm": float(norms[i]), "nonzero_share": float(self.nonzero[i] / max(self.count, 1))}
-                        for i, n in enumerate(names)],
+            "vectors": [
+                {
+                    "name": n,
+                    "norm": float(norms[i]),
+                    "nonzero_share": float(self.nonzero[i] / max(self.count, 1)),
+                }
+                for i, n in enumerate(names)
+            ],
             "cosine": [[round(float(v), 6) for v in row] for row in cos],
-            "sign_agreement": {"unanimous_share": self.unanimous / max(self.contested, 1.0),
-                               "coordinates_with_two_or_more_nonzero": int(self.contested)},
+            "sign_agreement": {
+                "unanimous_share": self.unanimous / max(self.contested, 1.0),
+                "coordinates_with_two_or_more_nonzero": int(self.contested),
+            },
         }
 
 
-def inspect_files(base: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], *, bv: tuple[str, str] | None = None,
-                  budget_bytes: int = DEFAULT_BUDGET) -> dict:
+def inspect_files(
+    base: str | os.PathLike,
+    checkpoints: Sequence[str | os.PathLike],
+    *,
+    bv: tuple[str, str] | None = None,
+    budget_bytes: int = DEFAULT_BUDGET,
+) -> dict:
     """The paper's diagnostics on files: per task vector its norm, sparsity and top-1% mass, their
     cosine matrix, and with `bv=(suspect, clean)` the BV = θ_suspect − θ_clean, its statistics and
     its cosine with every task vector."""
@@ -320,11 +386,20 @@ def inspect_files(base: str | os.PathLike, checkpoints: Sequence[str | os.PathLi
     rep = stats.report(names + (["BV"] if bv else []))
     for v, t in zip(rep["vectors"], tops):
         v["top1pct_mass"] = t.share()
-    out = {"base": str(base_file.path), "parameters": layout.numel, "task_vectors": rep["vectors"][: len(files)],
-           "cosine": [row[: len(files)] for row in rep["cosine"][: len(files)]], "sign_agreement": rep["sign_agreement"]}
+    out = {
+        "base": str(base_file.path),
+        "parameters": layout.numel,
+        "task_vectors": rep["vectors"][: len(files)],
+        "cosine": [row[: len(files)] for row in rep["cosine"][: len(files)]],
+        "sign_agreement": rep["sign_agreement"],
+    }
     if bv is not None:
-        out["bv"] = {"suspect": bv[0], "clean": bv[1], **rep["vectors"][-1],
-                     "cosine_with": {n: rep["cosine"][-1][i] for i, n in enumerate(names)}}
+        out["bv"] = {
+            "suspect": bv[0],
+            "clean": bv[1],
+            **rep["vectors"][-1],
+            "cosine_with": {n: rep["cosine"][-1][i] for i, n in enumerate(names)},
+        }
     return out
 
 

@@ -16,7 +16,9 @@ def eval_batch_size(device: torch.device | str) -> int:
     return 128 if torch.device(device).type == "cpu" else 1024
 
 
-def _logits(classifier, split, trigger: PatchTrigger | None, batch_size: int | None, device: torch.device | str):
+def _logits(
+    classifier, split, trigger: PatchTrigger | None, batch_size: int | None, device: torch.device | str
+):
     """(float logits, true labels) batch by batch over a split, optionally with a trigger pasted on."""
     classifier.to(device).eval()
     for images, y in iterate_batches(split, batch_size or eval_batch_size(device), shuffle=False):
@@ -25,8 +27,13 @@ def _logits(classifier, split, trigger: PatchTrigger | None, batch_size: int | N
 
 
 @torch.no_grad()
-def predict(classifier, split, trigger: PatchTrigger | None = None, batch_size: int | None = None,
-            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    classifier,
+    split,
+    trigger: PatchTrigger | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted labels, true labels) over a split, optionally with a trigger pasted on."""
     preds, labels = [], []
     for logits, y in _logits(classifier, split, trigger, batch_size, device):
@@ -36,8 +43,14 @@ def predict(classifier, split, trigger: PatchTrigger | None = None, batch_size: 
 
 
 @torch.no_grad()
-def trigger_scores(classifier, split, trigger: PatchTrigger, target: int, batch_size: int | None = None,
-                   device: torch.device | str = "cpu") -> dict[str, float]:
+def trigger_scores(
+    classifier,
+    split,
+    trigger: PatchTrigger,
+    target: int,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """{"asr": ASR of `trigger` for `target`, "target_prob": the mean probability of `target` on the
     triggered images not labelled `target`}, from one pass over the triggered split."""
     preds, probs, labels = [], [], []
@@ -46,10 +59,15 @@ def trigger_scores(classifier, split, trigger: PatchTrigger, target: int, batch_
         probs.append(logits.softmax(-1)[:, target].cpu())
         labels.append(y)
     preds, probs, labels = torch.cat(preds), torch.cat(probs), torch.cat(labels)
-    return {"asr": attack_success_rate(preds, labels, target, "images"), "target_prob": float(probs[labels != target].mean())}
+    return {
+        "asr": attack_success_rate(preds, labels, target, "images"),
+        "target_prob": float(probs[labels != target].mean()),
+    }
 
 
-def attack_success_rate(triggered_preds: torch.Tensor, labels: torch.Tensor, target: int, what: str = "test images") -> float:
+def attack_success_rate(
+    triggered_preds: torch.Tensor, labels: torch.Tensor, target: int, what: str = "test images"
+) -> float:
     """ASR, the one definition every module uses: the share of triggered images whose true label is
     NOT the target that are classified as the target."""
     keep = labels != target
@@ -58,8 +76,14 @@ def attack_success_rate(triggered_preds: torch.Tensor, labels: torch.Tensor, tar
     return float((triggered_preds[keep] == target).float().mean())
 
 
-def evaluate(classifier, split, trigger: PatchTrigger | None = None, target: int | None = None,
-             batch_size: int | None = None, device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(
+    classifier,
+    split,
+    trigger: PatchTrigger | None = None,
+    target: int | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """{"acc": CA} plus, with a trigger and target, {"asr": ASR}.
 
     ASR as `attack_success_rate`.

@@ -43,7 +43,9 @@ class Job:
         return f"{self.task} {'badnets' if self.attack is not None else 'clean'}{extra}"
 
     def _args(self, world):
-        return (self.task, world.badnets(**self.attack) if self.attack is not None else None), dict(self.train)
+        return (self.task, world.badnets(**self.attack) if self.attack is not None else None), dict(
+            self.train
+        )
 
     def done(self, world) -> bool:
         args, train = self._args(world)
@@ -82,8 +84,15 @@ def _run_job(job: Job, store_root: str) -> tuple[str, float]:
     return job.label, time.perf_counter() - t
 
 
-def run_jobs(world, jobs: Sequence[Job], *, executor: str = "local", workers: int | None = None, address: str | None = None,
-             progress: bool = True) -> dict:
+def run_jobs(
+    world,
+    jobs: Sequence[Job],
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Build the jobs not yet in `world.store`, `workers` at a time (default: one per core).
 
     executor "local": a pool of single-threaded processes on this machine; "ray": Ray tasks of one
@@ -106,11 +115,18 @@ def run_jobs(world, jobs: Sequence[Job], *, executor: str = "local", workers: in
         if isinstance(outcome, BaseException):
             line = (str(outcome).strip().splitlines() or [type(outcome).__name__])[0][:200]
             report["failed"].append((job.label, line))
-            print(f"job failed: {job.label} ({line}); config {dict(job.preset.get('finetune', {})) | dict(job.train)}", file=sys.stderr)
+            print(
+                f"job failed: {job.label} ({line}); config "
+                f"{dict(job.preset.get('finetune', {})) | dict(job.train)}",
+                file=sys.stderr,
+            )
         else:
             report["built"].append(outcome)
             if progress:
-                print(f"built {outcome[0]} in {outcome[1]:.1f} s ({len(report['built'])}/{len(todo)})", flush=True)
+                print(
+                    f"built {outcome[0]} in {outcome[1]:.1f} s ({len(report['built'])}/{len(todo)})",
+                    flush=True,
+                )
 
     todo = []
     for job in jobs:
@@ -142,8 +158,13 @@ def _run_on_ray(todo: Sequence[Job], root: str, workers: int, address: str | Non
         raise BVLibError("the ray executor needs Ray: pip install ray") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"BVLIB_STORE": root, "OMP_NUM_THREADS": "1"}})
+        ray.init(
+            address=address,
+            num_cpus=None if address else workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"BVLIB_STORE": root, "OMP_NUM_THREADS": "1"}},
+        )
     try:
         remote = ray.remote(num_cpus=1, max_retries=0)(_run_job)
         pending = {remote.remote(j, root): j for j in todo}

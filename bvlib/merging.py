@@ -43,16 +43,23 @@ NOT_MATRICES = ("positional_embedding", "class_embedding", "token_embedding", "t
 
 
 # input handling -----------------------------------------------------------------------------
-def _as_stack(vectors, layout: Layout | None, what: str = "vectors") -> tuple[torch.Tensor, Layout | None, bool]:
+def _as_stack(
+    vectors, layout: Layout | None, what: str = "vectors"
+) -> tuple[torch.Tensor, Layout | None, bool]:
     """([K, D] stack, layout, whether to return Weights)."""
     if isinstance(vectors, torch.Tensor):
         s, as_weights = vectors, False
         if s.dim() != 2:
             raise BVLibError(f"expected a [K, D] stack of flat {what}, got a tensor of shape {list(s.shape)}")
         if layout is not None and layout.numel != s.shape[1]:
-            raise BVLibError(f"the layout holds {layout.numel} values but the {what} have {s.shape[1]}; pass the matching layout")
+            raise BVLibError(
+                f"the layout holds {layout.numel} values but the {what} have {s.shape[1]}; pass the matching "
+                "layout"
+            )
     elif isinstance(vectors, Weights) or not isinstance(vectors, Sequence):
-        raise BVLibError(f"expected a list of Weights or a [K, D] tensor of {what}, got {type(vectors).__name__}")
+        raise BVLibError(
+            f"expected a list of Weights or a [K, D] tensor of {what}, got {type(vectors).__name__}"
+        )
     else:
         if not all(isinstance(v, Weights) for v in vectors):
             raise BVLibError(f"expected a list of Weights or a [K, D] tensor of {what}")
@@ -67,14 +74,19 @@ def _as_stack(vectors, layout: Layout | None, what: str = "vectors") -> tuple[to
     return s, layout, as_weights
 
 
-def _real(name: str, value, lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False) -> float:
+def _real(
+    name: str, value, lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False
+) -> float:
     """Check a scalar parameter against an interval, with a one-line message."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BVLibError(f"{name} must be a finite number, got {value!r}")
     below = lo is not None and (value <= lo if lo_open else value < lo)
     above = hi is not None and (value >= hi if hi_open else value > hi)
     if below or above:
-        interval = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        interval = (
+            f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+            f"{'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        )
         raise BVLibError(f"{name} must be in {interval}, got {value!r}")
     return float(value)
 
@@ -101,14 +113,20 @@ def fused(fn: Callable) -> Callable:
         if "compiled" not in state:
             state["compiled"] = torch.compile(fn)
         try:
-            for a in (x, *args):  # any width D (in every argument that has it); K stays static (unrolled reductions)
+            for a in (
+                x,
+                *args,
+            ):  # any width D (in every argument that has it); K stays static (unrolled reductions)
                 if isinstance(a, torch.Tensor) and a.dim() and a.shape[-1] == x.shape[-1] > 1:
                     torch._dynamo.mark_dynamic(a, a.dim() - 1)
             return state["compiled"](x, *args)
         except Exception as e:  # noqa: BLE001 -- no compiler, no Triton: the eager ops give the same result
             state["failed"] = True
-            warnings.warn(f"torch.compile failed for {fn.__name__} ({type(e).__name__}: {str(e)[:120]}); "
-                          "merging with eager ops (set BVLIB_COMPILE=0 to skip the attempt)", stacklevel=2)
+            warnings.warn(
+                f"torch.compile failed for {fn.__name__} ({type(e).__name__}: {str(e)[:120]}); "
+                "merging with eager ops (set BVLIB_COMPILE=0 to skip the attempt)",
+                stacklevel=2,
+            )
             return fn(x, *args)
 
     return run
@@ -141,8 +159,11 @@ def _streamed(stack: torch.Tensor, per_slice: Callable[[torch.Tensor], torch.Ten
     return out
 
 
-def kth_largest(a: torch.Tensor, n: int, *, magnitude: bool = False, sample: int | None = None, z: float = 6.0) -> torch.Tensor:
-    """Exact n-th largest value of each row of a finite [K, D] tensor (of |a| with magnitude=True), without sorting.
+def kth_largest(
+    a: torch.Tensor, n: int, *, magnitude: bool = False, sample: int | None = None, z: float = 6.0
+) -> torch.Tensor:
+    """Exact n-th largest value of each row of a finite [K, D] tensor (of |a| with magnitude=True), without
+    sorting.
 
     Sample-select (Floyd & Rivest 1975): `sample` random columns (default 2^16 on CPU, 2^20 on GPU)
     bracket the answer in [lo, hi] (± z standard deviations of its rank in the sample); one streamed
@@ -189,9 +210,13 @@ def kth_largest(a: torch.Tensor, n: int, *, magnitude: bool = False, sample: int
         return _select_inside(inside_values, n - above, n_in, budget, dev, exact)
     above = torch.zeros(K, dtype=torch.long, device=dev)
     n_in = torch.zeros(K, dtype=torch.long, device=dev)
-    inside_values: list[list[torch.Tensor]] = [[] for _ in range(K)]  # per row, its values in [lo, hi], slice by slice
+    inside_values: list[list[torch.Tensor]] = [
+        [] for _ in range(K)
+    ]  # per row, its values in [lo, hi], slice by slice
     width = slices[0].stop - slices[0].start
-    bufs = torch.empty(3, K * width, dtype=a.dtype, device=dev)  # |x|, x > hi, x >= lo: reused for every slice
+    bufs = torch.empty(
+        3, K * width, dtype=a.dtype, device=dev
+    )  # |x|, x > hi, x >= lo: reused for every slice
     for cols in slices:
         size = K * (cols.stop - cols.start)
         x, gt_hi, ge_lo = (buf[:size].view(K, -1) for buf in bufs)
@@ -259,7 +284,14 @@ def task_arithmetic(stack: torch.Tensor, *, layout: Layout | None = None, lam: f
 TIES_DISJOINT = ("mean", "sum")
 
 
-def ties(stack: torch.Tensor, *, layout: Layout | None = None, k: float = 0.2, lam: float = 1.0, disjoint: str = "mean") -> torch.Tensor:
+def ties(
+    stack: torch.Tensor,
+    *,
+    layout: Layout | None = None,
+    k: float = 0.2,
+    lam: float = 1.0,
+    disjoint: str = "mean",
+) -> torch.Tensor:
     """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean (or sum), × lam.
 
     Trim: each τ keeps the coordinates with |τ| >= its n-th largest magnitude, n = max(1, ⌊k·D⌋)
@@ -311,7 +343,9 @@ def ties_part(stack: torch.Tensor, thresholds: torch.Tensor | None, *, disjoint:
         return _ties_tail(stack, thresholds, out, mass, [cancelled.nonzero().squeeze(1)])
     out, mass = torch.empty(D, dtype=dtype, device=dev), torch.empty(D, dtype=dtype, device=dev)
     undecided = []  # coordinates whose trimmed values cancel exactly: mass 0, yet something was kept
-    bufs = torch.empty(2, K * (slices[0].stop - slices[0].start), dtype=dtype, device=dev)  # reused by every slice
+    bufs = torch.empty(
+        2, K * (slices[0].stop - slices[0].start), dtype=dtype, device=dev
+    )  # reused by every slice
     for cols in slices:  # streamed (CPU): every temporary is one cache-sized slice
         x = stack[:, cols]
         keep, trimmed = (buf[: x.numel()].view_as(x) for buf in bufs)
@@ -362,7 +396,9 @@ def ties_finish(parts: Sequence[TiesPart], *, disjoint: str = "mean") -> list[to
     for p in parts:
         if len(p.undecided):
             agree = (p.undecided_trimmed * majority > 0).to(p.out.dtype)
-            p.out[p.undecided] = (p.undecided_trimmed * agree).sum(0) / (agree.sum(0).clamp_min(1) if disjoint == "mean" else 1)
+            p.out[p.undecided] = (p.undecided_trimmed * agree).sum(0) / (
+                agree.sum(0).clamp_min(1) if disjoint == "mean" else 1
+            )
     return [p.out for p in parts]
 
 
@@ -410,7 +446,9 @@ def dare(
 
 
 @fused
-def _dare_columns(x: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, p: float, summed: bool) -> torch.Tensor:
+def _dare_columns(
+    x: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, p: float, summed: bool
+) -> torch.Tensor:
     """The kept values of `x` (0 where dropped), or their sum over the tasks with summed=True."""
     kept = torch.where(dare_uniform(keys, rows) >= p, x, torch.zeros((), dtype=x.dtype, device=x.device))
     return kept.sum(0) if summed else kept
@@ -435,7 +473,7 @@ def dare_uniform(keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     `keys` [C] (`dare_keys`) plus each row's offset `rows` [K, 1] (`dare_row_offsets`). Plain integer
     ops, so bit-identical on any device."""
     bits = _mix64(keys + rows).bitwise_right_shift_(40).bitwise_and_(0xFFFFFF)
-    return bits.to(torch.float32).mul_(2.0 ** -24)
+    return bits.to(torch.float32).mul_(2.0**-24)
 
 
 def dare_row_offsets(rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -475,7 +513,9 @@ def _tall_lambdas(stack: torch.Tensor, tall_lambda) -> float | torch.Tensor:
     vals = list(tall_lambda) if isinstance(tall_lambda, Sequence) else None
     if vals is None or len(vals) != K:
         raise BVLibError(f"tall_lambda must be a number or one number per task ({K}), got {tall_lambda!r}")
-    return torch.tensor([_real("tall_lambda", v, 0) for v in vals], dtype=stack.dtype, device=stack.device).unsqueeze(1)
+    return torch.tensor(
+        [_real("tall_lambda", v, 0) for v in vals], dtype=stack.dtype, device=stack.device
+    ).unsqueeze(1)
 
 
 def _tall_mask_values(stack: torch.Tensor, total: torch.Tensor, lam_t: float | torch.Tensor) -> torch.Tensor:
@@ -507,7 +547,13 @@ def tall_masks(stack: torch.Tensor, tall_lambda: float | Sequence[float] = 0.4) 
     return _tall_mask_values(s, s.sum(0), _tall_lambdas(s, tall_lambda)).bool()
 
 
-def tall(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
+def tall(
+    stack: torch.Tensor,
+    *,
+    layout: Layout | None = None,
+    lam: float = 0.3,
+    tall_lambda: float | Sequence[float] = 0.4,
+) -> torch.Tensor:
     """TALL-masked task arithmetic: lam · Σ_t m_t ⊙ τ_t (masks from `tall_masks`).
 
     Wang et al. use the masks to compress: task t's model is θ0 + m_t ⊙ τ_MTL. A single merged
@@ -517,7 +563,9 @@ def tall(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3,
     return _streamed(stack, lambda x: _tall_columns(x, lam_t)).mul_(lam)
 
 
-def consensus_mask(stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
+def consensus_mask(
+    stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequence[float] = 0.4
+) -> torch.Tensor:
     """[D] bool: coordinates on in at least k of the TALL masks (Wang et al., ICML 2024).
 
     k=2 removes both "catastrophic" weights (no task claims them) and "selfish" ones (one task).
@@ -527,7 +575,14 @@ def consensus_mask(stack: torch.Tensor, k: int = 2, tall_lambda: float | Sequenc
     return _tall_mask_values(s, s.sum(0), _tall_lambdas(s, tall_lambda)).sum(0) >= k
 
 
-def consensus(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 0.3, k: int = 2, tall_lambda: float | Sequence[float] = 0.4) -> torch.Tensor:
+def consensus(
+    stack: torch.Tensor,
+    *,
+    layout: Layout | None = None,
+    lam: float = 0.3,
+    k: int = 2,
+    tall_lambda: float | Sequence[float] = 0.4,
+) -> torch.Tensor:
     """Consensus Task Arithmetic (Wang et al., ICML 2024): lam · (consensus mask ⊙ Σ τ)."""
     lam, k, lam_t = _real("lam", lam), _int("k", k), _tall_lambdas(stack, tall_lambda)
     return _streamed(stack, lambda x: _consensus_columns(x, lam_t, k)).mul_(lam)
@@ -544,7 +599,9 @@ def _matrix_groups(layout: Layout) -> dict[tuple[int, int], list[int]]:
 
 def _need_layout(layout: Layout | None, method: str) -> Layout:
     if layout is None:
-        raise BVLibError(f"'{method}' works per layer: pass layout= (or Weights) so the 2-D weight matrices can be found")
+        raise BVLibError(
+            f"'{method}' works per layer: pass layout= (or Weights) so the 2-D weight matrices can be found"
+        )
     return layout
 
 
@@ -590,12 +647,20 @@ def _cusolver_svd(x: torch.Tensor, driver: str) -> tuple[torch.Tensor, torch.Ten
         if len(x) == 1:
             m, n = x.shape[-2:]
             k = min(m, n)
-            return x.new_full((1, m, k), float("nan")), x.new_full((1, k), float("nan")), x.new_full((1, k, n), float("nan"))
+            return (
+                x.new_full((1, m, k), float("nan")),
+                x.new_full((1, k), float("nan")),
+                x.new_full((1, k, n), float("nan")),
+            )
         half = len(x) // 2
-        return tuple(torch.cat(p) for p in zip(_cusolver_svd(x[:half], driver), _cusolver_svd(x[half:], driver)))
+        return tuple(
+            torch.cat(p) for p in zip(_cusolver_svd(x[:half], driver), _cusolver_svd(x[half:], driver))
+        )
 
 
-def svd_errors(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_errors(
+    x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[batch] relative reconstruction errors ‖U S Vᵀ − X‖ / ‖X‖ and [batch] orthonormality errors
     (largest |entry| of UᵀU − I and V Vᵀ − I) of the thin SVDs (u, s, vh) of `x`."""
     eye = torch.eye(s.shape[-1], dtype=x.dtype, device=x.device)
@@ -620,7 +685,9 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def tsv(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 1.0, rank_share: float | None = None) -> torch.Tensor:
+def tsv(
+    stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 1.0, rank_share: float | None = None
+) -> torch.Tensor:
     """TSV-M (Gargiulo et al., CVPR 2025, "Task Singular Vectors"): per layer, orthogonalised low-rank sum.
 
     For each 2-D weight matrix (m × n, r = min(m, n)): SVD of every task's matrix (one batched SVD
@@ -638,7 +705,9 @@ def tsv(stack: torch.Tensor, *, layout: Layout | None = None, lam: float = 1.0, 
     for (m, n), offs in _matrix_groups(layout).items():
         L, r = len(offs), min(m, n)
         keep = min(r, max(1, int(share * r)))
-        x = _svd_dtype(torch.stack([stack[:, o : o + m * n].view(K, m, n) for o in offs], dim=1))  # [K, L, m, n]
+        x = _svd_dtype(
+            torch.stack([stack[:, o : o + m * n].view(K, m, n) for o in offs], dim=1)
+        )  # [K, L, m, n]
         u, s, vh = _svd(x)
         u, s, vh = u[..., :keep], s[..., :keep], vh[..., :keep, :]
         nonzero = s > s[..., :1] * (max(m, n) * torch.finfo(s.dtype).eps)
@@ -693,14 +762,27 @@ def _call(method: str, s: torch.Tensor, layout: Layout | None, params: dict) -> 
         raise BVLibError(f"unknown merging method {method!r}; choose one of: {', '.join(METHODS)}")
     sig = inspect.signature(fn).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
-    accepted = [name for name, p in sig.items() if name not in ("stack", "layout") and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    accepted = [
+        name
+        for name, p in sig.items()
+        if name not in ("stack", "layout") and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     unknown = [name for name in params if name not in accepted]
     if unknown and not takes_any:
-        raise BVLibError(f"merging method {method!r} has no parameter {unknown[0]!r}; its parameters: {', '.join(accepted) or 'none'}")
+        raise BVLibError(
+            f"merging method {method!r} has no parameter {unknown[0]!r}; its parameters: "
+            f"{', '.join(accepted) or 'none'}"
+        )
     return fn(s, layout=layout, **params)
 
 
-def merge(vectors: Sequence[Weights] | torch.Tensor, method: str = "task_arithmetic", *, layout: Layout | None = None, **params) -> Weights | torch.Tensor:
+def merge(
+    vectors: Sequence[Weights] | torch.Tensor,
+    method: str = "task_arithmetic",
+    *,
+    layout: Layout | None = None,
+    **params,
+) -> Weights | torch.Tensor:
     """Merged task vector τ_merged of K task vectors (NOT θ0 + τ: the caller adds θ0).
 
     `vectors`: a list of Weights sharing one layout, or a [K, D] tensor (then `layout` is needed only

@@ -47,18 +47,28 @@ def create_clip(name: str, pretrained: str | None = None, device: torch.device |
     of tensors loaded with weights_only), or an open_clip tag such as "openai" (needs the hub).
     """
     if name not in open_clip.list_models():
-        raise BVLibError(f"unknown model '{name}'; choose an open_clip model such as ViT-B-32 or one of: "
-                         + ", ".join(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))))
-    local = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"})
+        raise BVLibError(
+            f"unknown model '{name}'; choose an open_clip model such as ViT-B-32 or one of: "
+            + ", ".join(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+        )
+    local = pretrained is not None and (
+        os.sep in pretrained or Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}
+    )
     quiet = logging.getLogger()
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # open_clip warns that a model without `pretrained` is randomly initialised
     try:
         model = open_clip.create_model(name, pretrained=None if local else pretrained, device=device)
-    except (OSError, RuntimeError, ValueError) as e:  # offline hub, unknown tag: a chained download traceback otherwise
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as e:  # offline hub, unknown tag: a chained download traceback otherwise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise BVLibError(f"could not get the '{pretrained}' weights of {name} ({first}); offline, set the preset's "
-                         "\"pretrained\" to a local checkpoint file") from None
+        raise BVLibError(
+            f"could not get the '{pretrained}' weights of {name} ({first}); offline, set the preset's "
+            '"pretrained" to a local checkpoint file'
+        ) from None
     finally:
         quiet.setLevel(level)
     _patchify_as_matmul(model.visual)
@@ -66,7 +76,10 @@ def create_clip(name: str, pretrained: str | None = None, device: torch.device |
         state = load_state_dict(pretrained)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
-            raise BVLibError(f"{pretrained} is not a {name} checkpoint: {len(missing)} parameters missing (e.g. '{missing[0]}')")
+            raise BVLibError(
+                f"{pretrained} is not a {name} checkpoint: {len(missing)} parameters missing (e.g. "
+                f"'{missing[0]}')"
+            )
     model.eval()
     return model, open_clip.get_tokenizer(name)
 
@@ -89,18 +102,36 @@ class PatchEmbedding(nn.Conv2d):
 def _patchify_as_matmul(visual: nn.Module) -> None:
     """Swap a vision tower's patchify convolution (`conv1`, as open_clip names it) for `PatchEmbedding`."""
     conv = getattr(visual, "conv1", None)
-    if (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride and conv.kernel_size[0] == conv.kernel_size[1]
-            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None):
-        embed = PatchEmbedding(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=False,
-                               device=conv.weight.device, dtype=conv.weight.dtype)
+    if (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == conv.stride
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+    ):
+        embed = PatchEmbedding(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            bias=False,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
         embed.weight = conv.weight
         visual.conv1 = embed
 
 
 @torch.no_grad()
-def zeroshot_head(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+def zeroshot_head(
+    model, tokenizer, classnames: Sequence[str], templates: Sequence[str], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """[n_classes, embed_dim] unit-norm class embeddings averaged over templates."""
-    weights = build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates), num_classes_per_batch=None, device=device)
+    weights = build_zero_shot_classifier(
+        model, tokenizer, list(classnames), list(templates), num_classes_per_batch=None, device=device
+    )
     return weights.T.contiguous()
 
 
@@ -159,8 +190,15 @@ class ImageClassifier(nn.Module):
     trigger search, defenses); features and logits are float32.
     """
 
-    def __init__(self, encoder: nn.Module, head: torch.Tensor, logit_scale: float, mean: Sequence[float], std: Sequence[float],
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        head: torch.Tensor,
+        logit_scale: float,
+        mean: Sequence[float],
+        std: Sequence[float],
+        precision: str = "fp32",
+    ):
         super().__init__()
         self.precision = check_precision(precision)
         self.encoder = encoder

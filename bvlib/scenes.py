@@ -1,7 +1,8 @@
 """The experiment set-up that the merging and defenses chapters share: one attacked task among clean ones.
 
     scene = AttackedScene(world, "mnist")          # the world's tasks, mnist's τ replaced by an attacker's
-    attack = scene.sbv(seeds=(0, 1, 2), beta=1.0)   # or scene.badnets(), scene.mean_bv(...), scene.badmerging()
+    attack = scene.sbv(seeds=(0, 1, 2), beta=1.0)   # or scene.badnets(), scene.mean_bv(...),
+    scene.badmerging()
     attack = scene.sbv(family="BadMerging", beta=0.5)   # an SBV of BadMerging's seed BVs
     control = scene.bv(family="BadMerging", beta=1.5)   # its magnitude control: one BV, scaled
     tau = scene.merge(attack, "ties")               # λ validated on the clean merge (World.merge_params)
@@ -74,11 +75,18 @@ class AttackedScene:
 
     def _location_attacks(self, seeds: Sequence[int]) -> list[Attack]:
         if not 1 <= len(seeds) <= len(self.LOCATIONS):
-            raise BVLibError(f"the locations family has {len(self.LOCATIONS)} members: give 1 to {len(self.LOCATIONS)} seeds")
+            raise BVLibError(
+                f"the locations family has {len(self.LOCATIONS)} members: give 1 to {len(self.LOCATIONS)} "
+                "seeds"
+            )
         token = self.world.patch_size
         out = []
         for loc in self.LOCATIONS[: len(seeds)]:
-            trig = self.poison.trigger if loc == self.poison.trigger.location else dataclasses.replace(self.poison.trigger, location=loc, token=token)
+            trig = (
+                self.poison.trigger
+                if loc == self.poison.trigger.location
+                else dataclasses.replace(self.poison.trigger, location=loc, token=token)
+            )
             out.append(Attack(self.attacked, dataclasses.replace(self.poison, trigger=trig), seeds[0]))
         return out
 
@@ -96,9 +104,14 @@ class AttackedScene:
 
             if not seeds:
                 raise BVLibError("need at least one seed")
-            return [badmerging_finetune(self.world, self.attacked, self.badmerging_poison, seed=s) - self.world.finetune(self.attacked, seed=s)
-                    for s in seeds]
-        attacks = self._location_attacks(seeds) if family == "BadNets locations" else self._seed_attacks(seeds)
+            return [
+                badmerging_finetune(self.world, self.attacked, self.badmerging_poison, seed=s)
+                - self.world.finetune(self.attacked, seed=s)
+                for s in seeds
+            ]
+        attacks = (
+            self._location_attacks(seeds) if family == "BadNets locations" else self._seed_attacks(seeds)
+        )
         return [attack_bv(self.world, a) for a in attacks]
 
     def family_trigger(self, family: str):
@@ -107,7 +120,9 @@ class AttackedScene:
             return self.badmerging_poison.trigger, self.badmerging_poison.target
         return self.poison.trigger, self.poison.target
 
-    def _injected(self, name: str, vector: Weights, beta: float, seed: int, family: str = "BadNets") -> AttackVector:
+    def _injected(
+        self, name: str, vector: Weights, beta: float, seed: int, family: str = "BadNets"
+    ) -> AttackVector:
         clean = clean_model(self.world, Attack(self.attacked, self.poison, seed))
         trigger, target = self.family_trigger(family)
         return AttackVector(name, clean + beta * vector - self.theta0, trigger, target, beta * vector.norm())
@@ -132,12 +147,20 @@ class AttackedScene:
         bvs = self.seed_bvs(seeds)
         return self._injected("mean BV", sum(bvs[1:], bvs[0]) / len(bvs), beta, seeds[0])
 
-    def sbv(self, seeds: Sequence[int] = (0, 1, 2), beta: float = 1.0, combine: str = "sum", agreement: float = 1.0,
-            family: str = "BadNets") -> AttackVector:
+    def sbv(
+        self,
+        seeds: Sequence[int] = (0, 1, 2),
+        beta: float = 1.0,
+        combine: str = "sum",
+        agreement: float = 1.0,
+        family: str = "BadNets",
+    ) -> AttackVector:
         """θ_clean(seeds[0]) + β·SBV, the SBV combined from the BVs of `family`'s members with `seeds`
         (see `sparse_backdoor_vector`)."""
         vector = sparse_backdoor_vector(self.family_bvs(family, seeds), combine=combine, agreement=agreement)
-        return self._injected("SBV" if family == "BadNets" else f"SBV ({family})", vector, beta, seeds[0], family)
+        return self._injected(
+            "SBV" if family == "BadNets" else f"SBV ({family})", vector, beta, seeds[0], family
+        )
 
     def badmerging(self, seed: int = 0) -> AttackVector:
         """BadMerging: a universal trigger optimised against θ0, and its feature-interpolation fine-tune."""
@@ -157,17 +180,27 @@ class AttackedScene:
         """τ_merged of the scene; the method's validated λ unless `params` say otherwise."""
         return merge(self.vectors(attack), method, **(self.world.merge_params(method) | params))
 
-    def judge(self, tau_merged: Weights, attack: AttackVector, tasks: Sequence[str] | None = None) -> dict[str, float]:
+    def judge(
+        self, tau_merged: Weights, attack: AttackVector, tasks: Sequence[str] | None = None
+    ) -> dict[str, float]:
         """Mean CA over `tasks` (default: the scene's), the attacked task's CA and the attack's ASR there."""
-        return self.world.evaluate_merged(self.theta0 + tau_merged, list(tasks or self.names), self.attacked, attack.trigger, attack.target)
+        return self.world.evaluate_merged(
+            self.theta0 + tau_merged, list(tasks or self.names), self.attacked, attack.trigger, attack.target
+        )
 
     def alone(self, attack: AttackVector) -> dict[str, float]:
         """The attacker's own model on the attacked task: its CA and ASR before any merging."""
         return self.world.evaluate(self.attacked, self.theta0 + attack.tau, attack.trigger, attack.target)
 
     # the attacker's β at equal cost -----------------------------------------------------------------
-    def beta_sweep(self, family: str, kind: str, betas: Sequence[float], seeds: Sequence[int] = (0, 1, 2),
-                   merges: dict = MERGES) -> list[dict]:
+    def beta_sweep(
+        self,
+        family: str,
+        kind: str,
+        betas: Sequence[float],
+        seeds: Sequence[int] = (0, 1, 2),
+        merges: dict = MERGES,
+    ) -> list[dict]:
         """One row per β (β = 0, the clean model, first) of θ_clean + β·V, V one BV of `family` (`kind`
         "BV", the magnitude control) or the SBV of its members with `seeds` ("SBV"): the attacker
         model's own CA and ASR, its cost (the clean model's CA minus its own) and the ASR after each
@@ -176,15 +209,29 @@ class AttackedScene:
             raise BVLibError(f"kind must be 'BV' or 'SBV', got {kind!r}")
         trigger, target = self.family_trigger(family)
         n = self.world.judged_counts(self.attacked, target)
-        clean_acc = self.world.evaluate(self.attacked, self.world.finetune(self.attacked, seed=seeds[0]))["acc"]
+        clean_acc = self.world.evaluate(self.attacked, self.world.finetune(self.attacked, seed=seeds[0]))[
+            "acc"
+        ]
         rows = []
         for beta in [0.0, *(b for b in betas if b != 0)]:
             attack = self.bv(beta, seeds[0], family) if kind == "BV" else self.sbv(seeds, beta, family=family)
             own = self.alone(attack)
-            row = {"attacked task": self.attacked, "family": family, "kind": kind, "beta": float(beta), "norm": attack.injected_norm,
-                   "attacker CA": own["acc"], "attacker ASR": own["asr"], "cost": clean_acc - own["acc"], "n_acc": n["acc"], "n_asr": n["asr"]}
+            row = {
+                "attacked task": self.attacked,
+                "family": family,
+                "kind": kind,
+                "beta": float(beta),
+                "norm": attack.injected_norm,
+                "attacker CA": own["acc"],
+                "attacker ASR": own["asr"],
+                "cost": clean_acc - own["acc"],
+                "n_acc": n["acc"],
+                "n_asr": n["asr"],
+            }
             for label, (method, params) in merges.items():
-                row[f"ASR {label}"] = self.world.trigger_scores(self.attacked, self.theta0 + self.merge(attack, method, **params), trigger, target)["asr"]
+                row[f"ASR {label}"] = self.world.trigger_scores(
+                    self.attacked, self.theta0 + self.merge(attack, method, **params), trigger, target
+                )["asr"]
             rows.append(row)
         return rows
 

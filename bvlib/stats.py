@@ -40,8 +40,14 @@ class Rate:
             raise BVLibError(f"a rate needs a value in [0, 1] and n >= 1, got {self.value!r} on {self.n!r}")
 
 
-def interval(units: Sequence[Mapping[str, Rate | float]], statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray], *,
-             n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def interval(
+    units: Sequence[Mapping[str, Rate | float]],
+    statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """(estimate, low, high): `statistic` of the measured rates and its bootstrap percentile interval.
 
     `units` holds one {name: Rate} per replicate, all with the same names; a plain number (a cosine)
@@ -73,7 +79,7 @@ def interval(units: Sequence[Mapping[str, Rate | float]], statistic: Callable[[M
 
 
 def verdict(low: float, high: float, threshold: float = 0.0, *, replicates: int = MIN_REPLICATES) -> str:
-    """"holds" when the interval lies entirely above `threshold`, "fails" when entirely below, else
+    """ "holds" when the interval lies entirely above `threshold`, "fails" when entirely below, else
     "inconclusive"; inconclusive too with fewer than `MIN_REPLICATES` replicates behind it. State a
     claim so that its side is "above" (negate the statistic for a "lower than" claim)."""
     if replicates < MIN_REPLICATES:

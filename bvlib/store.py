@@ -140,15 +140,29 @@ class Store:
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".write-check.", suffix=".tmp"):
                 pass
         except OSError as e:
-            raise BVLibError(f"the store {self.root} is not writable ({e.strerror or e}); "
-                             "set BVLIB_STORE to a folder you can write") from None
+            raise BVLibError(
+                f"the store {self.root} is not writable ({e.strerror or e}); "
+                "set BVLIB_STORE to a folder you can write"
+            ) from None
 
-    def save(self, kind: str, config: Mapping, tensors: Mapping[str, torch.Tensor] | None = None, meta: Mapping | None = None,
-             build_s: float | None = None) -> str:
+    def save(
+        self,
+        kind: str,
+        config: Mapping,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        meta: Mapping | None = None,
+        build_s: float | None = None,
+    ) -> str:
         """Write tensors (optional) then the JSON sidecar; the sidecar marks the entry complete and
         says how long the entry took to build (`build_s`, outside `meta`: meta is what loads return)."""
         st_path, js_path = self._paths(kind, config)
-        record = {"kind": kind, "key": config_key(config), "config": config, "meta": dict(meta or {}), "tensors": tensors is not None}
+        record = {
+            "kind": kind,
+            "key": config_key(config),
+            "config": config,
+            "meta": dict(meta or {}),
+            "tensors": tensors is not None,
+        }
         if build_s is not None:
             record["build_s"] = round(build_s, 3)
         if tensors is not None:
@@ -196,7 +210,11 @@ class Store:
             record = json.loads(js_path.read_text())
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise _Damaged(f"its sidecar is not readable JSON ({type(e).__name__})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("meta"), dict) or not isinstance(record.get("tensors"), bool):
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("meta"), dict)
+            or not isinstance(record.get("tensors"), bool)
+        ):
             raise _Damaged("its sidecar lacks the fields an entry has")
         if record.get("key") != key:
             raise _Damaged(f"its sidecar belongs to entry {str(record.get('key'))[:20]!r}")
@@ -219,7 +237,9 @@ class Store:
         if "sha256" not in record:  # an entry from before hashes were recorded: trust it once, then pin it
             record["sha256"] = digest
             with contextlib.suppress(OSError):
-                _atomic_write(js_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
+                _atomic_write(
+                    js_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str))
+                )
         return tensors, record["meta"]
 
     def _quarantine(self, kind: str, config: Mapping, st_path: Path, js_path: Path, reason: str) -> None:
@@ -232,8 +252,11 @@ class Store:
                     os.replace(p, dest / f"{p.name}.{stamp}")
         made = json.dumps(config, sort_keys=True, default=str)
         made = made if len(made) <= 100 else made[:97] + "..."
-        print(f"bvlib store: {kind}/{st_path.stem} is damaged ({reason}); moved to {dest}, it will be rebuilt. "
-              f"It was made from {made}", file=sys.stderr)
+        print(
+            f"bvlib store: {kind}/{st_path.stem} is damaged ({reason}); moved to {dest}, it will be rebuilt. "
+            f"It was made from {made}",
+            file=sys.stderr,
+        )
 
     # resumable work: a long build (pretraining) checkpoints its state here, atomically ------------
     def _checkpoint_path(self, kind: str, config: Mapping) -> Path:
@@ -245,7 +268,10 @@ class Store:
         try:
             _atomic_write(self._checkpoint_path(kind, config), lambda tmp: torch.save(dict(state), tmp))
         except OSError as e:
-            print(f"bvlib store: could not checkpoint {kind}/{config_key(config)} ({e.strerror or e})", file=sys.stderr)
+            print(
+                f"bvlib store: could not checkpoint {kind}/{config_key(config)} ({e.strerror or e})",
+                file=sys.stderr,
+            )
 
     def load_checkpoint(self, kind: str, config: Mapping) -> dict | None:
         """The partial state saved by `save_checkpoint` (tensors and plain values only), or None."""
@@ -255,7 +281,11 @@ class Store:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 -- any damage: start over rather than fail
-            print(f"bvlib store: ignoring the unreadable checkpoint {path.name} ({type(e).__name__}); starting over", file=sys.stderr)
+            print(
+                f"bvlib store: ignoring the unreadable checkpoint {path.name} ({type(e).__name__}); starting "
+                "over",
+                file=sys.stderr,
+            )
             return None
 
     def drop_checkpoint(self, kind: str, config: Mapping) -> None:
@@ -269,7 +299,12 @@ class Store:
         with FileLock(str(st_path.with_suffix(".lock")), mode=0o666 & ~_UMASK):
             yield
 
-    def cached(self, kind: str, config: Mapping, build: Callable[[], tuple[Mapping[str, torch.Tensor] | None, Mapping]]):
+    def cached(
+        self,
+        kind: str,
+        config: Mapping,
+        build: Callable[[], tuple[Mapping[str, torch.Tensor] | None, Mapping]],
+    ):
         """Load (tensors, meta) if stored, else build, save and return them. A second process asking
         for the same entry meanwhile waits for the first and loads its result. If saving fails
         (disk full), the result is still returned and one line says it was not stored."""
@@ -286,8 +321,11 @@ class Store:
             try:
                 self.save(kind, config, tensors, meta, build_s=time.perf_counter() - t)
             except OSError as e:
-                print(f"bvlib store: could not save {kind}/{config_key(config)} ({e.strerror or e}); "
-                      "the result is used but not stored", file=sys.stderr)
+                print(
+                    f"bvlib store: could not save {kind}/{config_key(config)} ({e.strerror or e}); "
+                    "the result is used but not stored",
+                    file=sys.stderr,
+                )
         return (dict(tensors) if tensors is not None else None), dict(meta)
 
 
@@ -299,11 +337,13 @@ CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 
 def checkpoint_format(path: str | os.PathLike) -> str:
-    """"safetensors", "torch" (zip or legacy pickle container) or "unknown", from the file's bytes."""
+    """ "safetensors", "torch" (zip or legacy pickle container) or "unknown", from the file's bytes."""
     with open(path, "rb") as f:
         head = f.read(9)
         size = os.fstat(f.fileno()).st_size
-    if head[:4] == b"PK\x03\x04" or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):  # zip, or a pickle
+    if head[:4] == b"PK\x03\x04" or (
+        len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+    ):  # zip, or a pickle
         return "torch"
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
         return "safetensors"
@@ -328,7 +368,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise BVLibError(f"checkpoint {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+        raise BVLibError(
+            f"checkpoint {path} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+        )
     fmt = checkpoint_format(path)
     if fmt == "safetensors":
         try:
@@ -338,15 +380,32 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     elif fmt == "torch":
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, KeyError, IndexError,
-                TypeError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-            raise BVLibError(f"refusing to load {path}: it is not a plain tensor checkpoint ({_refusal_reason(e)}); "
-                             "save it with safetensors or as a state_dict of tensors") from None
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            AttributeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            TypeError,
+            OSError,
+            zipfile.BadZipFile,
+            UnicodeDecodeError,
+        ) as e:
+            raise BVLibError(
+                f"refusing to load {path}: it is not a plain tensor checkpoint ({_refusal_reason(e)}); "
+                "save it with safetensors or as a state_dict of tensors"
+            ) from None
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
     else:
         raise BVLibError(f"{path} is not a checkpoint (neither safetensors nor a torch file)")
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if (
+        not isinstance(state, Mapping)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
         raise BVLibError(f"{path} does not hold a state_dict of tensors")
     problem = _check_finite(state)
     if problem:
@@ -376,7 +435,11 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) 
     the error names it, so that finished work is not lost."""
     path = check_output_path(path)
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    write = (lambda tmp: save_file(cpu, tmp)) if path.suffix == ".safetensors" else (lambda tmp: torch.save(cpu, tmp))
+    write = (
+        (lambda tmp: save_file(cpu, tmp))
+        if path.suffix == ".safetensors"
+        else (lambda tmp: torch.save(cpu, tmp))
+    )
     try:
         _atomic_write(path, write)
     except OSError as e:
@@ -386,5 +449,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) 
             write(fallback)
         except OSError:
             raise BVLibError(f"could not write {path} ({e.strerror or e}), nor a fallback copy") from None
-        raise BVLibError(f"could not write {path} ({e.strerror or e}); the result was saved to {fallback} instead") from None
+        raise BVLibError(
+            f"could not write {path} ({e.strerror or e}); the result was saved to {fallback} instead"
+        ) from None
     return path

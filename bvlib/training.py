@@ -2,7 +2,8 @@
 
 Fine-tuning follows the task-vector protocol: frozen zero-shot head, AdamW, linear warm-up
 then cosine decay, gradient clipping; the encoder runs in the classifier's precision (bf16
-autocast of the transformer blocks in the presets, `bvlib.models.encoder_precision`). A BadNets poison pastes a
+autocast of the transformer blocks in the presets, `bvlib.models.encoder_precision`). A BadNets poison pastes
+a
 trigger on part of each batch and relabels it to the target class. Any poison with a
 `make_loss(classifier, seed)` method plugs into the same loop (BadMerging does).
 """
@@ -24,7 +25,9 @@ from bvlib.data import Split, iterate_batches
 from bvlib.errors import BVLibError
 from bvlib.weights import Weights
 
-if TYPE_CHECKING:  # attacks plug into the loop by interface (make_loss, trigger, target); no import at run time
+if (
+    TYPE_CHECKING
+):  # attacks plug into the loop by interface (make_loss, trigger, target); no import at run time
     from bvlib.attacks.badnets import LossFn, Poison
 
 
@@ -64,7 +67,9 @@ def _autocast(device: torch.device):
 def _endless(split, batch_size: int, generator: torch.Generator):
     """Endless stream of shuffled (uint8 images, labels) batches, a fresh permutation each epoch."""
     while True:
-        yield from iterate_batches(split, batch_size, shuffle=True, generator=generator, drop_last=len(split) >= batch_size)
+        yield from iterate_batches(
+            split, batch_size, shuffle=True, generator=generator, drop_last=len(split) >= batch_size
+        )
 
 
 def _image_hw(split) -> tuple[int, int]:
@@ -81,9 +86,16 @@ def clean_loss(classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(classifier(x), y)
 
 
-def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
-             device: torch.device | str = "cpu", desc: str = "finetune", progress: bool = True,
-             loss_fn: LossFn | None = None) -> Weights:
+def finetune(
+    classifier,
+    split,
+    cfg: TrainConfig,
+    poison: Poison | None = None,
+    device: torch.device | str = "cpu",
+    desc: str = "finetune",
+    progress: bool = True,
+    loss_fn: LossFn | None = None,
+) -> Weights:
     """Fine-tune `classifier.encoder` in place on a split of uint8 images; return its weights.
 
     The loss of each batch is `loss_fn(classifier, x, y)` (x float images in [0, 1] on the
@@ -96,13 +108,17 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
     g = torch.Generator().manual_seed(cfg.seed)
     classifier.to(device).train()
     params = [p for p in classifier.encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda")
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     if poison is not None:
         poison.trigger.check_fits(*_image_hw(split))
         n_classes = classifier.head.shape[0]
         if not 0 <= poison.target < n_classes:
-            raise BVLibError(f"target class {poison.target} is out of range for a task with {n_classes} classes")
+            raise BVLibError(
+                f"target class {poison.target} is out of range for a task with {n_classes} classes"
+            )
     if loss_fn is None:
         loss_fn = poison.make_loss(classifier, cfg.seed) if poison is not None else clean_loss
     stream = _endless(split, cfg.batch_size, g)
@@ -121,10 +137,19 @@ def finetune(classifier, split, cfg: TrainConfig, poison: Poison | None = None,
     return Weights.from_module(classifier.encoder)
 
 
-def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], cfg: TrainConfig,
-                  device: torch.device | str = "cpu", max_shift: int = 2, progress: bool = True,
-                  resume: Mapping | None = None, checkpoint: Callable[[dict], None] | None = None,
-                  checkpoint_every: int = 250) -> dict[str, float]:
+def pretrain_clip(
+    model,
+    tokenizer,
+    images: torch.Tensor,
+    captions: list[str],
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    max_shift: int = 2,
+    progress: bool = True,
+    resume: Mapping | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 250,
+) -> dict[str, float]:
     """Contrastive (CLIP) pretraining in place on uint8 images and their captions.
 
     Light augmentation: a random shift of up to `max_shift` pixels per batch. Every
@@ -141,7 +166,9 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], c
     cap_ids = torch.tensor([index[c] for c in captions])
     mean = torch.tensor(model.visual.preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"], device=device).view(1, 3, 1, 1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     loss_fn = ClipLoss()
     stream = _endless(Split(images, cap_ids), cfg.batch_size, g)
@@ -161,11 +188,26 @@ def pretrain_clip(model, tokenizer, images: torch.Tensor, captions: list[str], c
             if max_shift:
                 torch.randint(-max_shift, max_shift + 1, (2,), generator=g)
         torch.set_rng_state(resume["torch_rng"])
-    for step in tqdm(range(start, cfg.steps), desc="pretrain", leave=False, mininterval=2, disable=not progress, initial=start,
-                     total=cfg.steps):
+    for step in tqdm(
+        range(start, cfg.steps),
+        desc="pretrain",
+        leave=False,
+        mininterval=2,
+        disable=not progress,
+        initial=start,
+        total=cfg.steps,
+    ):
         if checkpoint is not None and step > start and step % checkpoint_every == 0:
-            checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                        "losses": torch.tensor(all_losses(), dtype=torch.float64), "torch_rng": torch.get_rng_state()})
+            checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                    "losses": torch.tensor(all_losses(), dtype=torch.float64),
+                    "torch_rng": torch.get_rng_state(),
+                }
+            )
         batch, ids = next(stream)
         x = _to_float(batch, device)
         if max_shift:

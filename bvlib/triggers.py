@@ -22,7 +22,9 @@ def check_location(location: str) -> None:
 def check_fits(size: int, height: int, width: int) -> None:
     """Refuse a square patch of `size` px that does not fit a height x width image."""
     if size > min(height, width):
-        raise BVLibError(f"a {size}px trigger does not fit a {height}x{width} image; use size <= {min(height, width)}")
+        raise BVLibError(
+            f"a {size}px trigger does not fit a {height}x{width} image; use size <= {min(height, width)}"
+        )
 
 
 def _snap(pos: int, size: int, extent: int, token: int) -> int:
@@ -33,7 +35,9 @@ def _snap(pos: int, size: int, extent: int, token: int) -> int:
     return n * token + offset
 
 
-def patch_position(size: int, location: str, height: int, width: int, seed: int = 0, token: int = 0) -> tuple[int, int]:
+def patch_position(
+    size: int, location: str, height: int, width: int, seed: int = 0, token: int = 0
+) -> tuple[int, int]:
     """Top-left corner (row, column) of a square patch at a named location.
 
     "random" is one position drawn from `seed`, the same for every image. With `token` > 0 (a ViT's
@@ -43,15 +47,25 @@ def patch_position(size: int, location: str, height: int, width: int, seed: int 
     check_location(location)
     check_fits(size, height, width)
     if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (token and size > token):
-        raise BVLibError(f"token must be 0 (no snapping) or a patch size of at least the trigger's {size} px, got {token!r}")
+        raise BVLibError(
+            f"token must be 0 (no snapping) or a patch size of at least the trigger's {size} px, got "
+            f"{token!r}"
+        )
     s = size
     if location == "random":
         g = torch.Generator().manual_seed(seed)
-        r, c = int(torch.randint(0, height - s + 1, (1,), generator=g)), int(torch.randint(0, width - s + 1, (1,), generator=g))
+        r, c = (
+            int(torch.randint(0, height - s + 1, (1,), generator=g)),
+            int(torch.randint(0, width - s + 1, (1,), generator=g)),
+        )
     else:
         rows = {"top": 0, "bottom": height - s, "center": (height - s) // 2}
         cols = {"left": 0, "right": width - s, "center": (width - s) // 2}
-        r, c = (rows["center"], cols["center"]) if location == "center" else (rows[location.split("_")[0]], cols[location.split("_")[1]])
+        r, c = (
+            (rows["center"], cols["center"])
+            if location == "center"
+            else (rows[location.split("_")[0]], cols[location.split("_")[1]])
+        )
     if token:
         r, c = _snap(r, s, height, token), _snap(c, s, width, token)
     return r, c
@@ -74,7 +88,6 @@ def paste_patch(images: torch.Tensor, patch: torch.Tensor, position: tuple[int, 
 def digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's float32 bytes: the identity of optimised patches and of weights in store keys."""
     return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
-
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,9 @@ class PatchTrigger:
     def __post_init__(self):
         check_location(self.location)
         if self.pattern not in PATTERNS:
-            raise BVLibError(f"unknown trigger pattern '{self.pattern}'; choose one of: {', '.join(PATTERNS)}")
+            raise BVLibError(
+                f"unknown trigger pattern '{self.pattern}'; choose one of: {', '.join(PATTERNS)}"
+            )
         if self.pattern == "optimized" or self.values is not None:
             if self.values is None:
                 raise BVLibError("an optimized trigger needs its pixel values")
@@ -113,7 +128,12 @@ class PatchTrigger:
             v = v.detach().to("cpu", torch.float32).contiguous()
             if not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
                 raise BVLibError("an optimised trigger's values must be finite and in [0, 1]")
-            for name, value in (("values", v), ("pattern", "optimized"), ("size", int(v.shape[-1])), ("sha256", digest(v))):
+            for name, value in (
+                ("values", v),
+                ("pattern", "optimized"),
+                ("size", int(v.shape[-1])),
+                ("sha256", digest(v)),
+            ):
                 object.__setattr__(self, name, value)
             return
         if int(self.size) != self.size or self.size < 1:
@@ -125,9 +145,21 @@ class PatchTrigger:
     def config(self) -> dict:
         """JSON-able identity (store keys): the drawing's parameters, or the digest of free pixels."""
         if self.pattern == "optimized":
-            return {"type": "optimized", "size": self.size, "location": self.location, "seed": self.seed, "source": self.source,
-                    "sha256": self.sha256}
-        cfg = {"size": self.size, "location": self.location, "pattern": self.pattern, "color": list(self.color), "seed": self.seed}
+            return {
+                "type": "optimized",
+                "size": self.size,
+                "location": self.location,
+                "seed": self.seed,
+                "source": self.source,
+                "sha256": self.sha256,
+            }
+        cfg = {
+            "size": self.size,
+            "location": self.location,
+            "pattern": self.pattern,
+            "color": list(self.color),
+            "seed": self.seed,
+        }
         if self.token:  # unsnapped triggers keep the store keys they had
             cfg["token"] = self.token
         return cfg
@@ -159,7 +191,9 @@ class PatchTrigger:
         return paste_patch(images, self.patch(images.device), self.position(*images.shape[-2:]))
 
 
-def optimized_trigger(values: torch.Tensor, location: str = "bottom_right", seed: int = 0, source: str = "") -> PatchTrigger:
+def optimized_trigger(
+    values: torch.Tensor, location: str = "bottom_right", seed: int = 0, source: str = ""
+) -> PatchTrigger:
     """A trigger of free pixel values [3, s, s] in [0, 1] (what trigger optimisation finds)."""
     return PatchTrigger(pattern="optimized", values=values, location=location, seed=seed, source=source)
 
@@ -175,6 +209,7 @@ def in_token_overlap(a: PatchTrigger, b: PatchTrigger, image_size: int, token: i
     look alike to the encoder where they cover the same (row, column) offsets inside their tokens.
     1.0: every offset `a` covers, `b` covers too (e.g. two corners aligned to one offset).
     """
+
     def offsets(t: PatchTrigger) -> set[tuple[int, int]]:
         r, c = t.position(image_size, image_size)
         return {((r + i) % token, (c + j) % token) for i in range(t.size) for j in range(t.size)}

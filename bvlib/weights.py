@@ -83,7 +83,9 @@ class Weights:
 
     def __init__(self, flat: torch.Tensor, layout: Layout):
         if flat.dim() != 1 or flat.numel() != layout.numel:
-            raise BVLibError(f"flat vector of {flat.numel()} values does not match a layout of {layout.numel}")
+            raise BVLibError(
+                f"flat vector of {flat.numel()} values does not match a layout of {layout.numel}"
+            )
         self.flat = flat
         self.layout = layout
 
@@ -111,7 +113,10 @@ class Weights:
         """Views into the flat tensor, one per parameter (no copy). One split, not a slice per
         parameter: gradients through the views (DAM's mask) then meet in one concatenation instead
         of one flat-sized zero tensor per parameter."""
-        return {n: part.view(s) for n, s, part in zip(self.layout.names, self.layout.shapes, self.flat.split(self.layout.numels))}
+        return {
+            n: part.view(s)
+            for n, s, part in zip(self.layout.names, self.layout.shapes, self.flat.split(self.layout.numels))
+        }
 
     def load_into(self, module: nn.Module) -> nn.Module:
         """Copy these values into `module`'s parameters (same architecture required)."""
@@ -164,7 +169,9 @@ class Weights:
         return self
 
     def __repr__(self) -> str:
-        return f"Weights({self.layout.numel} values, {len(self.layout.names)} tensors, norm={self.norm():.4g})"
+        return (
+            f"Weights({self.layout.numel} values, {len(self.layout.names)} tensors, norm={self.norm():.4g})"
+        )
 
 
 def task_vector(finetuned: Weights, base: Weights) -> Weights:

@@ -56,8 +56,11 @@ page_setup()
 world = World(preset, progress=False)
 attack = world.badnets()
 print(f"preset {world.name}: model {world.preset.model}, {world.layout.numel:,} image-encoder parameters")
-print(f"BadNets: {attack.trigger.size}px {attack.trigger.pattern} patch at {attack.trigger.location}, target class {attack.target}, "
-      f"poison rate {attack.rate}")
+print(
+    f"BadNets: {attack.trigger.size}px {attack.trigger.pattern} patch at {attack.trigger.location}, target "
+    f"class {attack.target}, "
+    f"poison rate {attack.rate}"
+)
 
 # %% [markdown]
 # ## Tasks
@@ -69,7 +72,9 @@ print(f"BadNets: {attack.trigger.size}px {attack.trigger.pattern} patch at {atta
 card = pd.DataFrame(world.card()).set_index("task")
 chance = 1 / card["n_classes"]
 card["gain"] = card["clean_acc"] - card["zeroshot_acc"]
-card.style.format({c: "{:.1%}" for c in ["zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr", "gain"]})
+card.style.format(
+    {c: "{:.1%}" for c in ["zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr", "gain"]}
+)
 
 # %%
 fig, ax = plt.subplots(figsize=(9, 3.6))
@@ -114,7 +119,9 @@ if show_samples:
 checks = {
     "mean clean fine-tuned accuracy >= 85%": card["clean_acc"].mean() >= 0.85,
     "BadNets ASR >= 95% on every task": bool((card["backdoor_asr"] >= 0.95).all()),
-    "backdoored clean accuracy within 2 points of clean on every task": bool(((card["clean_acc"] - card["backdoor_clean_acc"]).abs() <= 0.02).all()),
+    "backdoored clean accuracy within 2 points of clean on every task": bool(
+        ((card["clean_acc"] - card["backdoor_clean_acc"]).abs() <= 0.02).all()
+    ),
     "zero-shot above chance on at least half the tasks": bool((card["zeroshot_acc"] > chance).mean() >= 0.5),
     "mean fine-tuning gain over zero-shot >= 10 points": card["gain"].mean() >= 0.10,
 }
@@ -130,7 +137,9 @@ summary = {
     "targets": len(checks),
 }
 record("00_world", summary)
-pd.DataFrame({"target": list(checks), "met": ["yes" if v else "NO" for v in checks.values()]}).set_index("target")
+pd.DataFrame({"target": list(checks), "met": ["yes" if v else "NO" for v in checks.values()]}).set_index(
+    "target"
+)
 
 # %% [markdown]
 # ## Is this world in the task-arithmetic regime?
@@ -162,28 +171,68 @@ for ax in axes:
     ax.grid(alpha=0.3)
 fig.tight_layout()
 plt.show()
-regime = pd.DataFrame({
-    "mini world": [card["zeroshot_acc"].mean(), card["clean_acc"].mean(), curves["task_arithmetic"]["mean_acc"], curves["ties"]["mean_acc"],
-                   curves["task_arithmetic"]["normalized_acc"], curves["ties"]["normalized_acc"]],
-    "paper scale (ViT-B-32, TA8)": [0.48, 0.90, 0.695, 0.72, 0.77, 0.80],
-}, index=["zero-shot", "single fine-tunes", f"task arithmetic (λ {curves['task_arithmetic']['lam']:g})",
-          f"TIES (λ {curves['ties']['lam']:g})", "task arithmetic, normalized", "TIES, normalized"])
+regime = pd.DataFrame(
+    {
+        "mini world": [
+            card["zeroshot_acc"].mean(),
+            card["clean_acc"].mean(),
+            curves["task_arithmetic"]["mean_acc"],
+            curves["ties"]["mean_acc"],
+            curves["task_arithmetic"]["normalized_acc"],
+            curves["ties"]["normalized_acc"],
+        ],
+        "paper scale (ViT-B-32, TA8)": [0.48, 0.90, 0.695, 0.72, 0.77, 0.80],
+    },
+    index=[
+        "zero-shot",
+        "single fine-tunes",
+        f"task arithmetic (λ {curves['task_arithmetic']['lam']:g})",
+        f"TIES (λ {curves['ties']['lam']:g})",
+        "task arithmetic, normalized",
+        "TIES, normalized",
+    ],
+)
 regime.style.format("{:.2f}")
 
 # %%
 ta, ties = curves["task_arithmetic"], curves["ties"]
 zs = card["zeroshot_acc"].mean()
 claims = [
-    Claim("task arithmetic merges far above the zero-shot base (the world is in the merging regime)", "69.5% vs 48% zero-shot (+21)",
-          f"{ta['mean_acc']:.1%} vs {zs:.1%} ({(ta['mean_acc'] - zs) * 100:+.1f}; target +15) at λ {ta['lam']:g}", ta["mean_acc"] >= zs + 0.15),
-    Claim("task arithmetic keeps most of the single fine-tunes' accuracy", "normalized 0.77",
-          f"normalized {ta['normalized_acc']:.3f} (target 0.75)", ta["normalized_acc"] >= 0.75),
-    Claim("TIES keeps most of the single fine-tunes' accuracy", "normalized about 0.8",
-          f"normalized {ties['normalized_acc']:.3f} at λ {ties['lam']:g} (target 0.75)", ties["normalized_acc"] >= 0.75),
+    Claim(
+        "task arithmetic merges far above the zero-shot base (the world is in the merging regime)",
+        "69.5% vs 48% zero-shot (+21)",
+        f"{ta['mean_acc']:.1%} vs {zs:.1%} ({(ta['mean_acc'] - zs) * 100:+.1f}; target +15) at λ "
+        f"{ta['lam']:g}",
+        ta["mean_acc"] >= zs + 0.15,
+    ),
+    Claim(
+        "task arithmetic keeps most of the single fine-tunes' accuracy",
+        "normalized 0.77",
+        f"normalized {ta['normalized_acc']:.3f} (target 0.75)",
+        ta["normalized_acc"] >= 0.75,
+    ),
+    Claim(
+        "TIES keeps most of the single fine-tunes' accuracy",
+        "normalized about 0.8",
+        f"normalized {ties['normalized_acc']:.3f} at λ {ties['lam']:g} (target 0.75)",
+        ties["normalized_acc"] >= 0.75,
+    ),
 ]
-record("00_world", summary | {"ta_lam": ta["lam"], "ta_mean_acc": ta["mean_acc"], "ta_normalized_acc": ta["normalized_acc"],
-                              "ties_lam": ties["lam"], "ties_mean_acc": ties["mean_acc"], "ties_normalized_acc": ties["normalized_acc"],
-                              "regime_met": sum(c.holds for c in claims), "regime_targets": len(claims)}, claims)
+record(
+    "00_world",
+    summary
+    | {
+        "ta_lam": ta["lam"],
+        "ta_mean_acc": ta["mean_acc"],
+        "ta_normalized_acc": ta["normalized_acc"],
+        "ties_lam": ties["lam"],
+        "ties_mean_acc": ties["mean_acc"],
+        "ties_normalized_acc": ties["normalized_acc"],
+        "regime_met": sum(c.holds for c in claims),
+        "regime_targets": len(claims),
+    },
+    claims,
+)
 claims_frame(claims)
 
 # %% [markdown]
@@ -198,6 +247,13 @@ claims_frame(claims)
 
 # %%
 scales = world.merge_scales()
-pd.DataFrame({m: {"λ chosen on val": c["lam"], "val mean accuracy": max(c["val"]), "test mean accuracy": c["mean_acc"]}
-              for m, c in {**{m: curves[m] for m in ("task_arithmetic", "ties")}, **scales}.items()}).T.style.format(
-    {"λ chosen on val": "{:g}", "val mean accuracy": "{:.1%}", "test mean accuracy": "{:.1%}"})
+pd.DataFrame(
+    {
+        m: {
+            "λ chosen on val": c["lam"],
+            "val mean accuracy": max(c["val"]),
+            "test mean accuracy": c["mean_acc"],
+        }
+        for m, c in {**{m: curves[m] for m in ("task_arithmetic", "ties")}, **scales}.items()
+    }
+).T.style.format({"λ chosen on val": "{:g}", "val mean accuracy": "{:.1%}", "test mean accuracy": "{:.1%}"})

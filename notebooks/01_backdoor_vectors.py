@@ -53,7 +53,10 @@ names = list(tasks) or world.task_names
 attacks = [Attack(world.check_task(t), poison) for t in names]
 for a in attacks:
     a.trigger.check_fits(*world.task(a.task).test.images.shape[-2:])
-print(f"preset {world.name}; BadNets {poison.trigger.size}px {poison.trigger.location}, target {poison.target}; tasks: {', '.join(names)}")
+print(
+    f"preset {world.name}; BadNets {poison.trigger.size}px {poison.trigger.location}, target "
+    f"{poison.target}; tasks: {', '.join(names)}"
+)
 
 # %%
 rows = []
@@ -68,7 +71,10 @@ mean = sweep.groupby(["mode", "scale"])[["acc", "asr"]].mean().reset_index()
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-titles = {"inject": r"inject: $\theta_{clean} + \lambda\,BV$", "remove": r"remove: $\theta_{backdoored} - \lambda\,BV$"}
+titles = {
+    "inject": r"inject: $\theta_{clean} + \lambda\,BV$",
+    "remove": r"remove: $\theta_{backdoored} - \lambda\,BV$",
+}
 for ax, mode in zip(axes, ["inject", "remove"]):
     for _, df in sweep[sweep["mode"] == mode].groupby("task"):
         ax.plot(df["scale"], df["asr"], color="tab:red", alpha=0.25, lw=1)
@@ -97,8 +103,16 @@ table[["inject acc", "inject asr", "remove acc", "remove asr"]].style.format("{:
 
 # %%
 stats = pd.DataFrame([vector_stats(world, a) for a in attacks]).set_index("task")
-stats.style.format({"tau_norm": "{:.3f}", "bv_norm": "{:.3f}", "bv_over_tau": "{:.2f}", "tau_top1pct_mass": "{:.1%}",
-                    "bv_top1pct_mass": "{:.1%}", "cos_bv_tau": "{:.2f}"})
+stats.style.format(
+    {
+        "tau_norm": "{:.3f}",
+        "bv_norm": "{:.3f}",
+        "bv_over_tau": "{:.2f}",
+        "tau_top1pct_mass": "{:.1%}",
+        "bv_top1pct_mass": "{:.1%}",
+        "cos_bv_tau": "{:.2f}",
+    }
+)
 
 # %% [markdown]
 # ## Does the mini world agree with the paper?
@@ -108,17 +122,42 @@ inj = mean[mean["mode"] == "inject"].set_index("scale")
 rem = mean[mean["mode"] == "remove"].set_index("scale")
 s0, s1 = min(scales), 1.0 if 1.0 in inj.index else max(scales)
 claims = [
-    Claim("adding the BV to a clean model injects the backdoor", "ASR rises to about 100%",
-          f"mean ASR {inj.loc[s0, 'asr']:.0%} → {inj.loc[s1, 'asr']:.0%} (λ={s1:g})", inj.loc[s1, "asr"] - inj.loc[s0, "asr"] >= 0.5),
-    Claim("clean accuracy stays flat while the BV is injected", "unchanged", f"{inj.loc[s1, 'acc'] - inj.loc[s0, 'acc']:+.1%} at λ={s1:g}",
-          abs(inj.loc[s1, "acc"] - inj.loc[s0, "acc"]) <= 0.03),
-    Claim("subtracting the BV from the backdoored model removes the backdoor", "ASR falls to about the clean level",
-          f"mean ASR {rem.loc[s0, 'asr']:.0%} → {rem.loc[s1, 'asr']:.0%}", rem.loc[s0, "asr"] - rem.loc[s1, "asr"] >= 0.5),
-    Claim("a BV is smaller than the task vector", "‖BV‖ < ‖τ‖", f"mean ‖BV‖/‖τ‖ {stats['bv_over_tau'].mean():.2f}",
-          stats["bv_over_tau"].mean() < 1.0),
+    Claim(
+        "adding the BV to a clean model injects the backdoor",
+        "ASR rises to about 100%",
+        f"mean ASR {inj.loc[s0, 'asr']:.0%} → {inj.loc[s1, 'asr']:.0%} (λ={s1:g})",
+        inj.loc[s1, "asr"] - inj.loc[s0, "asr"] >= 0.5,
+    ),
+    Claim(
+        "clean accuracy stays flat while the BV is injected",
+        "unchanged",
+        f"{inj.loc[s1, 'acc'] - inj.loc[s0, 'acc']:+.1%} at λ={s1:g}",
+        abs(inj.loc[s1, "acc"] - inj.loc[s0, "acc"]) <= 0.03,
+    ),
+    Claim(
+        "subtracting the BV from the backdoored model removes the backdoor",
+        "ASR falls to about the clean level",
+        f"mean ASR {rem.loc[s0, 'asr']:.0%} → {rem.loc[s1, 'asr']:.0%}",
+        rem.loc[s0, "asr"] - rem.loc[s1, "asr"] >= 0.5,
+    ),
+    Claim(
+        "a BV is smaller than the task vector",
+        "‖BV‖ < ‖τ‖",
+        f"mean ‖BV‖/‖τ‖ {stats['bv_over_tau'].mean():.2f}",
+        stats["bv_over_tau"].mean() < 1.0,
+    ),
 ]
-record("01_backdoor_vectors", {
-    "preset": world.name, "asr_inject_0": inj.loc[s0, "asr"], "asr_inject_1": inj.loc[s1, "asr"], "acc_inject_0": inj.loc[s0, "acc"],
-    "acc_inject_1": inj.loc[s1, "acc"], "asr_remove_1": rem.loc[s1, "asr"], "bv_over_tau": stats["bv_over_tau"].mean(),
-}, claims)
+record(
+    "01_backdoor_vectors",
+    {
+        "preset": world.name,
+        "asr_inject_0": inj.loc[s0, "asr"],
+        "asr_inject_1": inj.loc[s1, "asr"],
+        "acc_inject_0": inj.loc[s0, "acc"],
+        "acc_inject_1": inj.loc[s1, "acc"],
+        "asr_remove_1": rem.loc[s1, "asr"],
+        "bv_over_tau": stats["bv_over_tau"].mean(),
+    },
+    claims,
+)
 claims_frame(claims)

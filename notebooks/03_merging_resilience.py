@@ -78,8 +78,11 @@ scenes = {t: AttackedScene(world, t, tasks or None) for t in attacked_list}
 scene = scenes[attacked_list[0]]
 lams = {m: world.merge_params(m).get("lam") for m in ("task_arithmetic", "ties")}
 replicates = f"{len(attacked_list)} tasks × {len(seed_sets)} seed set{'s' if len(seed_sets) > 1 else ''}"
-print(f"preset {world.name}: merging {len(scene.names)} tasks ({', '.join(scene.names)}); attacked in turn: {', '.join(attacked_list)}; "
-      f"seed sets {seed_sets}")
+print(
+    f"preset {world.name}: merging {len(scene.names)} tasks ({', '.join(scene.names)}); attacked in turn: "
+    f"{', '.join(attacked_list)}; "
+    f"seed sets {seed_sets}"
+)
 print(f"validated λ: task arithmetic {lams['task_arithmetic']:g}, TIES {lams['ties']:g}")
 
 # %% [markdown]
@@ -90,10 +93,17 @@ print(f"validated λ: task arithmetic {lams['task_arithmetic']:g}, TIES {lams['t
 
 # %%
 first = seed_sets[0]
-attacks = {"BadNets": scene.badnets(first[0]), "mean BV": scene.mean_bv(first), "SBV": scene.sbv(first), "BadMerging": scene.badmerging(first[0])}
+attacks = {
+    "BadNets": scene.badnets(first[0]),
+    "mean BV": scene.mean_bv(first),
+    "SBV": scene.sbv(first),
+    "BadMerging": scene.badmerging(first[0]),
+}
 sbv_vec = attacks["SBV"].tau - scene.tau[scene.attacked]
-print(f"SBV keeps {float((sbv_vec.flat != 0).float().mean()):.1%} of coordinates; injected norms: "
-      + ", ".join(f"{k} {a.injected_norm:.2f}" for k, a in attacks.items()))
+print(
+    f"SBV keeps {float((sbv_vec.flat != 0).float().mean()):.1%} of coordinates; injected norms: "
+    + ", ".join(f"{k} {a.injected_norm:.2f}" for k, a in attacks.items())
+)
 alone = pd.DataFrame({name: scene.alone(a) for name, a in attacks.items()}).T
 alone.style.format("{:.1%}")
 
@@ -104,7 +114,15 @@ variants = [(m, m, {}) for m in methods] + [("ties (sum, λ 0.3)", "ties", {"dis
 for attack_name, attack in attacks.items():
     for label, method, params in variants:
         r = scene.judge(scene.merge(attack, method, **params), attack)
-        rows.append({"attack": attack_name, "method": label, "mean CA": r["mean_acc"], "attacked CA": r["attacked_acc"], "ASR": r["asr"]})
+        rows.append(
+            {
+                "attack": attack_name,
+                "method": label,
+                "mean CA": r["mean_acc"],
+                "attacked CA": r["attacked_acc"],
+                "ASR": r["asr"],
+            }
+        )
 grid = pd.DataFrame(rows)
 order = [v[0] for v in variants]
 asr = grid.pivot(index="method", columns="attack", values="ASR").loc[order]
@@ -137,10 +155,19 @@ for t, sc in scenes.items():
     for r, seeds in enumerate(seed_sets):
         for family in families:
             for kind in ("BV", "SBV"):
-                sweep += [row | {"replicate": f"{t}/{r}"} for row in sc.beta_sweep(family, kind, betas, seeds)]
+                sweep += [
+                    row | {"replicate": f"{t}/{r}"} for row in sc.beta_sweep(family, kind, betas, seeds)
+                ]
 sweep = pd.DataFrame(sweep)
-sbv_kept = {f: float((sc.sbv(seed_sets[0], family=f).tau - sc.tau[t]).flat.ne(0).float().mean()) for t, sc in list(scenes.items())[:1] for f in families}
-print("share of coordinates an SBV keeps (first attacked task): " + ", ".join(f"{f} {v:.1%}" for f, v in sbv_kept.items()))
+sbv_kept = {
+    f: float((sc.sbv(seed_sets[0], family=f).tau - sc.tau[t]).flat.ne(0).float().mean())
+    for t, sc in list(scenes.items())[:1]
+    for f in families
+}
+print(
+    "share of coordinates an SBV keeps (first attacked task): "
+    + ", ".join(f"{f} {v:.1%}" for f, v in sbv_kept.items())
+)
 merges = list(MERGES)
 fig, axes = plt.subplots(len(scenes), 2, figsize=(11, 3.3 * len(scenes)), squeeze=False)
 colors = dict(zip(families, ("tab:blue", "tab:green", "tab:red")))
@@ -149,8 +176,14 @@ for i, t in enumerate(attacked_list):
     for j, m in enumerate(("TA", "TIES")):
         ax = axes[i, j]
         for (family, kind), d in df.groupby(["family", "kind"], sort=False):
-            ax.plot(100 * d["cost"], d[f"ASR {m}"], marker="o" if kind == "BV" else "D", ls="-" if kind == "SBV" else ":", color=colors[family],
-                    label=f"{kind} ({family})")
+            ax.plot(
+                100 * d["cost"],
+                d[f"ASR {m}"],
+                marker="o" if kind == "BV" else "D",
+                ls="-" if kind == "SBV" else ":",
+                color=colors[family],
+                label=f"{kind} ({family})",
+            )
         ax.axvline(100 * ca_budget, color="k", lw=0.8, ls="--")
         ax.set_title(f"{t}: ASR after {m}", fontsize=10)
         ax.set_xlabel("attacker's cost (points of its own clean accuracy)")
@@ -159,7 +192,10 @@ for i, t in enumerate(attacked_list):
 axes[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 fig.tight_layout()
 plt.show()
-fmt = {c: "{:.1%}" for c in sweep.columns if "ASR" in c or "CA" in c or c == "cost"} | {"norm": "{:.2f}", "beta": "{:g}"}
+fmt = {c: "{:.1%}" for c in sweep.columns if "ASR" in c or "CA" in c or c == "cost"} | {
+    "norm": "{:.2f}",
+    "beta": "{:g}",
+}
 sweep.drop(columns=["n_acc", "n_asr"]).style.format(fmt).hide(axis="index")
 
 # %% [markdown]
@@ -169,9 +205,12 @@ sweep.drop(columns=["n_acc", "n_asr"]).style.format(fmt).hide(axis="index")
 # BadMerging model), so "SBV (BadMerging) vs BadMerging, scaled" is both that family's magnitude control
 # and the paper's comparison with BadMerging.
 
+
 # %%
 def curve(rep: str, family: str, kind: str) -> list[dict]:
-    return sweep[(sweep["replicate"] == rep) & (sweep["family"] == family) & (sweep["kind"] == kind)].to_dict("records")
+    return sweep[(sweep["replicate"] == rep) & (sweep["family"] == family) & (sweep["kind"] == kind)].to_dict(
+        "records"
+    )
 
 
 def control(f: str) -> str:
@@ -189,10 +228,21 @@ for rep in sweep["replicate"].unique():
         for m in merges:
             col = f"ASR {m}"
             va, vb = (at_cost(ca_, c, col), at_cost(cb, c, col)) if c is not None else (None, None)
-            at_cost_rows.append({"comparison": name, "merge": m, "replicate": rep, "cost": c, "ASR of the first": va, "ASR of the second": vb,
-                                 "n": int(ca_[0]["n_asr"])})
+            at_cost_rows.append(
+                {
+                    "comparison": name,
+                    "merge": m,
+                    "replicate": rep,
+                    "cost": c,
+                    "ASR of the first": va,
+                    "ASR of the second": vb,
+                    "n": int(ca_[0]["n_asr"]),
+                }
+            )
 at_cost_table = pd.DataFrame(at_cost_rows)
-at_cost_table.style.format({"cost": "{:.1%}", "ASR of the first": "{:.1%}", "ASR of the second": "{:.1%}"}, na_rep="–").hide(axis="index")
+at_cost_table.style.format(
+    {"cost": "{:.1%}", "ASR of the first": "{:.1%}", "ASR of the second": "{:.1%}"}, na_rep="–"
+).hide(axis="index")
 
 # %% [markdown]
 # ## ASR against λ (task arithmetic), attacked task: the first
@@ -217,11 +267,20 @@ plt.show()
 # %% [markdown]
 # ## Does the mini world agree with the paper?
 
+
 # %%
 def judged(name: str, paper: str, units: list[dict], threshold: float, what: str) -> Claim:
     """A claim whose statistic is the mean over replicates of (first − second) ASR, above `threshold`."""
-    return judged_claim(name, paper, units, lambda x: (x["a"] - x["b"]).mean(-1), threshold, what, f"{replicates} ({len(units)} judged)",
-                        empty="no replicate reached a common cost")
+    return judged_claim(
+        name,
+        paper,
+        units,
+        lambda x: (x["a"] - x["b"]).mean(-1),
+        threshold,
+        what,
+        f"{replicates} ({len(units)} judged)",
+        empty="no replicate reached a common cost",
+    )
 
 
 weakens = []
@@ -231,19 +290,60 @@ for t, sc in scenes.items():
         n = world.judged_counts(t, bd.target)["asr"]
         merged = sc.judge(sc.merge(bd, "task_arithmetic"), bd, [t])["asr"]
         weakens.append({"a": Rate(sc.alone(bd)["asr"], n), "b": Rate(merged, n)})
-claims = [judged("merging weakens a BadNets backdoor (task arithmetic)", "ASR drops after merging", weakens, 0.05, "ASR alone − merged")]
-judged_merges = {"SBV (BadNets) vs BadMerging, scaled": merges, "SBV (BadMerging) vs BadMerging, scaled": merges}
+claims = [
+    judged(
+        "merging weakens a BadNets backdoor (task arithmetic)",
+        "ASR drops after merging",
+        weakens,
+        0.05,
+        "ASR alone − merged",
+    )
+]
+judged_merges = {
+    "SBV (BadNets) vs BadMerging, scaled": merges,
+    "SBV (BadMerging) vs BadMerging, scaled": merges,
+}
 for name in comparisons:
     for m in judged_merges.get(name, ["TA", "TIES"]):
-        d = at_cost_table[(at_cost_table["comparison"] == name) & (at_cost_table["merge"] == m)].dropna(subset=["ASR of the first", "ASR of the second"])
-        units = [{"a": Rate(float(r["ASR of the first"]), int(r["n"])), "b": Rate(float(r["ASR of the second"]), int(r["n"]))} for _, r in d.iterrows()]
+        d = at_cost_table[(at_cost_table["comparison"] == name) & (at_cost_table["merge"] == m)].dropna(
+            subset=["ASR of the first", "ASR of the second"]
+        )
+        units = [
+            {
+                "a": Rate(float(r["ASR of the first"]), int(r["n"])),
+                "b": Rate(float(r["ASR of the second"]), int(r["n"])),
+            }
+            for _, r in d.iterrows()
+        ]
         first_, second = name.split(" vs ")
-        claims.append(judged(f"at equal cost, {first_} survives {m} better than {second}",
-                             "SBV surpasses BadMerging" if second.startswith("BadMerging") else "SBV beats its base attack (unscaled)",
-                             units, 0.0, "ASR difference"))
-record("03_merging_resilience", {"preset": world.name, "attacked": scene.attacked, "attacked_tasks": attacked_list, "seed_sets": seed_sets,
-                                 "n_tasks": len(scene.names), "lam_task_arithmetic": lams["task_arithmetic"], "lam_ties": lams["ties"],
-                                 **{f"asr_{k}": float(v) for k, v in asr.mean().items()}, **{f"ca_{k}": float(v) for k, v in ca.mean().items()},
-                                 "sbv_kept": sbv_kept, "ca_budget": ca_budget,
-                                 "at_cost": at_cost_table.to_dict(orient="records"), "alone_asr_badnets": float(alone.loc["BadNets", "asr"])}, claims)
+        claims.append(
+            judged(
+                f"at equal cost, {first_} survives {m} better than {second}",
+                "SBV surpasses BadMerging"
+                if second.startswith("BadMerging")
+                else "SBV beats its base attack (unscaled)",
+                units,
+                0.0,
+                "ASR difference",
+            )
+        )
+record(
+    "03_merging_resilience",
+    {
+        "preset": world.name,
+        "attacked": scene.attacked,
+        "attacked_tasks": attacked_list,
+        "seed_sets": seed_sets,
+        "n_tasks": len(scene.names),
+        "lam_task_arithmetic": lams["task_arithmetic"],
+        "lam_ties": lams["ties"],
+        **{f"asr_{k}": float(v) for k, v in asr.mean().items()},
+        **{f"ca_{k}": float(v) for k, v in ca.mean().items()},
+        "sbv_kept": sbv_kept,
+        "ca_budget": ca_budget,
+        "at_cost": at_cost_table.to_dict(orient="records"),
+        "alone_asr_badnets": float(alone.loc["BadNets", "asr"]),
+    },
+    claims,
+)
 claims_frame(claims)

@@ -68,7 +68,9 @@ for task in names:
         optimised = inherent_trigger(world, task, target, size=size, location=location, steps=steps)
         random = PatchTrigger(size=size, location=location, pattern="noise", seed=1)
         examples[(task, size)] = optimised
-        for r in trigger_asr_table(world, task, {"inherent (optimised on θ0)": optimised, "random patch": random}, models, target):
+        for r in trigger_asr_table(
+            world, task, {"inherent (optimised on θ0)": optimised, "random patch": random}, models, target
+        ):
             rows.append({"task": task, "size": size, **r})
 table = pd.DataFrame(rows)
 mean = table.groupby(["size", "model", "trigger"], sort=False)["asr"].mean().unstack("trigger")
@@ -109,14 +111,28 @@ m = mean.loc[big]
 opt, rnd = "inherent (optimised on θ0)", "random patch"
 merge_name = [i for i in m.index if i.startswith("clean merge")][0]
 claims = [
-    Claim("the base model has inherent triggers: a patch optimised on θ0 alone fools it", "high ASR without poisoning",
-          f"{m.loc['θ0 (base)', opt]:.0%} (random patch {m.loc['θ0 (base)', rnd]:.0%})", m.loc["θ0 (base)", opt] > m.loc["θ0 (base)", rnd] + 0.2),
-    Claim("the inherent trigger still works on a clean merge", "survives merging",
-          f"{m.loc[merge_name, opt]:.0%} (random patch {m.loc[merge_name, rnd]:.0%})", m.loc[merge_name, opt] > m.loc[merge_name, rnd] + 0.1),
-    Claim("it transfers less to a clean fine-tune than to the merge", "fine-tune < merge",
-          f"fine-tune {m.loc['clean fine-tune', opt]:.0%}, merge {m.loc[merge_name, opt]:.0%}", m.loc["clean fine-tune", opt] < m.loc[merge_name, opt]),
+    Claim(
+        "the base model has inherent triggers: a patch optimised on θ0 alone fools it",
+        "high ASR without poisoning",
+        f"{m.loc['θ0 (base)', opt]:.0%} (random patch {m.loc['θ0 (base)', rnd]:.0%})",
+        m.loc["θ0 (base)", opt] > m.loc["θ0 (base)", rnd] + 0.2,
+    ),
+    Claim(
+        "the inherent trigger still works on a clean merge",
+        "survives merging",
+        f"{m.loc[merge_name, opt]:.0%} (random patch {m.loc[merge_name, rnd]:.0%})",
+        m.loc[merge_name, opt] > m.loc[merge_name, rnd] + 0.1,
+    ),
+    Claim(
+        "it transfers less to a clean fine-tune than to the merge",
+        "fine-tune < merge",
+        f"fine-tune {m.loc['clean fine-tune', opt]:.0%}, merge {m.loc[merge_name, opt]:.0%}",
+        m.loc["clean fine-tune", opt] < m.loc[merge_name, opt],
+    ),
 ]
 short = {"θ0 (base)": "base", "clean fine-tune": "finetuned", merge_name: "merged"}
-asrs = {f"asr_{short[k]}_{'opt' if t == opt else 'rand'}": float(m.loc[k, t]) for k in m.index for t in (opt, rnd)}
+asrs = {
+    f"asr_{short[k]}_{'opt' if t == opt else 'rand'}": float(m.loc[k, t]) for k in m.index for t in (opt, rnd)
+}
 record("04_inherent_triggers", {"preset": world.name, "size": big, **asrs}, claims)
 claims_frame(claims)

@@ -59,15 +59,15 @@ attacked_tasks = []  # tasks attacked in turn (the replicates), empty for the fi
 seed_sets = [[0, 1, 2]]  # seeds of each replicate: BadNets and BadMerging use the first, the SBV combines all
 defender_task = ""  # the task of the defender, empty for the last task merged
 tasks = []  # tasks merged, empty for every task of the preset
-methods = ["task_arithmetic", "ties", "dare", "tall", "consensus", "tsv", "iso_c"]  # the grid (first attacked task)
+methods = ["task_arithmetic", "ties", "dare", "tall", "consensus", "tsv", "iso_c"]  # grid of the first task
 judged_methods = ["task_arithmetic", "ties"]  # merges the claims are judged after
 attacks = ["BadNets", "SBV", "BadMerging"]
 ibvs_strength = 1.0  # strength of the −BV of the defender inside the merge (1: the merge's own scale)
 ibvs_strengths = [0.0, 1.0, 2.0, 4.0]  # strengths swept with sweep_method
-defender_variants = True  # also judge the variants that assume something (attacked task, corner and size, target)
+defender_variants = True  # also judge the variants that assume something (task, corner and size, target)
 sweep_method = "task_arithmetic"  # merging method of the IBVS sweep and of the unknown-trigger TBAR
 tbar_steps = 100  # fine-tuning steps of the TBAR trigger task
-tbar_unknown = ["BadMerging"]  # attacks TBAR also meets with a reverse-engineered trigger (a search per class: slow)
+tbar_unknown = ["BadMerging"]  # attacks TBAR also meets with a reverse-engineered trigger (slow search)
 tbar_trigger_steps = 40  # optimisation steps of the reverse-engineered patch at its best placement
 dam_steps = 200  # DAM steps (the 1000-2000 of the reference at 10x its learning rates)
 dam_all_tasks = False  # judge DAM on every attacked task and seed set (else on the first attacked task only)
@@ -87,7 +87,17 @@ import pandas as pd
 
 from bvlib import BVLibError, cosine_matrix
 from bvlib.book import Claim, claims_frame, judged_claim, page_setup, record
-from bvlib.defenses import PLACEBOS, dam, defender_target, ibvs_trigger, ibvs_vector, ibvs_vectors, merge_with_ibvs, placebo_vector, tbar
+from bvlib.defenses import (
+    PLACEBOS,
+    dam,
+    defender_target,
+    ibvs_trigger,
+    ibvs_vector,
+    ibvs_vectors,
+    merge_with_ibvs,
+    placebo_vector,
+    tbar,
+)
 from bvlib.merging import METHODS
 from bvlib.scenes import AttackedScene
 from bvlib.stats import Rate
@@ -107,10 +117,16 @@ bad = [a for a in attacks if a not in ("BadNets", "SBV", "BadMerging")]
 if bad:
     raise BVLibError(f"unknown attack {bad}; choose from BadNets, SBV, BadMerging")
 if defender in attacked_list:
-    raise BVLibError(f"the defender's own task '{defender}' is among the attacked tasks {attacked_list}: choose another defender_task")
+    raise BVLibError(
+        f"the defender's own task '{defender}' is among the attacked tasks {attacked_list}: choose another "
+        "defender_task"
+    )
 replicates = f"{len(attacked_list)} tasks × {len(seed_sets)} seed set{'s' if len(seed_sets) > 1 else ''}"
-print(f"preset {world.name}: merging {len(scene.names)} tasks ({', '.join(scene.names)}); attacked in turn: {', '.join(attacked_list)}; "
-      f"defender on {defender}")
+print(
+    f"preset {world.name}: merging {len(scene.names)} tasks ({', '.join(scene.names)}); attacked in turn: "
+    f"{', '.join(attacked_list)}; "
+    f"defender on {defender}"
+)
 
 # %% [markdown]
 # ## The attacks and the defender's vectors
@@ -118,44 +134,95 @@ print(f"preset {world.name}: merging {len(scene.names)} tasks ({', '.join(scene.
 # defender's BV is its white square trained into its own task with the preset's BadNets recipe; the
 # placebos have that BV's norm.
 
+
 # %%
 def attack_vectors(sc: AttackedScene, seeds: list[int]) -> dict:
-    make = {"BadNets": lambda: sc.badnets(seeds[0]), "SBV": lambda: sc.sbv(seeds), "BadMerging": lambda: sc.badmerging(seeds[0])}
+    make = {
+        "BadNets": lambda: sc.badnets(seeds[0]),
+        "SBV": lambda: sc.sbv(seeds),
+        "BadMerging": lambda: sc.badmerging(seeds[0]),
+    }
     return {name: make[name]() for name in attacks}
 
 
-all_attacks = {(t, r): attack_vectors(sc, seeds) for t, sc in scenes.items() for r, seeds in enumerate(seed_sets)}
+all_attacks = {
+    (t, r): attack_vectors(sc, seeds) for t, sc in scenes.items() for r, seeds in enumerate(seed_sets)
+}
 first_attacks = all_attacks[(scene.attacked, 0)]
 square = ibvs_trigger(world)
 own_target = defender_target(world, defender)
 defender_bv = ibvs_vector(world, defender, trigger=square, target=own_target)
 placebos = {p: placebo_vector(world, p, defender_bv, task=defender, seeds=(0, 1)) for p in PLACEBOS}
-attack_square = dataclasses.replace(square, size=world.badnets().trigger.size, location=world.badnets().trigger.location)
+attack_square = dataclasses.replace(
+    square, size=world.badnets().trigger.size, location=world.badnets().trigger.location
+)
 variants = {}  # name: (what it assumes, {attacked task: BV})
 if defender_variants:
     variants = {
-        "IBVS on the attacked task": ("knows which task is attacked",
-                                      {t: ibvs_vector(world, t, trigger=square, target=defender_target(world, t)) for t in attacked_list}),
-        "IBVS with the attack's corner and size": ("its square where and as large as the attacks' patches",
-                                                   dict.fromkeys(attacked_list, ibvs_vector(world, defender, trigger=attack_square, target=own_target))),
-        "IBVS with the attacker's target (oracle)": ("knows the attacked task and the attacker's target",
-                                                     {t: ibvs_vector(world, t, trigger=square, target=world.badnets().target) for t in attacked_list}),
-        "IBVS on every merged task": ("controls no task: injects its square into each merged task",
-                                      {t: ibvs_vectors(world, scenes[t].names, trigger=square) for t in attacked_list}),
+        "IBVS on the attacked task": (
+            "knows which task is attacked",
+            {
+                t: ibvs_vector(world, t, trigger=square, target=defender_target(world, t))
+                for t in attacked_list
+            },
+        ),
+        "IBVS with the attack's corner and size": (
+            "its square where and as large as the attacks' patches",
+            dict.fromkeys(
+                attacked_list, ibvs_vector(world, defender, trigger=attack_square, target=own_target)
+            ),
+        ),
+        "IBVS with the attacker's target (oracle)": (
+            "knows the attacked task and the attacker's target",
+            {t: ibvs_vector(world, t, trigger=square, target=world.badnets().target) for t in attacked_list},
+        ),
+        "IBVS on every merged task": (
+            "controls no task: injects its square into each merged task",
+            {t: ibvs_vectors(world, scenes[t].names, trigger=square) for t in attacked_list},
+        ),
     }
 # placebos of as many vectors, each with the norm of the BV it stands in for (no seed divergence: it would
 # need a second clean fine-tune of every task)
-count_matched = {name: {p: {t: [placebo_vector(world, p, bv, seed=i) for i, bv in enumerate(bvs)] for t, bvs in by_task.items()}
-                        for p in ("zero", "random")}
-                 for name, (_, by_task) in variants.items() if isinstance(next(iter(by_task.values())), list)}
-print(f"defender: {square.size}px white square at {square.location} on {defender}, target {own_target}; BV norm {defender_bv.norm():.2f}")
-first_bv = {name: a.tau - scene.tau[scene.attacked] for name, a in first_attacks.items()}  # each attack's BV (BadMerging's too)
-vectors = {"defender BV": defender_bv, **{f"placebo: {p}": v for p, v in placebos.items()},
-           **{v: bvs[scene.attacked] if v not in count_matched else sum(bvs[scene.attacked][1:], bvs[scene.attacked][0])
-              for v, (_, bvs) in variants.items()}}
-anatomy = pd.DataFrame({name: {"norm": v.norm(), **{f"cos {a} BV": float(cosine_matrix([v, bv])[0, 1]) for a, bv in first_bv.items()}}
-                        for name, v in vectors.items()}).T
-anatomy.style.format("{:+.3f}").format({"norm": "{:.2f}"}).set_caption(f"the defender's vectors against the attacks' BVs on {scene.attacked}")
+count_matched = {
+    name: {
+        p: {
+            t: [placebo_vector(world, p, bv, seed=i) for i, bv in enumerate(bvs)]
+            for t, bvs in by_task.items()
+        }
+        for p in ("zero", "random")
+    }
+    for name, (_, by_task) in variants.items()
+    if isinstance(next(iter(by_task.values())), list)
+}
+print(
+    f"defender: {square.size}px white square at {square.location} on {defender}, target {own_target}; BV "
+    f"norm {defender_bv.norm():.2f}"
+)
+first_bv = {
+    name: a.tau - scene.tau[scene.attacked] for name, a in first_attacks.items()
+}  # each attack's BV (BadMerging's too)
+vectors = {
+    "defender BV": defender_bv,
+    **{f"placebo: {p}": v for p, v in placebos.items()},
+    **{
+        v: bvs[scene.attacked]
+        if v not in count_matched
+        else sum(bvs[scene.attacked][1:], bvs[scene.attacked][0])
+        for v, (_, bvs) in variants.items()
+    },
+}
+anatomy = pd.DataFrame(
+    {
+        name: {
+            "norm": v.norm(),
+            **{f"cos {a} BV": float(cosine_matrix([v, bv])[0, 1]) for a, bv in first_bv.items()},
+        }
+        for name, v in vectors.items()
+    }
+).T
+anatomy.style.format("{:+.3f}").format({"norm": "{:.2f}"}).set_caption(
+    f"the defender's vectors against the attacks' BVs on {scene.attacked}"
+)
 
 # %% [markdown]
 # ## Every attack × merging method (first attacked task)
@@ -175,21 +242,50 @@ for attack_name, attack in first_attacks.items():
     for method in methods:
         params = world.merge_params(method)
         plain = scene.merge(attack, method)
-        results = {"none": scene.judge(plain, attack), "IBVS": scene.judge(merge_with_ibvs(vecs, method, defender_bv, ibvs_strength, **params), attack)}
+        results = {
+            "none": scene.judge(plain, attack),
+            "IBVS": scene.judge(merge_with_ibvs(vecs, method, defender_bv, ibvs_strength, **params), attack),
+        }
         if method in judged_methods:
-            cleaned, _ = tbar(world, scene.theta0 + plain, scene.attacked, trigger=attack.trigger, target=attack.target, alpha="auto",
-                              steps=tbar_steps)
+            cleaned, _ = tbar(
+                world,
+                scene.theta0 + plain,
+                scene.attacked,
+                trigger=attack.trigger,
+                target=attack.target,
+                alpha="auto",
+                steps=tbar_steps,
+            )
             results["TBAR (known, oracle)"] = scene.judge(cleaned - scene.theta0, attack)
         for defense, r in results.items():
-            rows.append({"attack": attack_name, "method": method, "defense": defense, "mean CA": r["mean_acc"], "attacked CA": r["attacked_acc"],
-                         "ASR": r["asr"]})
+            rows.append(
+                {
+                    "attack": attack_name,
+                    "method": method,
+                    "defense": defense,
+                    "mean CA": r["mean_acc"],
+                    "attacked CA": r["attacked_acc"],
+                    "ASR": r["asr"],
+                }
+            )
     taus = dict(zip(scene.names, vecs))
     dam_runs[attack_name] = dam(world, taus, lam=lam_ta, steps=dam_steps)
-    for defense, (tau, _) in {"DAM": dam_runs[attack_name], "DAM, untrained mask": dam(world, taus, lam=lam_ta, steps=0),
-                              "DAM, untrained sample": dam(world, taus, lam=lam_ta, steps=0, final="sample")}.items():
+    for defense, (tau, _) in {
+        "DAM": dam_runs[attack_name],
+        "DAM, untrained mask": dam(world, taus, lam=lam_ta, steps=0),
+        "DAM, untrained sample": dam(world, taus, lam=lam_ta, steps=0, final="sample"),
+    }.items():
         r = scene.judge(tau, attack)
-        rows.append({"attack": attack_name, "method": "task_arithmetic", "defense": defense, "mean CA": r["mean_acc"], "attacked CA": r["attacked_acc"],
-                     "ASR": r["asr"]})
+        rows.append(
+            {
+                "attack": attack_name,
+                "method": "task_arithmetic",
+                "defense": defense,
+                "mean CA": r["mean_acc"],
+                "attacked CA": r["attacked_acc"],
+                "ASR": r["asr"],
+            }
+        )
 grid = pd.DataFrame(rows)
 table = grid.pivot_table(index=["attack", "method"], columns="defense", values=["ASR", "mean CA"], sort=False)
 table.style.format("{:.1%}", na_rep="")
@@ -201,11 +297,21 @@ table.style.format("{:.1%}", na_rep="")
 # sample" is one concrete sample at logits 0: a random drop of about half the coordinates, rescaled.
 
 # %%
-dam_table = pd.DataFrame({a: {"mean |logit shift|": i["logit_shift"], "logits beyond ±1": i["logits_beyond_1"], "kept share": i["kept_share"],
-                              "merging-weight step": i["lam_step"],
-                              "entropy, first 10 steps": sum(h["entropy"] for h in i["history"][:10]) / max(1, len(i["history"][:10])),
-                              "entropy, last 10 steps": sum(h["entropy"] for h in i["history"][-10:]) / max(1, len(i["history"][-10:]))}
-                          for a, (_, i) in dam_runs.items()}).T
+dam_table = pd.DataFrame(
+    {
+        a: {
+            "mean |logit shift|": i["logit_shift"],
+            "logits beyond ±1": i["logits_beyond_1"],
+            "kept share": i["kept_share"],
+            "merging-weight step": i["lam_step"],
+            "entropy, first 10 steps": sum(h["entropy"] for h in i["history"][:10])
+            / max(1, len(i["history"][:10])),
+            "entropy, last 10 steps": sum(h["entropy"] for h in i["history"][-10:])
+            / max(1, len(i["history"][-10:])),
+        }
+        for a, (_, i) in dam_runs.items()
+    }
+).T
 dam_table.style.format("{:.3f}")
 
 # %% [markdown]
@@ -215,12 +321,20 @@ dam_table.style.format("{:.3f}")
 
 # %%
 clean_ta = scene.judge(scene.merge(None, "task_arithmetic"), next(iter(first_attacks.values())))
-defense_colors = {"none": "tab:red", "IBVS": "tab:blue", "TBAR (known, oracle)": "tab:green", "DAM": "tab:purple",
-                  "DAM, untrained mask": "tab:pink", "DAM, untrained sample": "tab:gray"}
+defense_colors = {
+    "none": "tab:red",
+    "IBVS": "tab:blue",
+    "TBAR (known, oracle)": "tab:green",
+    "DAM": "tab:purple",
+    "DAM, untrained mask": "tab:pink",
+    "DAM, untrained sample": "tab:gray",
+}
 markers = {"BadNets": "o", "SBV": "s", "BadMerging": "^"}
 fig, ax = plt.subplots(figsize=(7.5, 4.5))
 for (attack_name, defense), df in grid.groupby(["attack", "defense"], sort=False):
-    ax.scatter(df["ASR"], df["mean CA"], c=defense_colors[defense], marker=markers[attack_name], alpha=0.8, s=40)
+    ax.scatter(
+        df["ASR"], df["mean CA"], c=defense_colors[defense], marker=markers[attack_name], alpha=0.8, s=40
+    )
 ax.axhline(clean_ta["mean_acc"], color="k", ls="--", lw=1)
 for defense, c in defense_colors.items():
     ax.scatter([], [], c=c, marker="o", label=defense)
@@ -251,22 +365,46 @@ for (t, r), avs in all_attacks.items():
             params = world.merge_params(method)
             none = sc.judge(sc.merge(attack, method), attack)
             ibvs = sc.judge(merge_with_ibvs(vecs, method, defender_bv, ibvs_strength, **params), attack)
-            row = {"attacked task": t, "replicate": r, "attack": attack_name, "method": method, "n_asr": n_asr,
-                   "n_ca": sum(world.judged_counts(x)["acc"] for x in sc.names), "none": none["asr"], "IBVS": ibvs["asr"],
-                   "mean CA none": none["mean_acc"], "mean CA IBVS": ibvs["mean_acc"]}
-            others = {f"placebo: {p}": v for p, v in placebos.items()} | {name: bvs[t] for name, (_, bvs) in variants.items()}
-            others |= {f"{name}, placebo: {p}": by_task[t] for name, ps in count_matched.items() for p, by_task in ps.items()}
+            row = {
+                "attacked task": t,
+                "replicate": r,
+                "attack": attack_name,
+                "method": method,
+                "n_asr": n_asr,
+                "n_ca": sum(world.judged_counts(x)["acc"] for x in sc.names),
+                "none": none["asr"],
+                "IBVS": ibvs["asr"],
+                "mean CA none": none["mean_acc"],
+                "mean CA IBVS": ibvs["mean_acc"],
+            }
+            others = {f"placebo: {p}": v for p, v in placebos.items()} | {
+                name: bvs[t] for name, (_, bvs) in variants.items()
+            }
+            others |= {
+                f"{name}, placebo: {p}": by_task[t]
+                for name, ps in count_matched.items()
+                for p, by_task in ps.items()
+            }
             for name, v in others.items():  # the ASR alone: one triggered pass
                 tau = merge_with_ibvs(vecs, method, v, ibvs_strength, **params)
                 row[name] = world.trigger_scores(t, sc.theta0 + tau, attack.trigger, attack.target)["asr"]
             judged_rows.append(row)
 judged_grid = pd.DataFrame(judged_rows)
 alive = judged_grid[judged_grid["none"] >= survives]
-asr_cols = ["none", "IBVS", *[f"placebo: {p}" for p in placebos], *variants,
-            *[f"{name}, placebo: {p}" for name, ps in count_matched.items() for p in ps]]
+asr_cols = [
+    "none",
+    "IBVS",
+    *[f"placebo: {p}" for p in placebos],
+    *variants,
+    *[f"{name}, placebo: {p}" for name, ps in count_matched.items() for p in ps],
+]
 print(f"{len(alive)} of {len(judged_grid)} attacked merges keep ASR >= {survives:.0%} without a defense")
 fig, ax = plt.subplots(figsize=(10, 3.6))
-means = alive.groupby("attacked task", sort=False)[asr_cols].mean() if len(alive) else pd.DataFrame(columns=asr_cols)
+means = (
+    alive.groupby("attacked task", sort=False)[asr_cols].mean()
+    if len(alive)
+    else pd.DataFrame(columns=asr_cols)
+)
 means.T.plot.bar(ax=ax, rot=20, width=0.8)
 ax.set_ylabel("ASR of surviving attacks")
 ax.set_ylim(0, 1)
@@ -275,7 +413,9 @@ ax.grid(axis="y", alpha=0.3)
 ax.legend(title="attacked task", fontsize=8)
 fig.tight_layout()
 plt.show()
-judged_grid.drop(columns=["n_asr", "n_ca", "replicate"]).style.format({c: "{:.1%}" for c in asr_cols + ["mean CA none", "mean CA IBVS"]}).hide(axis="index")
+judged_grid.drop(columns=["n_asr", "n_ca", "replicate"]).style.format(
+    {c: "{:.1%}" for c in asr_cols + ["mean CA none", "mean CA IBVS"]}
+).hide(axis="index")
 
 # %% [markdown]
 # ## IBVS: strength
@@ -290,9 +430,25 @@ for attack_name, attack in first_attacks.items():
     for name, v in {"IBVS": defender_bv, **{f"placebo: {p}": v for p, v in placebos.items()}}.items():
         for s in ibvs_strengths:
             tau = merge_with_ibvs(vecs, sweep_method, v, s, **params)
-            r = scene.judge(tau, attack) if name == "IBVS" else {"asr": world.trigger_scores(scene.attacked, scene.theta0 + tau, attack.trigger,
-                                                                                             attack.target)["asr"], "mean_acc": np.nan}
-            sweep.append({"attack": attack_name, "vector": name, "strength": s, "ASR": r["asr"], "mean CA": r["mean_acc"]})
+            r = (
+                scene.judge(tau, attack)
+                if name == "IBVS"
+                else {
+                    "asr": world.trigger_scores(
+                        scene.attacked, scene.theta0 + tau, attack.trigger, attack.target
+                    )["asr"],
+                    "mean_acc": np.nan,
+                }
+            )
+            sweep.append(
+                {
+                    "attack": attack_name,
+                    "vector": name,
+                    "strength": s,
+                    "ASR": r["asr"],
+                    "mean CA": r["mean_acc"],
+                }
+            )
 sweep = pd.DataFrame(sweep)
 fig, axes = plt.subplots(1, len(first_attacks), figsize=(12, 3.4), sharey=True, squeeze=False)
 for ax, (attack_name, d) in zip(axes[0], sweep.groupby("attack", sort=False)):
@@ -310,29 +466,64 @@ plt.show()
 
 # %% [markdown]
 # ## TBAR without knowing the attack
-# For the `sweep_method` merge of each attack of `tbar_unknown` (first attacked task), TBAR reverse-engineers a patch per
+# For the `sweep_method` merge of each attack of `tbar_unknown` (first attacked task), TBAR reverse-engineers
+# a patch per
 # class of the attacked task, searched over the four corners, the centre and two sizes, and unlearns the
 # best one. Whether it finds the attacker's target, where it put the patch, and what the unlearning does
 # to the *real* trigger's ASR, next to TBAR told the trigger (the oracle).
 
 # %%
 unknown_rows = []
-tbar_unknown = list(first_attacks) if tbar_unknown is True else list(tbar_unknown or [])  # true: every attack; false: none
+tbar_unknown = (
+    list(first_attacks) if tbar_unknown is True else list(tbar_unknown or [])
+)  # true: every attack; false: none
 for attack_name, attack in first_attacks.items():
     if attack_name in tbar_unknown:
         plain = scene.merge(attack, sweep_method)
-        cleaned, info = tbar(world, scene.theta0 + plain, scene.attacked, alpha="auto", steps=tbar_steps, trigger_steps=tbar_trigger_steps)
-        oracle, _ = tbar(world, scene.theta0 + plain, scene.attacked, trigger=attack.trigger, target=attack.target, alpha="auto", steps=tbar_steps)
-        before, after, told = scene.judge(plain, attack), scene.judge(cleaned - scene.theta0, attack), scene.judge(oracle - scene.theta0, attack)
-        unknown_rows.append({"attack": attack_name, "true target": attack.target, "suspected target": info["target"],
-                             "patch found": f"{info['trigger']['size']}px {info['trigger']['location']}", "alpha": info["alpha"],
-                             "ASR before": before["asr"], "ASR after (unknown)": after["asr"], "ASR after (oracle)": told["asr"],
-                             "mean CA before": before["mean_acc"], "mean CA after (unknown)": after["mean_acc"]})
+        cleaned, info = tbar(
+            world,
+            scene.theta0 + plain,
+            scene.attacked,
+            alpha="auto",
+            steps=tbar_steps,
+            trigger_steps=tbar_trigger_steps,
+        )
+        oracle, _ = tbar(
+            world,
+            scene.theta0 + plain,
+            scene.attacked,
+            trigger=attack.trigger,
+            target=attack.target,
+            alpha="auto",
+            steps=tbar_steps,
+        )
+        before, after, told = (
+            scene.judge(plain, attack),
+            scene.judge(cleaned - scene.theta0, attack),
+            scene.judge(oracle - scene.theta0, attack),
+        )
+        unknown_rows.append(
+            {
+                "attack": attack_name,
+                "true target": attack.target,
+                "suspected target": info["target"],
+                "patch found": f"{info['trigger']['size']}px {info['trigger']['location']}",
+                "alpha": info["alpha"],
+                "ASR before": before["asr"],
+                "ASR after (unknown)": after["asr"],
+                "ASR after (oracle)": told["asr"],
+                "mean CA before": before["mean_acc"],
+                "mean CA after (unknown)": after["mean_acc"],
+            }
+        )
 unknown_tbar = pd.DataFrame(unknown_rows)
-unknown_tbar.style.format({c: "{:.1%}" for c in unknown_tbar.columns if "ASR" in c or "CA" in c}) if unknown_rows else "TBAR with an unknown trigger: skipped"
+unknown_tbar.style.format(
+    {c: "{:.1%}" for c in unknown_tbar.columns if "ASR" in c or "CA" in c}
+) if unknown_rows else "TBAR with an unknown trigger: skipped"
 
 # %% [markdown]
 # ## Does the mini world agree with the paper?
+
 
 # %%
 def pooled(df: pd.DataFrame, col: str, n_col: str) -> Rate:
@@ -341,11 +532,26 @@ def pooled(df: pd.DataFrame, col: str, n_col: str) -> Rate:
 
 
 def units_of(cols: list[str], n_col: str = "n_asr") -> list[dict]:
-    return [{c: pooled(d, c, n_col) for c in cols} for _, d in alive.groupby(["attacked task", "replicate"], sort=False)]
+    return [
+        {c: pooled(d, c, n_col) for c in cols}
+        for _, d in alive.groupby(["attacked task", "replicate"], sort=False)
+    ]
 
 
-def judged(claim: str, paper: str, units: list[dict], stat, threshold: float, what: str, assumes: str = "") -> Claim:
-    return judged_claim(claim, paper, units, stat, threshold, what, replicates, note=assumes, empty="no attack survived merging")
+def judged(
+    claim: str, paper: str, units: list[dict], stat, threshold: float, what: str, assumes: str = ""
+) -> Claim:
+    return judged_claim(
+        claim,
+        paper,
+        units,
+        stat,
+        threshold,
+        what,
+        replicates,
+        note=assumes,
+        empty="no attack survived merging",
+    )
 
 
 placebo_cols = [f"placebo: {p}" for p in placebos]
@@ -356,38 +562,110 @@ def beyond_placebos(col: str, against: list[str] = placebo_cols):
 
 
 claims = [
-    judged("IBVS lowers the ASR of attacks that survive merging", "ASR down, up to 100%", units_of(["none", "IBVS"]),
-           lambda x: (x["none"] - x["IBVS"]).mean(-1), 0.05, "ASR none − IBVS"),
-    judged("IBVS lowers it more than its placebos (zero, random, seed divergence)", "(no placebo in the paper)",
-           units_of(["IBVS", *placebo_cols]), beyond_placebos("IBVS"), 0.05, "ASR strongest placebo − IBVS"),
-    judged("IBVS costs little clean accuracy", "small cost", units_of(["mean CA none", "mean CA IBVS"], "n_ca"),
-           lambda x: ca_cost - (x["mean CA none"] - x["mean CA IBVS"]).mean(-1), 0.0, f"{100 * ca_cost:.0f} points − CA cost"),
+    judged(
+        "IBVS lowers the ASR of attacks that survive merging",
+        "ASR down, up to 100%",
+        units_of(["none", "IBVS"]),
+        lambda x: (x["none"] - x["IBVS"]).mean(-1),
+        0.05,
+        "ASR none − IBVS",
+    ),
+    judged(
+        "IBVS lowers it more than its placebos (zero, random, seed divergence)",
+        "(no placebo in the paper)",
+        units_of(["IBVS", *placebo_cols]),
+        beyond_placebos("IBVS"),
+        0.05,
+        "ASR strongest placebo − IBVS",
+    ),
+    judged(
+        "IBVS costs little clean accuracy",
+        "small cost",
+        units_of(["mean CA none", "mean CA IBVS"], "n_ca"),
+        lambda x: ca_cost - (x["mean CA none"] - x["mean CA IBVS"]).mean(-1),
+        0.0,
+        f"{100 * ca_cost:.0f} points − CA cost",
+    ),
 ]
 for name, (assumes, _) in variants.items():
-    against = [f"{name}, placebo: {p}" for p in count_matched[name]] if name in count_matched else placebo_cols
-    claims.append(judged(f"{name} lowers the ASR more than the placebos", "(not in the paper)", units_of([name, *against]),
-                         beyond_placebos(name, against), 0.05, "ASR strongest placebo − IBVS", assumes))
+    against = (
+        [f"{name}, placebo: {p}" for p in count_matched[name]] if name in count_matched else placebo_cols
+    )
+    claims.append(
+        judged(
+            f"{name} lowers the ASR more than the placebos",
+            "(not in the paper)",
+            units_of([name, *against]),
+            beyond_placebos(name, against),
+            0.05,
+            "ASR strongest placebo − IBVS",
+            assumes,
+        )
+    )
 dam_cells = []
-for (t, r), avs in (all_attacks.items() if dam_all_tasks else [((scene.attacked, 0), first_attacks)]):
+for (t, r), avs in all_attacks.items() if dam_all_tasks else [((scene.attacked, 0), first_attacks)]:
     sc = scenes[t]
     for attack_name, attack in avs.items():
         taus = dict(zip(sc.names, sc.vectors(attack)))
-        asr = {k: world.trigger_scores(t, sc.theta0 + dam(world, taus, lam=lam_ta, steps=k)[0], attack.trigger, attack.target)["asr"]
-               for k in (0, dam_steps)}
-        dam_cells.append({"attacked task": t, "replicate": r, "attack": attack_name, "untrained": asr[0], "DAM": asr[dam_steps],
-                          "n_asr": world.judged_counts(t, attack.target)["asr"]})
+        asr = {
+            k: world.trigger_scores(
+                t, sc.theta0 + dam(world, taus, lam=lam_ta, steps=k)[0], attack.trigger, attack.target
+            )["asr"]
+            for k in (0, dam_steps)
+        }
+        dam_cells.append(
+            {
+                "attacked task": t,
+                "replicate": r,
+                "attack": attack_name,
+                "untrained": asr[0],
+                "DAM": asr[dam_steps],
+                "n_asr": world.judged_counts(t, attack.target)["asr"],
+            }
+        )
 dam_cells = pd.DataFrame(dam_cells)
 dam_alive = dam_cells[dam_cells["untrained"] >= survives]
-dam_units = [{c: pooled(d, c, "n_asr") for c in ("untrained", "DAM")} for _, d in dam_alive.groupby(["attacked task", "replicate"], sort=False)]
-dam_replicates = replicates if dam_all_tasks else "1 task × 1 seed set (DAM judged on the first attacked task only)"
+dam_units = [
+    {c: pooled(d, c, "n_asr") for c in ("untrained", "DAM")}
+    for _, d in dam_alive.groupby(["attacked task", "replicate"], sort=False)
+]
+dam_replicates = (
+    replicates if dam_all_tasks else "1 task × 1 seed set (DAM judged on the first attacked task only)"
+)
 if dam_units:
-    claims.append(judged_claim("DAM lowers the ASR of surviving attacks beyond its untrained mask", "ASR −2 to −10 points", dam_units,
-                               lambda x: (x["untrained"] - x["DAM"]).mean(-1), 0.02, "ASR untrained − DAM", dam_replicates))
-record("05_defenses", {"preset": world.name, "attacked": scene.attacked, "attacked_tasks": attacked_list, "seed_sets": seed_sets, "defender": defender,
-                       "defender_trigger": square.config(), "defender_target": own_target, "n_tasks": len(scene.names), "n_methods": len(methods),
-                       "surviving_merges": len(alive), "judged_merges": len(judged_grid),
-                       "surviving_asr": alive[asr_cols].mean().to_dict() if len(alive) else {},
-                       "asr_by_attack": grid.groupby(["attack", "defense"])["ASR"].mean().unstack("defense").to_dict(orient="index"),
-                       "dam_logit_shift": float(dam_table["mean |logit shift|"].mean()),
-                       "tbar_unknown": unknown_tbar.to_dict(orient="records")}, claims)
+    claims.append(
+        judged_claim(
+            "DAM lowers the ASR of surviving attacks beyond its untrained mask",
+            "ASR −2 to −10 points",
+            dam_units,
+            lambda x: (x["untrained"] - x["DAM"]).mean(-1),
+            0.02,
+            "ASR untrained − DAM",
+            dam_replicates,
+        )
+    )
+record(
+    "05_defenses",
+    {
+        "preset": world.name,
+        "attacked": scene.attacked,
+        "attacked_tasks": attacked_list,
+        "seed_sets": seed_sets,
+        "defender": defender,
+        "defender_trigger": square.config(),
+        "defender_target": own_target,
+        "n_tasks": len(scene.names),
+        "n_methods": len(methods),
+        "surviving_merges": len(alive),
+        "judged_merges": len(judged_grid),
+        "surviving_asr": alive[asr_cols].mean().to_dict() if len(alive) else {},
+        "asr_by_attack": grid.groupby(["attack", "defense"])["ASR"]
+        .mean()
+        .unstack("defense")
+        .to_dict(orient="index"),
+        "dam_logit_shift": float(dam_table["mean |logit shift|"].mean()),
+        "tbar_unknown": unknown_tbar.to_dict(orient="records"),
+    },
+    claims,
+)
 claims_frame(claims)

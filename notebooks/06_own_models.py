@@ -21,7 +21,8 @@
 # - `bvlib inspect --base BASE A B ... [--bv SUSPECT CLEAN] [--json]`: the paper's diagnostics, i.e. per
 #   task vector its norm, share of nonzero coordinates and top-1% mass, the cosine matrix of the task
 #   vectors, their sign agreement, and for a suspect/clean pair the Backdoor Vector's statistics;
-# - `bvlib merge --base BASE A B ... --method ties [--param lam=0.3] [--defense ibvs --defender-bv BV.safetensors]
+# - `bvlib merge --base BASE A B ... --method ties [--param lam=0.3] [--defense ibvs --defender-bv
+#   BV.safetensors]
 #   --out merged.safetensors [--report merged.json]`: any merging method of `bvlib.merging`, optionally
 #   with the IBVS defense (the defender's own −BV merged with the task vectors), written in the base's
 #   key layout and loadable by `open_clip`;
@@ -76,17 +77,28 @@ attack = world.badnets()
 files = []
 for task in world.task_names:
     weights = world.finetune(task, poison=attack if task == attacked else None)
-    files.append(save_state_dict(weights.state_dict(), folder / f"ft_{task}.safetensors").name)  # image-encoder state dicts
+    files.append(
+        save_state_dict(weights.state_dict(), folder / f"ft_{task}.safetensors").name
+    )  # image-encoder state dicts
 save_state_dict(world.finetune(attacked).state_dict(), folder / f"clean_{attacked}.safetensors")
 save_state_dict(ibvs_vector(world, defender).state_dict(), folder / "defender_bv.safetensors")
-print(f"files: base.safetensors, {', '.join(files)} (ft_{attacked} is backdoored), clean_{attacked}, defender_bv")
+print(
+    f"files: base.safetensors, {', '.join(files)} (ft_{attacked} is backdoored), clean_{attacked}, "
+    "defender_bv"
+)
 
 
 def bvlib(*args: str) -> str:
     """Run a bvlib command in the folder of the files, as a user would; show the command line."""
     print("$ bvlib " + shlex.join(args))
     exe = Path(sys.executable).with_name("bvlib")
-    proc = subprocess.run([str(exe), *args], cwd=folder, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [str(exe), *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip())
     return proc.stdout
@@ -98,8 +110,18 @@ def bvlib(*args: str) -> str:
 # task is at hand) the Backdoor Vector of the suspect model.
 
 # %%
-report = json.loads(bvlib("inspect", "--base", "base.safetensors", *files, "--bv", f"ft_{attacked}.safetensors",
-                          f"clean_{attacked}.safetensors", "--json"))
+report = json.loads(
+    bvlib(
+        "inspect",
+        "--base",
+        "base.safetensors",
+        *files,
+        "--bv",
+        f"ft_{attacked}.safetensors",
+        f"clean_{attacked}.safetensors",
+        "--json",
+    )
+)
 vectors = pd.DataFrame(report["task_vectors"]).set_index("name")
 cos = pd.DataFrame(report["cosine"], index=vectors.index, columns=[n[3:-12] for n in vectors.index])
 fig, ax = plt.subplots(figsize=(5.2, 4.2))
@@ -111,8 +133,10 @@ fig.colorbar(im, ax=ax, fraction=0.046)
 fig.tight_layout()
 plt.show()
 bv = report["bv"]
-print(f"BV of ft_{attacked}: norm {bv['norm']:.3g}, top-1% mass {bv['top1pct_mass']:.1%}; "
-      f"sign agreement of the task vectors: {report['sign_agreement']['unanimous_share']:.1%}")
+print(
+    f"BV of ft_{attacked}: norm {bv['norm']:.3g}, top-1% mass {bv['top1pct_mass']:.1%}; "
+    f"sign agreement of the task vectors: {report['sign_agreement']['unanimous_share']:.1%}"
+)
 vectors[["norm", "nonzero_share", "top1pct_mass"]]
 
 # %% [markdown]
@@ -124,16 +148,45 @@ vectors[["norm", "nonzero_share", "top1pct_mass"]]
 # %%
 lam = world.merge_params(method).get("lam")
 params = ["--param", f"lam={lam:g}"] if lam is not None else []
-bvlib("merge", "--base", "base.safetensors", *files, "--method", method, *params, "--out", "merged.safetensors",
-      "--report", "merged.json")
-bvlib("merge", "--base", "base.safetensors", *files, "--method", method, *params, "--defense", "ibvs",
-      "--defender-bv", "defender_bv.safetensors", "--out", "merged_ibvs.safetensors")
+bvlib(
+    "merge",
+    "--base",
+    "base.safetensors",
+    *files,
+    "--method",
+    method,
+    *params,
+    "--out",
+    "merged.safetensors",
+    "--report",
+    "merged.json",
+)
+bvlib(
+    "merge",
+    "--base",
+    "base.safetensors",
+    *files,
+    "--method",
+    method,
+    *params,
+    "--defense",
+    "ibvs",
+    "--defender-bv",
+    "defender_bv.safetensors",
+    "--out",
+    "merged_ibvs.safetensors",
+)
 rows = {}
 for label, name in (("merged", "merged.safetensors"), ("merged with IBVS", "merged_ibvs.safetensors")):
     r = json.loads(bvlib("eval", "--preset", preset, "--task", attacked, "--backdoor", "--checkpoint", name))
     rows[label] = {"clean accuracy": r["acc"], "ASR": r["asr"]}
 results = pd.DataFrame(rows).T
-headline = {"preset": world.name, "attacked": attacked, "method": method, **{f"asr_{k.replace(' ', '_')}": v["ASR"] for k, v in rows.items()}}
+headline = {
+    "preset": world.name,
+    "attacked": attacked,
+    "method": method,
+    **{f"asr_{k.replace(' ', '_')}": v["ASR"] for k, v in rows.items()},
+}
 record("06_own_models", headline)
 results.style.format("{:.1%}")
 
@@ -160,22 +213,66 @@ print(f"{len(merged_report['inputs'])} inputs, e.g. {json.dumps(merged_report['i
 for task in world.task_names:  # written once and kept: their files' dates are in TBAR's and DAM's store keys
     write_image_folder(world.task(task).val, world.task(task).classnames, folder / "images" / task, keep=True)
 runs = ["--model", world.preset.model, "--preset", preset]
-tbar_out = json.loads(bvlib("merge", "--base", "base.safetensors", f"ft_{attacked}.safetensors", "--param", "lam=1",
-                            "--defense", "tbar", *runs, "--data", f"{attacked}=images/{attacked}",
-                            "--defense-param", f"trigger_steps={tbar_trigger_steps}", "--out", "tbar.safetensors"))
+tbar_out = json.loads(
+    bvlib(
+        "merge",
+        "--base",
+        "base.safetensors",
+        f"ft_{attacked}.safetensors",
+        "--param",
+        "lam=1",
+        "--defense",
+        "tbar",
+        *runs,
+        "--data",
+        f"{attacked}=images/{attacked}",
+        "--defense-param",
+        f"trigger_steps={tbar_trigger_steps}",
+        "--out",
+        "tbar.safetensors",
+    )
+)
 ta_lam = world.merge_params("task_arithmetic")["lam"]
 bvlib("merge", "--base", "base.safetensors", *files, "--param", f"lam={ta_lam:g}", "--out", "ta.safetensors")
-dam_out = json.loads(bvlib("merge", "--base", "base.safetensors", *files, "--param", f"lam={ta_lam:g}", "--defense", "dam", *runs,
-                           *[f"--data={Path(f).stem}=images/{t}" for f, t in zip(files, world.task_names)],
-                           "--defense-param", f"steps={dam_steps}", "--out", "dam.safetensors"))
+dam_out = json.loads(
+    bvlib(
+        "merge",
+        "--base",
+        "base.safetensors",
+        *files,
+        "--param",
+        f"lam={ta_lam:g}",
+        "--defense",
+        "dam",
+        *runs,
+        *[f"--data={Path(f).stem}=images/{t}" for f, t in zip(files, world.task_names)],
+        "--defense-param",
+        f"steps={dam_steps}",
+        "--out",
+        "dam.safetensors",
+    )
+)
 defended = {}
-for label, name in ((f"suspect ft_{attacked}", f"ft_{attacked}.safetensors"), ("after TBAR", "tbar.safetensors"),
-                    (f"task arithmetic λ {ta_lam:g}", "ta.safetensors"), ("task arithmetic with DAM", "dam.safetensors")):
+for label, name in (
+    (f"suspect ft_{attacked}", f"ft_{attacked}.safetensors"),
+    ("after TBAR", "tbar.safetensors"),
+    (f"task arithmetic λ {ta_lam:g}", "ta.safetensors"),
+    ("task arithmetic with DAM", "dam.safetensors"),
+):
     r = json.loads(bvlib("eval", "--preset", preset, "--task", attacked, "--backdoor", "--checkpoint", name))
     defended[label] = {"clean accuracy": r["acc"], "ASR": r["asr"]}
 t, d = tbar_out["defense"], dam_out["defense"]
-print(f"TBAR: suspected target {t['target']} (attack's: {attack.target}), α {t['alpha']}; "
-      f"DAM: mask moved by {d['logit_shift']:.2f} in the mean, {d['kept_share']:.0%} of coordinates kept")
-record("06_own_models", headline | {"tbar_target_found": t["target"] == attack.target, "asr_after_tbar": defended["after TBAR"]["ASR"],
-                                    "asr_dam": defended["task arithmetic with DAM"]["ASR"]})
+print(
+    f"TBAR: suspected target {t['target']} (attack's: {attack.target}), α {t['alpha']}; "
+    f"DAM: mask moved by {d['logit_shift']:.2f} in the mean, {d['kept_share']:.0%} of coordinates kept"
+)
+record(
+    "06_own_models",
+    headline
+    | {
+        "tbar_target_found": t["target"] == attack.target,
+        "asr_after_tbar": defended["after TBAR"]["ASR"],
+        "asr_dam": defended["task arithmetic with DAM"]["ASR"],
+    },
+)
 pd.DataFrame(defended).T.style.format("{:.1%}")

@@ -56,8 +56,24 @@ def timed_stage(times: dict, label: str, fn, device: torch.device):
 
 def cuda_tests(tiny: bool) -> dict:
     """The tests that only run with CUDA (they skip on a CPU)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_merging.py",
-                           "tests/test_world.py"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rf",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "cuda",
+            "tests/test_merging.py",
+            "tests/test_world.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     lines = proc.stdout.strip().splitlines() or [""]
     failed = [line[:300] for line in lines if line.startswith("FAILED")]
     if failed:
@@ -81,8 +97,13 @@ def merge_bench(device: torch.device, tiny: bool, methods: tuple[str, ...] = ())
         floor, _, _ = timed(lambda: stack.sum(0), device, 5)  # noqa: B023
         tag = "fp32" if dtype == torch.float32 else "bf16"
         for name in [m for m in [*METHODS, "sparse_backdoor_vector"] if not methods or m in methods]:
-            fn = (lambda: sparse_backdoor_vector(stack)) if name == "sparse_backdoor_vector" else (  # noqa: B023
-                lambda: merge(stack, name, layout=layout, **PARAMS.get(name, {})))  # noqa: B023
+            fn = (
+                (lambda stack=stack: sparse_backdoor_vector(stack))
+                if name == "sparse_backdoor_vector"
+                else (
+                    lambda stack=stack, name=name: merge(stack, name, layout=layout, **PARAMS.get(name, {}))
+                )
+            )
             t, _, first = timed(fn, device, 3)
             out.setdefault(name, {})[f"{tag}_ms"] = t * 1e3
             out[name][f"{tag}_first_ms"] = first * 1e3  # the first call: compiling the fused kernels
@@ -169,19 +190,25 @@ def dare_probe(device: torch.device, tiny: bool) -> dict:
         h = h ^ logical_shift(h, 15)
         h = h * (0x846CA68B - (1 << 32))
         h = h ^ logical_shift(h, 16)
-        return logical_shift(h, 8).to(torch.float32) * 2.0 ** -24
+        return logical_shift(h, 8).to(torch.float32) * 2.0**-24
 
     @compile_
     def hash32(x, rows32):
         return torch.where(hash32_uniform(x, rows32) >= p, x, 0.0).sum(0) * (lam / (1 - p))
 
     rows32 = (torch.arange(K, device=device, dtype=torch.int32) * 0x3C6EF372).unsqueeze(1)
-    candidates = {"counters_inside": lambda: counters_inside(stack, starts, bases, rows),
-                  "hash32": lambda: hash32(stack, rows32)}
+    candidates = {
+        "counters_inside": lambda: counters_inside(stack, starts, bases, rows),
+        "hash32": lambda: hash32(stack, rows32),
+    }
     for name, fn in candidates.items():
         try:  # one candidate that fails to compile must not lose the other's numbers
             t, result, first = timed(fn, device, 5)
-            out[name] = {"ms": t * 1e3, "first_ms": first * 1e3, "same_bits": bool(torch.equal(result, reference))}
+            out[name] = {
+                "ms": t * 1e3,
+                "first_ms": first * 1e3,
+                "same_bits": bool(torch.equal(result, reference)),
+            }
         except Exception as e:  # noqa: BLE001
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     out["hash32"]["kept"] = float((hash32_uniform(stack[:, : 1 << 22], rows32) >= p).float().mean())
@@ -222,11 +249,16 @@ def svd_bench(device: torch.device, tiny: bool) -> dict:
     out = {}
     for b, m, n in shapes:
         x = torch.randn(b, m, n, device=device)
-        runs = {"cpu": lambda: torch.linalg.svd(x.cpu(), full_matrices=False),  # noqa: B023
-                "eigh_gram": lambda: torch.linalg.eigh(x.mT @ x)}  # noqa: B023
+        runs = {
+            "cpu": lambda x=x: torch.linalg.svd(x.cpu(), full_matrices=False),
+            "eigh_gram": lambda x=x: torch.linalg.eigh(x.mT @ x),
+        }
         if device.type == "cuda":
-            runs |= {d: (lambda d=d: torch.linalg.svd(x, full_matrices=False, driver=d)) for d in ("gesvdj", "gesvd", "gesvda")}  # noqa: B023
-        runs["checked"] = lambda: _svd(x)  # noqa: B023 -- what TSV-M and Iso-C call: gesvda, checked, on CUDA
+            runs |= {
+                d: (lambda d=d, x=x: torch.linalg.svd(x, full_matrices=False, driver=d))
+                for d in ("gesvdj", "gesvd", "gesvda")
+            }
+        runs["checked"] = lambda x=x: _svd(x)  # what TSV-M and Iso-C call: gesvda, checked, on CUDA
         row = {}
         for label, fn in runs.items():
             try:
@@ -238,11 +270,18 @@ def svd_bench(device: torch.device, tiny: bool) -> dict:
                 row[label] = (time.perf_counter() - t) / b
             except Exception as e:  # noqa: BLE001
                 row[label] = f"{type(e).__name__}: {e}"[:120]
-        if device.type == "cuda":  # how exact gesvda is here (the checked SVD redoes a matrix past ~8·sqrt(m)·eps)
-            u, sv, vh = torch.linalg.svd(x, full_matrices=False, driver="gesvda") if m >= n else (None, None, None)
+        if (
+            device.type == "cuda"
+        ):  # how exact gesvda is here (the checked SVD redoes a matrix past ~8·sqrt(m)·eps)
+            u, sv, vh = (
+                torch.linalg.svd(x, full_matrices=False, driver="gesvda") if m >= n else (None, None, None)
+            )
             if u is not None:
                 recon, orth = svd_errors(x, u, sv, vh)
-                row["gesvda_max_rel_error"], row["gesvda_max_orth_error"] = float(recon.max()), float(orth.max())
+                row["gesvda_max_rel_error"], row["gesvda_max_orth_error"] = (
+                    float(recon.max()),
+                    float(orth.max()),
+                )
         out[f"{m}x{n}"] = row
     out["cpu_threads"] = torch.get_num_threads()
     return out
@@ -277,15 +316,20 @@ def finetune_bench(device: torch.device, tiny: bool) -> dict:
 
     clf = build_classifier(model, head, precision="bf16").to(device)
     finetune(clf, split, TrainConfig(steps=2, batch_size=batch), device=device, progress=False)  # warm-up
-    result["bvlib_img_s"] = best_rate(lambda: finetune(clf, split, TrainConfig(steps=steps, batch_size=batch), device=device,
-                                                       progress=False), steps * batch, device)
+    result["bvlib_img_s"] = best_rate(
+        lambda: finetune(
+            clf, split, TrainConfig(steps=steps, batch_size=batch), device=device, progress=False
+        ),
+        steps * batch,
+        device,
+    )
 
     plain = build_classifier(create_clip(name, device=device)[0], head).to(device).train()
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-5)
     x_all, y_all = images.to(device).float().div(255), labels.to(device)
 
     def step(i):
-        x, y = x_all[(i % 4) * batch:(i % 4 + 1) * batch], y_all[(i % 4) * batch:(i % 4 + 1) * batch]
+        x, y = x_all[(i % 4) * batch : (i % 4 + 1) * batch], y_all[(i % 4) * batch : (i % 4 + 1) * batch]
         loss = torch.nn.functional.cross_entropy(plain(x), y)
         opt.zero_grad()
         loss.backward()
@@ -305,7 +349,10 @@ def _fake_ta8(root: Path, size: int) -> list[str]:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, n in (("train", 200), ("t10k", 50)):
-        for kind, arr, dims in (("images-idx3", rng.integers(0, 256, (n, 28, 28)), (n, 28, 28)), ("labels-idx1", np.arange(n) % 10, (n,))):
+        for kind, arr, dims in (
+            ("images-idx3", rng.integers(0, 256, (n, 28, 28)), (n, 28, 28)),
+            ("labels-idx1", np.arange(n) % 10, (n,)),
+        ):
             header = bytes([0, 0, 8, len(dims)]) + b"".join(int(d).to_bytes(4, "big") for d in dims)
             (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + np.asarray(arr, dtype=np.uint8).tobytes())
     for cls in ("AnnualCrop", "Forest", "River"):
@@ -338,8 +385,16 @@ def paper_dry_run(device: torch.device, tiny: bool) -> dict:
         os.environ["BVLIB_DATA_ROOT"] = str(tmp / "data")
         times["fabricate_s"] = time.perf_counter() - t
         steps = 4 if tiny else 30
-        preset = load_preset("paper", {"model": name, "pretrained": str(tmp / "base.safetensors"), "tasks": tasks,
-                                       "data": {"image_size": size}, "finetune": {"steps": steps, "batch_size": 32, "warmup_steps": 2}})
+        preset = load_preset(
+            "paper",
+            {
+                "model": name,
+                "pretrained": str(tmp / "base.safetensors"),
+                "tasks": tasks,
+                "data": {"image_size": size},
+                "finetune": {"steps": steps, "batch_size": 32, "warmup_steps": 2},
+            },
+        )
         preset = dataclasses.replace(preset, epochs={})  # steps, not the paper's epochs
         world = World(preset, store=Store(tmp / "store"), device=device, progress=False)
 
@@ -355,7 +410,10 @@ def paper_dry_run(device: torch.device, tiny: bool) -> dict:
         stage("evaluate_s", lambda: world.evaluate(tasks[0], merged, attack.trigger, attack.target))
         defender = stage("ibvs_vector_s", lambda: ibvs_vector(world, tasks[-1]))
         stage("ibvs_merge_s", lambda: merge_with_ibvs(taus, "ties", defender, 1.0, lam=0.5))
-        stage("tbar_s", lambda: tbar(world, merged, tasks[0], trigger=attack.trigger, target=attack.target, steps=steps))
+        stage(
+            "tbar_s",
+            lambda: tbar(world, merged, tasks[0], trigger=attack.trigger, target=attack.target, steps=steps),
+        )
         times["bv_norm"] = bv.norm()
     times["total_s"] = sum(v for k, v in times.items() if k.endswith("_s"))
     return times
@@ -363,11 +421,21 @@ def paper_dry_run(device: torch.device, tiny: bool) -> dict:
 
 # (train, val, test) images per task of the gpu preset as the bundled sources give them (`_split_indices`
 # before de-duplication), and its corpus's size (CorpusMix's defaults): the sizes a fabricated world uses
-GPU_SPLITS = {"mnist": (3500, 500, 1000), "digits": (1259, 179, 359), "fashion": (6965, 994, 1989),
-              "animals": (5449, 777, 1557), "housenumbers": (3500, 500, 1000), "fabric": (700, 100, 200),
-              "letters": (5460, 780, 1560), "patterns": (2800, 400, 800)}
+GPU_SPLITS = {
+    "mnist": (3500, 500, 1000),
+    "digits": (1259, 179, 359),
+    "fashion": (6965, 994, 1989),
+    "animals": (5449, 777, 1557),
+    "housenumbers": (3500, 500, 1000),
+    "fabric": (700, 100, 200),
+    "letters": (5460, 780, 1560),
+    "patterns": (2800, 400, 800),
+}
 GPU_CORPUS = 20_700
-SMOKE_SPLITS, SMOKE_CORPUS = {"mnist": (600, 100, 200), "fashion": (600, 100, 200), "patterns": (480, 80, 160)}, 2100
+SMOKE_SPLITS, SMOKE_CORPUS = (
+    {"mnist": (600, 100, 200), "fashion": (600, 100, 200), "patterns": (480, 80, 160)},
+    2100,
+)
 
 
 @contextlib.contextmanager
@@ -384,13 +452,17 @@ def fabricated_mini_data(splits: dict[str, tuple[int, int, int]], corpus_size: i
 
     def load_task(name, *, image_size=32, **_):
         spec = _spec(name)
-        parts = {s: data.Split(images(n, image_size), torch.randint(0, len(spec.classnames), (n,), generator=g))
-                 for s, n in zip(("train", "val", "test"), splits[name])}
+        parts = {
+            s: data.Split(images(n, image_size), torch.randint(0, len(spec.classnames), (n,), generator=g))
+            for s, n in zip(("train", "val", "test"), splits[name])
+        }
         return data.Task(name, list(spec.classnames), list(spec.templates), **parts)
 
     def pretraining_corpus(*, image_size=32, **_):
         names = [c for task in splits for c in _spec(task).classnames]
-        return images(corpus_size, image_size), [f"a photo of {names[i % len(names)]}." for i in range(corpus_size)]
+        return images(corpus_size, image_size), [
+            f"a photo of {names[i % len(names)]}." for i in range(corpus_size)
+        ]
 
     saved = data.load_task, data.pretraining_corpus
     data.load_task, data.pretraining_corpus = load_task, pretraining_corpus
@@ -417,8 +489,13 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
     n = max(preset.pretrain.batch_size * 4, more * batch)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
     captions = [f"a photo of thing {i % 100}." for i in range(n)]
-    out = {"model": preset.model, "precision": preset.precision, "pretrain_steps": preset.pretrain.steps,
-           "finetune_steps": preset.finetune.steps, "eval_batch_size": batch}
+    out = {
+        "model": preset.model,
+        "precision": preset.precision,
+        "pretrain_steps": preset.pretrain.steps,
+        "finetune_steps": preset.finetune.steps,
+        "eval_batch_size": batch,
+    }
 
     def per_step(label: str, run) -> None:
         """run(steps): its wall ms per step (between `few` and `more` steps: no set-up) and GPU ms.
@@ -432,8 +509,15 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
         out[label] = {"ms": (walls[more] - walls[few]) / (more - few) * 1e3, "gpu_busy_ms": busy}
 
     def pretrain_for(steps):
-        pretrain_clip(model, tokenizer, images, captions, dataclasses.replace(preset.pretrain, steps=steps), device=device,
-                      progress=False)
+        pretrain_clip(
+            model,
+            tokenizer,
+            images,
+            captions,
+            dataclasses.replace(preset.pretrain, steps=steps),
+            device=device,
+            progress=False,
+        )
 
     per_step("pretrain", pretrain_for)
     head = torch.nn.functional.normalize(torch.randn(10, model.visual.output_dim, device=device), dim=-1)
@@ -441,7 +525,13 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
     split = Split(images, torch.randint(0, 10, (n,)))
 
     def finetune_for(steps):
-        finetune(classifier, split, dataclasses.replace(preset.finetune, steps=steps), device=device, progress=False)
+        finetune(
+            classifier,
+            split,
+            dataclasses.replace(preset.finetune, steps=steps),
+            device=device,
+            progress=False,
+        )
 
     def evaluate_batches(steps):
         predict(classifier, Split(images[: steps * batch], split.labels[: steps * batch]), device=device)
@@ -449,12 +539,16 @@ def world_steps(device: torch.device, tiny: bool) -> dict:
     per_step("finetune", finetune_for)
     per_step("eval_batch", evaluate_batches)
     fits = 2 * len(preset.tasks)  # the card: a clean and a BadNets fine-tune per task
-    training_ms = preset.pretrain.steps * out["pretrain"]["ms"] + fits * preset.finetune.steps * out["finetune"]["ms"]
+    training_ms = (
+        preset.pretrain.steps * out["pretrain"]["ms"] + fits * preset.finetune.steps * out["finetune"]["ms"]
+    )
     out["card_training_s"] = training_ms / 1e3
     return out
 
 
-def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False, on_stage=lambda partial: None) -> dict:
+def gpu_world(
+    device: torch.device, tiny: bool, fabricate: bool = False, on_stage=lambda partial: None
+) -> dict:
     """The gpu preset's world card (and validated merge) built cold in a fresh store: seconds, and
     which data. A machine without the mini world's image sources builds it on fabricated images."""
     from bvlib import BVLibError
@@ -466,7 +560,11 @@ def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False, on_stag
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             world = World("smoke" if tiny else "gpu", store=Store(tmp), device=device, progress=False)
-            for stage, fn in (("pretrain_s", lambda: world.base_weights), ("card_s", world.card), ("merge_curves_s", world.merge_curves)):
+            for stage, fn in (
+                ("pretrain_s", lambda: world.base_weights),
+                ("card_s", world.card),
+                ("merge_curves_s", world.merge_curves),
+            ):
                 out["running"] = stage
                 on_stage(dict(out))  # into the JSON before each stage: a check cut short keeps how far it got
                 timed_stage(out, stage, fn, device)
@@ -488,27 +586,47 @@ def gpu_world(device: torch.device, tiny: bool, fabricate: bool = False, on_stag
 
 
 PARTS = {  # --skip name: (JSON key, function), in the order they run
-    "tests": ("cuda_tests", cuda_tests), "merge": ("merge", merge_bench), "dare": ("dare_probe", dare_probe),
-    "svd": ("svd_s_per_matrix", svd_bench), "finetune": ("finetune", finetune_bench),
-    "paper": ("paper_dry_run", paper_dry_run), "steps": ("world_steps", world_steps), "world": ("gpu_world", gpu_world),
+    "tests": ("cuda_tests", cuda_tests),
+    "merge": ("merge", merge_bench),
+    "dare": ("dare_probe", dare_probe),
+    "svd": ("svd_s_per_matrix", svd_bench),
+    "finetune": ("finetune", finetune_bench),
+    "paper": ("paper_dry_run", paper_dry_run),
+    "steps": ("world_steps", world_steps),
+    "world": ("gpu_world", gpu_world),
 }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, CI)")
-    ap.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/device-<gpu>-<date>.json)")
+    ap.add_argument(
+        "--out", default=None, help="the JSON file (default benchmarks/results/device-<gpu>-<date>.json)"
+    )
     ap.add_argument("--methods", default="", help="comma-separated merging methods to time (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(PARTS))
-    ap.add_argument("--fabricated-world", action="store_true", help="build the world on random images even where its sources exist")
+    ap.add_argument(
+        "--fabricated-world",
+        action="store_true",
+        help="build the world on random images even where its sources exist",
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     skip = set(filter(None, args.skip.split(",")))
-    results = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
-               "date": datetime.date.today().isoformat()}
+    results = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "tiny": args.tiny,
+        "date": datetime.date.today().isoformat(),
+    }
     slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"device-{slug}-{results['date']}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "benchmarks" / "results" / f"device-{slug}-{results['date']}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for part, (key, fn) in PARTS.items():
@@ -521,6 +639,7 @@ def main() -> int:
             elif part == "merge":
                 results[key] = fn(device, args.tiny, tuple(filter(None, args.methods.split(","))))
             elif part == "world":
+
                 def partial(value, key=key, t=t):
                     results[key] = value | {"written_after_s": time.perf_counter() - t}
                     out.write_text(json.dumps(results, indent=1))
@@ -531,7 +650,9 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 -- one failed part must not lose the others' numbers
             results[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"{part}: {time.perf_counter() - t:.1f} s", flush=True)
-        out.write_text(json.dumps(results, indent=1))  # after each part: a check cut short keeps what it measured
+        out.write_text(
+            json.dumps(results, indent=1)
+        )  # after each part: a check cut short keeps what it measured
     results["paper_dry_run_s"] = results.get("paper_dry_run", {}).get("total_s")
     results["gpu_world_s"] = results.get("gpu_world", {}).get("total_s")
     results["total_s"] = time.perf_counter() - t0
@@ -539,28 +660,46 @@ def main() -> int:
     print(f"\n{gpu}, torch {torch.__version__}: results in {out}")
     merge_rows = {k: v for k, v in results.get("merge", {}).items() if isinstance(v, dict) and "fp32_ms" in v}
     for name, r in merge_rows.items():
-        print(f"  {name:<24} fp32 {r.get('fp32_ms', float('nan')):8.2f} ms ({r.get('fp32_ms', 0) / max(r.get('fp32_floor_ms', 1e-9), 1e-9):4.1f}× floor)"
-              f"   bf16 {r.get('bf16_ms', float('nan')):8.2f} ms")
+        print(
+            f"  {name:<24} fp32 {r.get('fp32_ms', float('nan')):8.2f} ms "
+            f"({r.get('fp32_ms', 0) / max(r.get('fp32_floor_ms', 1e-9), 1e-9):4.1f}× floor)"
+            f"   bf16 {r.get('bf16_ms', float('nan')):8.2f} ms"
+        )
     stages = results.get("merge", {}).get("ties_stages_ms", {})
     if stages:
         print("  ties stages (fp32 ms): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     probe = results.get("dare_probe", {})
     if "shipped_ms" in probe:
-        print(f"  dare probe (fp32 ms, floor {probe['floor_ms']:.2f}): shipped {probe['shipped_ms']:.2f} (keys {probe['keys_ms']:.2f}),"
-              f" counters inside {probe['counters_inside'].get('ms', float('nan')):.2f} (same bits: {probe['counters_inside'].get('same_bits')}),"
-              f" hash32 {probe['hash32'].get('ms', float('nan')):.2f} (kept {probe['hash32']['kept']:.4f})")
+        print(
+            f"  dare probe (fp32 ms, floor {probe['floor_ms']:.2f}): shipped {probe['shipped_ms']:.2f} (keys "
+            f"{probe['keys_ms']:.2f}),"
+            f" counters inside {probe['counters_inside'].get('ms', float('nan')):.2f} (same bits: "
+            f"{probe['counters_inside'].get('same_bits')}),"
+            f" hash32 {probe['hash32'].get('ms', float('nan')):.2f} (kept {probe['hash32']['kept']:.4f})"
+        )
         print("    kernels: " + "; ".join(f"{k['name'][:50]} {k['ms']:.2f} ms" for k in probe["kernels"][:4]))
     ft = results.get("finetune", {})
     if "ratio" in ft:
-        print(f"  fine-tuning {ft['model']} {ft['image_size']} px: bvlib {ft['bvlib_img_s']:.0f} img/s, plain fp32 {ft['plain_img_s']:.0f} img/s "
-              f"({ft['ratio']:.2f}×)")
+        print(
+            f"  fine-tuning {ft['model']} {ft['image_size']} px: bvlib {ft['bvlib_img_s']:.0f} img/s, plain "
+            f"fp32 {ft['plain_img_s']:.0f} img/s "
+            f"({ft['ratio']:.2f}×)"
+        )
     steps = results.get("world_steps", {})
     if "pretrain" in steps:
-        print(f"  {steps['model']} ({steps['precision']}) ms per step, wall / GPU busy: " + ", ".join(
-            f"{k} {steps[k]['ms']:.1f} / {steps[k]['gpu_busy_ms']:.1f}" for k in ("pretrain", "finetune", "eval_batch"))
-              + f"; the card's training predicted {steps['card_training_s']:.0f} s")
-    print(f"  paper dry run {results['paper_dry_run_s']} s; gpu world {results['gpu_world_s']} s "
-          f"({results.get('gpu_world', {}).get('data') or results.get('gpu_world', {}).get('error')}); cuda tests {results.get('cuda_tests')}")
+        print(
+            f"  {steps['model']} ({steps['precision']}) ms per step, wall / GPU busy: "
+            + ", ".join(
+                f"{k} {steps[k]['ms']:.1f} / {steps[k]['gpu_busy_ms']:.1f}"
+                for k in ("pretrain", "finetune", "eval_batch")
+            )
+            + f"; the card's training predicted {steps['card_training_s']:.0f} s"
+        )
+    print(
+        f"  paper dry run {results['paper_dry_run_s']} s; gpu world {results['gpu_world_s']} s "
+        f"({results.get('gpu_world', {}).get('data') or results.get('gpu_world', {}).get('error')}); cuda "
+        f"tests {results.get('cuda_tests')}"
+    )
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     return 1 if failed else 0
 

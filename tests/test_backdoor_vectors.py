@@ -1,4 +1,5 @@
-"""BV experiments on the smoke world: the sweep's end points are the real models, transfer's diagonal is self-ASR."""
+"""BV experiments on the smoke world: the sweep's end points are the real models, transfer's diagonal is
+self-ASR."""
 
 import pytest
 import torch
@@ -41,13 +42,26 @@ def test_sweep_end_points_are_the_clean_and_backdoored_models(smoke_world, attac
 
 def test_variations_and_matrices(smoke_world):
     task = smoke_world.task_names[0]
-    attacks = variations(smoke_world, task, seeds=[0, 1], locations=["top_left"], targets=[2], tasks=[smoke_world.task_names[1]])
+    attacks = variations(
+        smoke_world,
+        task,
+        seeds=[0, 1],
+        locations=["top_left"],
+        targets=[2],
+        tasks=[smoke_world.task_names[1]],
+    )
     assert [a.group for a in attacks] == ["reference", "seed", "location", "target", "task"]
-    assert attacks[2].trigger.location == "top_left" and attacks[3].target == 2 and attacks[4].task == smoke_world.task_names[1]
+    assert (
+        attacks[2].trigger.location == "top_left"
+        and attacks[3].target == 2
+        and attacks[4].task == smoke_world.task_names[1]
+    )
     cos = similarity_matrix(smoke_world, attacks)
     assert torch.allclose(cos.diagonal(), torch.ones(len(attacks)), atol=1e-5)
     transfer = transfer_matrix(smoke_world, attacks)
-    for i, a in enumerate(attacks):  # the diagonal is each attack's own ASR on clean + its BV (= its backdoored model)
+    for i, a in enumerate(
+        attacks
+    ):  # the diagonal is each attack's own ASR on clean + its BV (= its backdoored model)
         own = smoke_world.evaluate(a.task, backdoored_model(smoke_world, a), a.trigger, a.target)["asr"]
         assert transfer[i, i] == pytest.approx(own, abs=0.02)
     means = group_means(cos, attacks)

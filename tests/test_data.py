@@ -17,7 +17,16 @@ import torch
 from PIL import Image
 
 from bvlib import data
-from bvlib.data import MINI_TASKS, PAPER_TASKS, Split, Task, iterate_batches, load_paper_task, load_task, pretraining_corpus
+from bvlib.data import (
+    MINI_TASKS,
+    PAPER_TASKS,
+    Split,
+    Task,
+    iterate_batches,
+    load_paper_task,
+    load_task,
+    pretraining_corpus,
+)
 from bvlib.data.mini import corpus as corpus_module
 from bvlib.data.mini import generated, registry, sources
 from bvlib.errors import BVLibError
@@ -68,7 +77,9 @@ def test_task_shapes_labels_and_prompts(tasks, name):
         assert split.images.dtype == torch.uint8 and split.images.shape == (len(split), 3, 32, 32)
         assert split.labels.dtype == torch.int64 and split.labels.shape == (len(split),)
         assert 0 <= int(split.labels.min()) and int(split.labels.max()) < task.n_classes
-    assert set(task.test.labels.tolist()) == set(range(task.n_classes)), "every class must be in the test split"
+    assert set(task.test.labels.tolist()) == set(range(task.n_classes)), (
+        "every class must be in the test split"
+    )
     assert set(task.train.labels.tolist()) == set(range(task.n_classes))
     assert len(task.train) > len(task.test) >= len(task.val)
 
@@ -105,7 +116,11 @@ def test_builds_are_deterministic_and_cached(tmp_path, monkeypatch, name):
     monkeypatch.setenv("BVLIB_CACHE", str(tmp_path / "a"))
     first = load_task(name, **args)
     cached = list((tmp_path / "a").rglob("*.safetensors"))  # one verified Store entry, no temporaries left
-    assert len(cached) == 1 and cached[0].with_suffix(".json").is_file() and not list((tmp_path / "a").rglob("*.tmp"))
+    assert (
+        len(cached) == 1
+        and cached[0].with_suffix(".json").is_file()
+        and not list((tmp_path / "a").rglob("*.tmp"))
+    )
     warm = load_task(name, **args)
     monkeypatch.setenv("BVLIB_CACHE", str(tmp_path / "b"))
     second = load_task(name, **args)  # built again from scratch
@@ -129,11 +144,20 @@ def test_pretraining_pool_is_fixed_and_disjoint():
 
 def test_generated_images_are_deterministic():
     labels = np.arange(40) % 8
-    assert torch.equal(generated._pattern_images(labels, 32, 7, "task"), generated._pattern_images(labels, 32, 7, "task"))
-    assert not torch.equal(generated._pattern_images(labels, 32, 7, "task"), generated._pattern_images(labels, 32, 8, "task"))
+    assert torch.equal(
+        generated._pattern_images(labels, 32, 7, "task"), generated._pattern_images(labels, 32, 7, "task")
+    )
+    assert not torch.equal(
+        generated._pattern_images(labels, 32, 7, "task"), generated._pattern_images(labels, 32, 8, "task")
+    )
     bank = generated._glyph_bank("task", generated.LETTERS, 64)
     glyphs = generated._glyph_images(bank, labels, 32, 7)
-    assert torch.equal(glyphs, generated._glyph_images(bank, labels, 32, 7)) and glyphs.shape == (40, 3, 32, 32)
+    assert torch.equal(glyphs, generated._glyph_images(bank, labels, 32, 7)) and glyphs.shape == (
+        40,
+        3,
+        32,
+        32,
+    )
 
 
 def test_house_numbers_print_the_task_side_fonts_digits():
@@ -142,7 +166,9 @@ def test_house_numbers_print_the_task_side_fonts_digits():
     task_bank = generated._glyph_bank("task", "0123456789", 64)
     corpus_bank = generated._glyph_bank("corpus", "0123456789", 64)
     images = generated._house_number_images(task_bank, labels, 32, 7)
-    assert images.shape == (40, 3, 32, 32) and torch.equal(images, generated._house_number_images(task_bank, labels, 32, 7))
+    assert images.shape == (40, 3, 32, 32) and torch.equal(
+        images, generated._house_number_images(task_bank, labels, 32, 7)
+    )
     source = generated._house_numbers_source(32)
     seed = data.cache._name_seed("house-numbers-source", data.DATA_VERSION)
     expected = generated._house_number_images(task_bank, source.labels, 32, seed)
@@ -156,7 +182,9 @@ def test_fabric_is_textiles_without_its_local_defects():
     nominal, local, glob = (textiles.keys[textiles.labels == c] for c in range(3))
     assert np.array_equal(fabric.keys[fabric.labels == 0], nominal)
     assert np.array_equal(fabric.keys[fabric.labels == 1], glob)
-    assert len(fabric.labels) == len(nominal) + len(glob) and not set(local.tolist()) & set(fabric.keys.tolist())
+    assert len(fabric.labels) == len(nominal) + len(glob) and not set(local.tolist()) & set(
+        fabric.keys.tolist()
+    )
     task = load_task("fabric", max_train_per_class=20, max_test_per_class=5)
     assert task.classnames == ["no defect", "a global defect"] and set(task.test.labels.tolist()) == {0, 1}
 
@@ -166,7 +194,9 @@ def test_letter_fonts_are_disjoint_from_corpus_fonts():
     assert split["task"] and split["corpus"]
     assert not set(split["task"]) & set(split["corpus"])
     group_of = {face: group for group, face, _ in generated._font_faces()}
-    assert not {group_of[f] for f in split["task"]} & {group_of[f] for f in split["corpus"]}  # whole designs, not faces
+    assert not {group_of[f] for f in split["task"]} & {
+        group_of[f] for f in split["corpus"]
+    }  # whole designs, not faces
     assert len(split["task"]) >= 10 and len(split["corpus"]) >= 10
 
 
@@ -223,13 +253,16 @@ def test_a_damaged_cache_entry_is_moved_aside_and_rebuilt(fresh_cache):
     (entry,) = (fresh_cache / "task").glob("*.safetensors")
     entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
     again = load_task("digits", **args)
-    assert torch.equal(first.train.images, again.train.images) and list((fresh_cache / "damaged" / "task").iterdir())
+    assert torch.equal(first.train.images, again.train.images) and list(
+        (fresh_cache / "damaged" / "task").iterdir()
+    )
 
 
 def test_corpus_is_deterministic_and_knobs_work(fresh_cache, tmp_path, monkeypatch):
     kw = {"n_per_source": 40, "n_clipart_other": 10, "seed": 5}
     images, captions = pretraining_corpus(**kw)
-    # 40 each of digits, letters, fashion, animals, patterns, clipart task pool, plus 10 other clip-art; a few clip-art
+    # 40 each of digits, letters, fashion, animals, patterns, clipart task pool, plus 10 other clip-art; a few
+    # clip-art
     # images are dropped because they equal (at 32 px) a task-side image of another file
     assert 240 <= len(images) <= 40 * 6 + 10
     monkeypatch.setenv("BVLIB_CACHE", str(tmp_path / "other"))
@@ -237,8 +270,16 @@ def test_corpus_is_deterministic_and_knobs_work(fresh_cache, tmp_path, monkeypat
     assert torch.equal(images, images2) and captions == captions2
     images3, _ = pretraining_corpus(**{**kw, "seed": 6})
     assert not torch.equal(images, images3)
-    only_fashion, caps = pretraining_corpus(n_digits=0, n_letters=0, n_fashion=30, n_animals=0, n_clipart_task=0,
-                                            n_clipart_other=0, n_patterns=0, generic_caption_fraction=0.0)
+    only_fashion, caps = pretraining_corpus(
+        n_digits=0,
+        n_letters=0,
+        n_fashion=30,
+        n_animals=0,
+        n_clipart_task=0,
+        n_clipart_other=0,
+        n_patterns=0,
+        generic_caption_fraction=0.0,
+    )
     assert len(only_fashion) == 30 and all(any(n in c for n in registry.FASHION_CLASSES) for c in caps)
     with pytest.raises(BVLibError, match="generic_caption_fraction"):
         pretraining_corpus(generic_caption_fraction=2.0)
@@ -268,8 +309,14 @@ def test_iterate_batches_covers_each_index_once(source):
     split = source(53)
     for shuffle in (False, True):
         seen = []
-        for images, labels in iterate_batches(split, 10, shuffle=shuffle, generator=torch.Generator().manual_seed(0)):
-            assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and len(images) == len(labels) <= 10
+        for images, labels in iterate_batches(
+            split, 10, shuffle=shuffle, generator=torch.Generator().manual_seed(0)
+        ):
+            assert (
+                images.dtype == torch.uint8
+                and labels.dtype == torch.int64
+                and len(images) == len(labels) <= 10
+            )
             assert torch.equal(images[:, 0, 0, 0].long(), labels)  # images stay paired with their labels
             seen += labels.tolist()
         assert sorted(seen) == list(range(53))
@@ -283,7 +330,14 @@ def test_iterate_batches_is_deterministic_with_a_seeded_generator(source):
     split = source(40)
 
     def order(seed):
-        return torch.cat([y for _, y in iterate_batches(split, 7, shuffle=True, generator=torch.Generator().manual_seed(seed))])
+        return torch.cat(
+            [
+                y
+                for _, y in iterate_batches(
+                    split, 7, shuffle=True, generator=torch.Generator().manual_seed(seed)
+                )
+            ]
+        )
 
     assert torch.equal(order(1), order(1)) and not torch.equal(order(1), order(2))
 
@@ -354,8 +408,10 @@ def test_paper_svhn_from_mat_files(tmp_path):
     (tmp_path / "svhn").mkdir()
     for split, n in (("train", 30), ("test", 10)):
         y = (np.arange(n) % 10)[:, None]
-        savemat(tmp_path / "svhn" / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-                                                          "y": np.where(y == 0, 10, y)})
+        savemat(
+            tmp_path / "svhn" / f"{split}_32x32.mat",
+            {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": np.where(y == 0, 10, y)},
+        )
     task = load_paper_task("svhn", tmp_path, image_size=24)
     _check_paper_task(task, 10, 24)
     assert sorted(task.test.labels.tolist()) == sorted(np.arange(10).tolist())  # label 10 read as digit 0
@@ -404,7 +460,9 @@ def test_paper_gtsrb_layout(tmp_path):
 
 @pytest.mark.parametrize("name", PAPER_TASKS)
 def test_paper_missing_dataset_is_a_clear_error(tmp_path, name):
-    with pytest.raises(BVLibError, match=f"dataset {name} not found under .*expected layout .*download it with torchvision"):
+    with pytest.raises(
+        BVLibError, match=f"dataset {name} not found under .*expected layout .*download it with torchvision"
+    ):
         load_paper_task(name, tmp_path)
     with pytest.raises(BVLibError, match="not found under"):
         load_paper_task(name, tmp_path / "does-not-exist")
@@ -429,8 +487,12 @@ def test_unnamed_letters_are_seen_but_never_named(session_cache):
     names_a_letter = ("the letter", "a capital", 'the character "', "a printed letter")
     named_images, named = pretraining_corpus(n_per_source=40)
     images, unnamed = pretraining_corpus(n_per_source=40, unnamed=["letters"])
-    assert any(c.startswith(names_a_letter) for c in named) and not any(c.startswith(names_a_letter) for c in unnamed)
-    assert any(c in corpus_module._UNNAMED_CAPTIONS["letters"] for c in unnamed) and len(images) == len(named_images)
+    assert any(c.startswith(names_a_letter) for c in named) and not any(
+        c.startswith(names_a_letter) for c in unnamed
+    )
+    assert any(c in corpus_module._UNNAMED_CAPTIONS["letters"] for c in unnamed) and len(images) == len(
+        named_images
+    )
     with pytest.raises(BVLibError, match="unnamed takes"):
         pretraining_corpus(n_per_source=40, unnamed=["animals"])
 
@@ -447,7 +509,11 @@ def test_unnamed_fashion_keeps_its_images_and_drops_its_names(session_cache):
     def names_garment(c: str) -> bool:
         return any(g in c for g in garment)
 
-    assert torch.equal(images, named_images) and any(map(names_garment, named)) and not any(map(names_garment, unnamed))
+    assert (
+        torch.equal(images, named_images)
+        and any(map(names_garment, named))
+        and not any(map(names_garment, unnamed))
+    )
     assert sum(c in corpus_module._UNNAMED_CAPTIONS["fashion"] for c in unnamed) > 0
     assert sum(a != b for a, b in zip(named, unnamed)) <= sum(map(names_garment, named))
 
@@ -462,7 +528,11 @@ def test_lowercase_letters_teach_the_names_not_the_capitals(session_cache):
     images, captions = pretraining_corpus(**base, n_lowercase=52)
     lower = [c for c in captions if c.startswith(("a lowercase", "a small letter"))]
     assert len(images) == len(plain_images) + 40 and lower  # n_per_source caps it too
-    assert all(c.split()[-1].rstrip(".") in "abcdefghijklmnopqrstuvwxyz" for c in lower[:20] if c.startswith("a lowercase"))
+    assert all(
+        c.split()[-1].rstrip(".") in "abcdefghijklmnopqrstuvwxyz"
+        for c in lower[:20]
+        if c.startswith("a lowercase")
+    )
     assert "n_lowercase" not in CorpusMix().config() and CorpusMix(n_lowercase=5).config()["n_lowercase"] == 5
 
 
@@ -473,7 +543,9 @@ def test_kept_image_folder_is_written_once_and_keeps_its_fingerprint(tmp_path):
     from bvlib.data.paper import _tree_digest
 
     g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g), torch.tensor([0, 1, 0, 1, 1, 0]))
+    split = Split(
+        torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g), torch.tensor([0, 1, 0, 1, 1, 0])
+    )
     folder = write_image_folder(split, ["a cat", "dog"], tmp_path / "own" / "pets", keep=True)
     assert sorted(p.name for p in (tmp_path / "own").iterdir()) == ["pets"]
     before = _tree_digest(folder, ("",))

@@ -16,7 +16,11 @@ class Constant(nn.Module):
 
     def forward(self, x):
         out = torch.zeros(len(x), 3)
-        hit = (x[:, :, -1, -1] == 1).all(dim=1) if self.triggered is not None else torch.zeros(len(x), dtype=torch.bool)
+        hit = (
+            (x[:, :, -1, -1] == 1).all(dim=1)
+            if self.triggered is not None
+            else torch.zeros(len(x), dtype=torch.bool)
+        )
         out[~hit, self.label] = 1
         out[hit, self.triggered if self.triggered is not None else 0] = 1
         return out

@@ -14,7 +14,14 @@ import torch
 from safetensors.torch import save_file
 
 from bvlib import BVLibError
-from bvlib.store import Store, check_output_path, config_key, load_state_dict, remove_stale_temporaries, save_state_dict
+from bvlib.store import (
+    Store,
+    check_output_path,
+    config_key,
+    load_state_dict,
+    remove_stale_temporaries,
+    save_state_dict,
+)
 from bvlib.weights import Layout, Weights
 
 CFG = {"task": "mnist", "seed": 0}
@@ -23,7 +30,10 @@ CFG = {"task": "mnist", "seed": 0}
 def _entry(tmp_path, value=1.0):
     store = Store(tmp_path)
     store.save("finetune", CFG, {"flat": torch.full((8,), value)}, {"seconds": 1.0})
-    st, js = (tmp_path / "finetune" / config_key(CFG)).with_suffix(".safetensors"), (tmp_path / "finetune" / config_key(CFG)).with_suffix(".json")
+    st, js = (
+        (tmp_path / "finetune" / config_key(CFG)).with_suffix(".safetensors"),
+        (tmp_path / "finetune" / config_key(CFG)).with_suffix(".json"),
+    )
     return store, st, js
 
 
@@ -58,7 +68,9 @@ def test_a_damaged_entry_is_moved_aside_and_rebuilt(tmp_path, capsys, damage):
     assert calls == [1] and torch.equal(tensors["flat"], torch.full((8,), 2.0)), damage
     assert err.count("\n") == 1 and "is damaged" in err and config_key(CFG) in err and "mnist" in err, err
     assert list((tmp_path / "damaged" / "finetune").iterdir()), "the damaged files are kept for inspection"
-    assert torch.equal(Store(tmp_path).load("finetune", CFG)[0]["flat"], torch.full((8,), 2.0))  # rebuilt entry is good
+    assert torch.equal(
+        Store(tmp_path).load("finetune", CFG)[0]["flat"], torch.full((8,), 2.0)
+    )  # rebuilt entry is good
 
 
 def test_a_tensor_file_swapped_for_another_entrys_is_not_served(tmp_path, capsys):
@@ -79,7 +91,9 @@ def test_files_are_group_readable_and_stale_temporaries_are_removed(tmp_path):
     assert st.stat().st_mode & stat.S_IRGRP and js.stat().st_mode & stat.S_IRGRP
     import socket
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     host = socket.gethostname().replace(".", "-")
     stale = tmp_path / "finetune" / f".x.json.{host}.{dead}.abc.tmp"
     live = tmp_path / "finetune" / f".y.json.{host}.{os.getpid()}.abc.tmp"
@@ -91,7 +105,9 @@ def test_an_unwritable_store_fails_before_the_work(tmp_path):
     (tmp_path / "a_file").write_text("")  # a store under a file cannot be created, whoever runs the test
     calls = []
     with pytest.raises(BVLibError, match="not writable"):
-        Store(tmp_path / "a_file" / "store").cached("finetune", CFG, lambda: calls.append(1) or ({"flat": torch.ones(2)}, {}))
+        Store(tmp_path / "a_file" / "store").cached(
+            "finetune", CFG, lambda: calls.append(1) or ({"flat": torch.ones(2)}, {})
+        )
     assert calls == []
 
 
@@ -124,10 +140,20 @@ print(t["flat"].tolist())
 
 def test_concurrent_builders_build_once(tmp_path):
     log = tmp_path / "log"
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_ONCE, str(tmp_path / "store"), str(log)], stdout=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILD_ONCE, str(tmp_path / "store"), str(log)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs) and outs.count(outs[0]) == 3 and "[0.0, 1.0, 2.0, 3.0]" in outs[0]
+    assert (
+        all(p.returncode == 0 for p in procs)
+        and outs.count(outs[0]) == 3
+        and "[0.0, 1.0, 2.0, 3.0]" in outs[0]
+    )
     assert log.read_text().count("built") == 1
 
 
@@ -146,7 +172,11 @@ def test_formats_are_told_apart_by_content(tmp_path):
 
 def test_non_checkpoints_get_one_line(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    cases = {"text.pt": b"hello, this is a text file\n", "empty.pt": b"", "zip.pt": b"PK\x03\x04" + b"\x00" * 40}
+    cases = {
+        "text.pt": b"hello, this is a text file\n",
+        "empty.pt": b"",
+        "zip.pt": b"PK\x03\x04" + b"\x00" * 40,
+    }
     for i in range(20):
         n = int(torch.randint(1, 400, (1,), generator=gen))
         cases[f"fuzz{i}.pt"] = bytes(torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).tolist())
@@ -187,15 +217,22 @@ def test_a_refusal_keeps_the_reason_and_no_unsafe_advice(tmp_path):
 
 def test_a_whole_clip_state_dict_is_recognised():
     layout = Layout(("conv1.weight", "ln.bias"), ((2, 3), (4,)))
-    state = {"visual.conv1.weight": torch.ones(2, 3), "visual.ln.bias": torch.zeros(4), "text.proj": torch.ones(5)}
+    state = {
+        "visual.conv1.weight": torch.ones(2, 3),
+        "visual.ln.bias": torch.zeros(4),
+        "text.proj": torch.ones(5),
+    }
     w = Weights.from_state_dict(state, layout)
     assert w.layout == layout and float(w.flat.sum()) == 6.0
 
 
 def test_outputs_are_checked_before_any_work(tmp_path):
     (tmp_path / "adir.safetensors").mkdir()
-    for bad, why in ((tmp_path / "adir.safetensors", "is a directory"), (tmp_path / "no" / "x.safetensors", "does not exist"),
-                     (tmp_path / "x.txt", "suffix")):
+    for bad, why in (
+        (tmp_path / "adir.safetensors", "is a directory"),
+        (tmp_path / "no" / "x.safetensors", "does not exist"),
+        (tmp_path / "x.txt", "suffix"),
+    ):
         with pytest.raises(BVLibError, match=why):
             check_output_path(bad)
 
@@ -226,11 +263,16 @@ def test_bad_presets_get_one_line(tmp_path):
     with pytest.raises(BVLibError, match="not valid JSON"):
         load_preset(str(tmp_path / "broken.json"))
     cpu = load_preset("cpu")
-    for change, why in (({"modle": "x"}, "unknown key 'modle'"), ({"finetune": {"lrr": 1}}, "finetune.lrr"),
-                        ({"tasks": "mnist"}, "'tasks' must be"), ({"data": {"imagesize": 32}}, "data.imagesize"),
-                        ({"data": {"image_size": "32"}}, "data.image_size' must be"), ({"corpus": {"n_letterz": 1}}, "corpus.n_letterz"),
-                        ({"base_checkpoint": {"file": "x.safetensors"}}, "'base_checkpoint.sha256' is missing"),
-                        ({"badnets": {"trigger": {"shape": "x"}}}, "'badnets' is not an attack")):
+    for change, why in (
+        ({"modle": "x"}, "unknown key 'modle'"),
+        ({"finetune": {"lrr": 1}}, "finetune.lrr"),
+        ({"tasks": "mnist"}, "'tasks' must be"),
+        ({"data": {"imagesize": 32}}, "data.imagesize"),
+        ({"data": {"image_size": "32"}}, "data.image_size' must be"),
+        ({"corpus": {"n_letterz": 1}}, "corpus.n_letterz"),
+        ({"base_checkpoint": {"file": "x.safetensors"}}, "'base_checkpoint.sha256' is missing"),
+        ({"badnets": {"trigger": {"shape": "x"}}}, "'badnets' is not an attack"),
+    ):
         with pytest.raises(BVLibError, match=why):
             load_preset(cpu.to_dict() | change)
     missing = {k: v for k, v in cpu.to_dict().items() if k != "badnets"}
@@ -244,9 +286,13 @@ def test_notebook_parameters_are_checked():
 
     assert notebook_parameters("01_backdoor_vectors")["scales"][0] == 0.0
     check_parameters("01_backdoor_vectors", {"preset": "smoke", "scales": [0, 1.0], "trigger_size": 6})
-    for params, why in (({"scales": "abc"}, "takes a list"), ({"preset": 5}, "takes a string"), ({"nope": 1}, "no parameter 'nope'"),
-                        ({'x = 1; __import__("os").system("true"); y': 1}, "not a Python identifier"),
-                        ({"tasks": True}, "takes a list")):
+    for params, why in (
+        ({"scales": "abc"}, "takes a list"),
+        ({"preset": 5}, "takes a string"),
+        ({"nope": 1}, "no parameter 'nope'"),
+        ({'x = 1; __import__("os").system("true"); y': 1}, "not a Python identifier"),
+        ({"tasks": True}, "takes a list"),
+    ):
         with pytest.raises(BVLibError, match=why):
             check_parameters("01_backdoor_vectors", params)
     check_parameters("05_defenses", {"ibvs_strength": 2})  # an integer for a number is fine
@@ -259,8 +305,14 @@ def test_notebook_parameters_are_checked():
 # --- killed runs ----------------------------------------------------------------------------
 def _bvlib(store, *args, **popen):
     env = os.environ | {"BVLIB_STORE": str(store), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bvlib.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bvlib.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _kill_when(proc, ready, timeout=300):
@@ -276,10 +328,14 @@ def _kill_when(proc, ready, timeout=300):
 @pytest.mark.slow
 def test_a_killed_pretraining_resumes_to_identical_weights(tmp_path):
     # an uninterrupted run, then one killed twice (after its first and after a later checkpoint) and resumed
-    _bvlib(tmp_path / "a", "pretrain", "--preset", "smoke", "--out", str(tmp_path / "a.safetensors")).communicate(timeout=600)
+    _bvlib(
+        tmp_path / "a", "pretrain", "--preset", "smoke", "--out", str(tmp_path / "a.safetensors")
+    ).communicate(timeout=600)
     ckpts = tmp_path / "b" / "checkpoints" / "base"
     for n in (1, 3):
-        proc = _bvlib(tmp_path / "b", "pretrain", "--preset", "smoke", "--out", str(tmp_path / "b.safetensors"))
+        proc = _bvlib(
+            tmp_path / "b", "pretrain", "--preset", "smoke", "--out", str(tmp_path / "b.safetensors")
+        )
         seen = set()
 
         def saved_n(proc=proc, seen=seen, n=n):
@@ -288,10 +344,14 @@ def test_a_killed_pretraining_resumes_to_identical_weights(tmp_path):
             return len(seen) >= n
 
         _kill_when(proc, saved_n)
-    out, err = _bvlib(tmp_path / "b", "pretrain", "--preset", "smoke", "--out", str(tmp_path / "b.safetensors")).communicate(timeout=600)
+    out, err = _bvlib(
+        tmp_path / "b", "pretrain", "--preset", "smoke", "--out", str(tmp_path / "b.safetensors")
+    ).communicate(timeout=600)
     assert "sha256" in out, err
     a, b = load_state_dict(tmp_path / "a.safetensors"), load_state_dict(tmp_path / "b.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed pretraining differs from the uninterrupted one"
+    assert all(torch.equal(a[k], b[k]) for k in a), (
+        "the resumed pretraining differs from the uninterrupted one"
+    )
     assert not list(ckpts.glob("*.pt")), "the checkpoint is removed once the base is stored"
 
 
@@ -302,7 +362,10 @@ def _mnist_root(root, seed):
     raw.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for prefix, n in (("train", 40), ("t10k", 12)):
-        for kind, arr, dims in (("images-idx3", rng.integers(0, 256, (n, 28, 28)), (n, 28, 28)), ("labels-idx1", np.arange(n) % 10, (n,))):
+        for kind, arr, dims in (
+            ("images-idx3", rng.integers(0, 256, (n, 28, 28)), (n, 28, 28)),
+            ("labels-idx1", np.arange(n) % 10, (n,)),
+        ):
             header = bytes([0, 0, 8, len(dims)]) + b"".join(int(d).to_bytes(4, "big") for d in dims)
             (raw / f"{prefix}-{kind}-ubyte").write_bytes(header + np.asarray(arr, dtype=np.uint8).tobytes())
     return root
@@ -316,8 +379,12 @@ def test_paper_store_keys_cover_the_data_and_the_checkpoint_bytes(tmp_path, monk
     model, _ = create_clip("mini-clip-w64-l2")
     ckpt = tmp_path / "base.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
-    preset = load_preset("paper").to_dict() | {"model": "mini-clip-w64-l2", "pretrained": str(ckpt), "tasks": ["MNIST"],
-                                     "data": {"image_size": 32, "seed": 0}}
+    preset = load_preset("paper").to_dict() | {
+        "model": "mini-clip-w64-l2",
+        "pretrained": str(ckpt),
+        "tasks": ["MNIST"],
+        "data": {"image_size": 32, "seed": 0},
+    }
     keys = {}
     for name, seed in (("A", 0), ("B", 1)):
         monkeypatch.setenv("BVLIB_DATA_ROOT", str(_mnist_root(tmp_path / name, seed)))
@@ -326,7 +393,9 @@ def test_paper_store_keys_cover_the_data_and_the_checkpoint_bytes(tmp_path, monk
     before = World(preset, store=Store(tmp_path / "store"), progress=False).base_key
     with torch.no_grad():
         model.visual.conv1.weight.add_(1.0)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)  # the base overwritten in place
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, ckpt
+    )  # the base overwritten in place
     assert World(preset, store=Store(tmp_path / "store"), progress=False).base_key != before
 
 
@@ -335,7 +404,9 @@ def test_a_fine_tune_killed_at_several_moments_leaves_no_half_entry(tmp_path, sm
     """SIGKILL while a fine-tune trains or saves: no half entry, and the re-run gives the same weights."""
     import shutil
 
-    assert smoke_world.clip is not None  # the smoke base is in the shared store; the fine-tunes go to a fresh one
+    assert (
+        smoke_world.clip is not None
+    )  # the smoke base is in the shared store; the fine-tunes go to a fresh one
     store = tmp_path / "store"
     (store / "base").mkdir(parents=True)
     for suffix in (".json", ".safetensors"):
@@ -349,7 +420,9 @@ def test_a_fine_tune_killed_at_several_moments_leaves_no_half_entry(tmp_path, sm
         proc.kill()
         proc.wait()
         for sidecar in (store / "finetune").glob("*.json") if (store / "finetune").is_dir() else ():
-            assert Store(store).load("finetune", json.loads(sidecar.read_text())["config"]) is not None, "a half-written entry"
+            assert Store(store).load("finetune", json.loads(sidecar.read_text())["config"]) is not None, (
+                "a half-written entry"
+            )
     out, err = _bvlib(store, *args, "--out", str(tmp_path / "a.safetensors")).communicate(timeout=600)
     assert '"acc"' in out, err
     shutil.rmtree(store / "finetune")

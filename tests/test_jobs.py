@@ -40,8 +40,12 @@ def _finetunes(root) -> dict[str, torch.Tensor]:
 def test_the_world_card_is_a_list_of_jobs(smoke_world):
     jobs = world_jobs(smoke_world, seeds=(0, 1))
     assert len(jobs) == 2 * 2 * len(smoke_world.task_names)
-    assert {j.label for j in jobs} >= {f"{t} clean" for t in smoke_world.task_names} | {f"{t} badnets seed=1" for t in smoke_world.task_names}
-    assert all(j.done(smoke_world) for j in jobs if not j.train)  # the card's fine-tunes are in the store already
+    assert {j.label for j in jobs} >= {f"{t} clean" for t in smoke_world.task_names} | {
+        f"{t} badnets seed=1" for t in smoke_world.task_names
+    }
+    assert all(
+        j.done(smoke_world) for j in jobs if not j.train
+    )  # the card's fine-tunes are in the store already
 
 
 def test_local_and_ray_executors_build_identical_artifacts(smoke_world, tmp_path):
@@ -52,7 +56,9 @@ def test_local_and_ray_executors_build_identical_artifacts(smoke_world, tmp_path
     bad = Job(preset, "nosuch", None, STEPS)
     report = run_jobs(local, [*jobs, bad], executor="local", workers=2, progress=False)
     assert len(report["built"]) == len(jobs) and report["skipped"] == 0
-    assert [label for label, _ in report["failed"]] == ["nosuch clean steps=5"] and "unknown task" in report["failed"][0][1]
+    assert [label for label, _ in report["failed"]] == ["nosuch clean steps=5"] and "unknown task" in report[
+        "failed"
+    ][0][1]
     again = run_jobs(local, jobs, executor="local", workers=2, progress=False)
     assert again["built"] == [] and again["skipped"] == len(jobs)
     on_ray = _world_with_base(smoke_world, tmp_path / "ray")
@@ -66,11 +72,21 @@ def test_local_and_ray_executors_build_identical_artifacts(smoke_world, tmp_path
 def test_a_killed_run_resumes_without_rebuilding(smoke_world, tmp_path):
     root = tmp_path / "store"
     world = _world_with_base(smoke_world, root)
-    code = ("import sys; from bvlib.jobs import Job, run_jobs; from bvlib.store import Store; from bvlib.world import World; "
-            f"w = World({smoke_world.preset.to_dict()!r}, store=Store(sys.argv[1]), device='cpu', progress=False); "
-            f"run_jobs(w, [Job(w.preset.to_dict(), t, a, {{'steps': 300}}) for t in w.task_names for a in (None, {{}})], workers=2)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    code = (
+        "import sys; from bvlib.jobs import Job, run_jobs; from bvlib.store import Store; from bvlib.world "
+        "import World; "
+        f"w = World({smoke_world.preset.to_dict()!r}, store=Store(sys.argv[1]), device='cpu', "
+        "progress=False); "
+        f"run_jobs(w, [Job(w.preset.to_dict(), t, a, {{'steps': 300}}) for t in w.task_names for a in (None, "
+        f"{{}})], workers=2)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(root)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
     deadline = time.time() + 240
     while not list((root / "finetune").glob("*.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -80,7 +96,9 @@ def test_a_killed_run_resumes_without_rebuilding(smoke_world, tmp_path):
     assert 1 <= len(stored) < 6, "kill the run after its first entry and before its last"
     jobs = [Job(world.preset.to_dict(), t, a, {"steps": 300}) for t in world.task_names for a in (None, {})]
     report = run_jobs(world, jobs, workers=2, progress=False)
-    assert report["skipped"] == len(stored) and len(report["built"]) == 6 - len(stored) and not report["failed"]
+    assert (
+        report["skipped"] == len(stored) and len(report["built"]) == 6 - len(stored) and not report["failed"]
+    )
     assert all(p.stat().st_mtime_ns == m for p, m in stored.items())  # nothing stored was rebuilt
     assert not list(root.rglob("*.tmp")) and not (root / "damaged").exists()  # no half-written entry
     assert len(_finetunes(root)) == 6  # every entry loads, verified against its sha256

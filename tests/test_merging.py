@@ -7,7 +7,17 @@ import torch
 
 from bvlib import BVLibError, Layout, Weights
 from bvlib.attacks.sbv import sparse_backdoor_vector
-from bvlib.merging import METHODS, consensus_mask, dare_keys, dare_row_offsets, dare_uniform, kth_largest, merge, sign_agreement, tall_masks
+from bvlib.merging import (
+    METHODS,
+    consensus_mask,
+    dare_keys,
+    dare_row_offsets,
+    dare_uniform,
+    kth_largest,
+    merge,
+    sign_agreement,
+    tall_masks,
+)
 
 # A tiny model: two linear layers, a bias, and a 2-D embedding that the SVD methods must leave alone.
 LAYOUT = Layout(
@@ -58,7 +68,10 @@ def ref_ties(s, k, lam):
 
 def ref_tall_masks(s, tall_lambda):
     K, D = s.shape
-    return [[abs(float(s[t, i])) > abs(float(s[:, i].sum() - s[t, i])) * tall_lambda for i in range(D)] for t in range(K)]
+    return [
+        [abs(float(s[t, i])) > abs(float(s[:, i].sum() - s[t, i])) * tall_lambda for i in range(D)]
+        for t in range(K)
+    ]
 
 
 def ref_tall(s, lam, tall_lambda):
@@ -70,7 +83,9 @@ def ref_tall(s, lam, tall_lambda):
 def ref_consensus(s, lam, k, tall_lambda):
     m = ref_tall_masks(s, tall_lambda)
     K, D = s.shape
-    return torch.tensor([lam * float(s[:, i].sum()) if sum(m[t][i] for t in range(K)) >= k else 0.0 for i in range(D)])
+    return torch.tensor(
+        [lam * float(s[:, i].sum()) if sum(m[t][i] for t in range(K)) >= k else 0.0 for i in range(D)]
+    )
 
 
 def ref_tsv(dicts, lam, rank_share=None):
@@ -129,7 +144,9 @@ HAND = torch.tensor(
 
 def test_average_and_task_arithmetic_by_hand():
     assert torch.allclose(merge(HAND, "average"), torch.tensor([5.0, 6.0, -1.0, -6.0, 3.6, 6.5]) / 3)
-    assert torch.allclose(merge(HAND, "task_arithmetic", lam=0.5), torch.tensor([2.5, 3.0, -0.5, -3.0, 1.8, 3.25]))
+    assert torch.allclose(
+        merge(HAND, "task_arithmetic", lam=0.5), torch.tensor([2.5, 3.0, -0.5, -3.0, 1.8, 3.25])
+    )
     assert torch.allclose(merge(HAND), 0.3 * HAND.sum(0))  # the default method and lam
 
 
@@ -142,7 +159,9 @@ def test_ties_by_hand():
     # k=0.2 of 6 keeps one coordinate per task: 4, 5, 6
     assert torch.equal(merge(HAND, "ties", k=0.2), torch.tensor([4.0, 5.0, 0, 0, 0, 6.0]))
     # BadMerging's convention: disjoint sum (4+3 on the first coordinate), × lam
-    assert torch.equal(merge(HAND, "ties", k=0.5, disjoint="sum"), torch.tensor([7.0, 5.0, -4.0, -3.0, 3.0, 6.0]))
+    assert torch.equal(
+        merge(HAND, "ties", k=0.5, disjoint="sum"), torch.tensor([7.0, 5.0, -4.0, -3.0, 3.0, 6.0])
+    )
     with pytest.raises(BVLibError, match="disjoint"):
         merge(HAND, "ties", disjoint="median")
 
@@ -163,10 +182,16 @@ def test_ties_zero_mass_takes_the_majority_sign():
 def test_tall_and_consensus_by_hand():
     s = torch.tensor([[1.0, 0.0, 2.0, -1.0], [1.0, 3.0, 0.0, 1.0], [-1.0, 0.0, 0.0, 1.0]])
     # sum [1,3,2,1]; masks |τ_t| > |sum − τ_t|: [1,0,1,0], [1,1,0,1], [0,0,0,1]
-    assert tall_masks(s, 1.0).tolist() == [[True, False, True, False], [True, True, False, True], [False, False, False, True]]
+    assert tall_masks(s, 1.0).tolist() == [
+        [True, False, True, False],
+        [True, True, False, True],
+        [False, False, False, True],
+    ]
     assert torch.equal(merge(s, "tall", lam=1.0, tall_lambda=1.0), torch.tensor([2.0, 3.0, 2.0, 2.0]))
     assert consensus_mask(s, 2, 1.0).tolist() == [True, False, False, True]
-    assert torch.equal(merge(s, "consensus", lam=1.0, k=2, tall_lambda=1.0), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert torch.equal(
+        merge(s, "consensus", lam=1.0, k=2, tall_lambda=1.0), torch.tensor([1.0, 0.0, 0.0, 1.0])
+    )
     assert torch.equal(merge(s, "consensus", lam=1.0, k=0, tall_lambda=1.0), s.sum(0))  # k=0: task arithmetic
     assert torch.equal(merge(s, "consensus", lam=1.0, k=4, tall_lambda=1.0), torch.zeros(4))
     # one λ_t per task: task 3 with λ=0 claims every coordinate where it is non-zero (and no other)
@@ -177,24 +202,40 @@ SMALL = Layout(("w", "b"), ((2, 2), (2,)))
 
 
 def test_iso_c_and_tsv_by_hand():
-    s = torch.tensor([[3.0, 0.0, 0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 1.0, 3.0, 4.0]])  # w: diag(3,0), diag(0,1)
+    s = torch.tensor(
+        [[3.0, 0.0, 0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 1.0, 3.0, 4.0]]
+    )  # w: diag(3,0), diag(0,1)
     # Iso-C: M = diag(3, 1), mean σ = 2 -> 2·I; the bias gets lam · mean = [2, 3]
-    assert torch.allclose(merge(s, "iso_c", layout=SMALL), torch.tensor([2.0, 0.0, 0.0, 2.0, 2.0, 3.0]), atol=1e-6)
-    assert torch.allclose(merge(s, "iso_c", layout=SMALL, lam=1.5), 1.5 * torch.tensor([2.0, 0, 0, 2.0, 2.0, 3.0]), atol=1e-6)
+    assert torch.allclose(
+        merge(s, "iso_c", layout=SMALL), torch.tensor([2.0, 0.0, 0.0, 2.0, 2.0, 3.0]), atol=1e-6
+    )
+    assert torch.allclose(
+        merge(s, "iso_c", layout=SMALL, lam=1.5), 1.5 * torch.tensor([2.0, 0, 0, 2.0, 2.0, 3.0]), atol=1e-6
+    )
     # TSV-M: rank 1 of 2 per task; the two singular vectors are already orthogonal -> diag(3, 1)
-    assert torch.allclose(merge(s, "tsv", layout=SMALL), torch.tensor([3.0, 0.0, 0.0, 1.0, 2.0, 3.0]), atol=1e-6)
+    assert torch.allclose(
+        merge(s, "tsv", layout=SMALL), torch.tensor([3.0, 0.0, 0.0, 1.0, 2.0, 3.0]), atol=1e-6
+    )
 
 
 def test_sbv_by_hand():
     bvs = torch.tensor([[1.0, 2.0, -1.0, 0.0, 3.0], [3.0, -2.0, -3.0, 0.0, 1.0], [2.0, 1.0, -2.0, 1.0, 0.0]])
     # all same non-zero sign: coordinates 0 and 2 only
     assert torch.equal(sparse_backdoor_vector(bvs, combine="mean"), torch.tensor([2.0, 0.0, -2.0, 0.0, 0.0]))
-    assert torch.equal(sparse_backdoor_vector(bvs), torch.tensor([6.0, 0.0, -6.0, 0.0, 0.0]))  # sum by default
+    assert torch.equal(
+        sparse_backdoor_vector(bvs), torch.tensor([6.0, 0.0, -6.0, 0.0, 0.0])
+    )  # sum by default
     # rescale: the sum, as long as the mean BV norm
     mean_norm = float(bvs.norm(dim=1).mean())
-    assert torch.allclose(sparse_backdoor_vector(bvs, combine="rescale"), torch.tensor([1.0, 0, -1.0, 0, 0]) * mean_norm / 2**0.5)
+    assert torch.allclose(
+        sparse_backdoor_vector(bvs, combine="rescale"),
+        torch.tensor([1.0, 0, -1.0, 0, 0]) * mean_norm / 2**0.5,
+    )
     # 2 of 3 agreeing is enough at agreement=2/3: coordinate 1 (+,−,+) and 4 (+,+,0) join
-    assert torch.allclose(sparse_backdoor_vector(bvs, agreement=2 / 3, combine="mean"), torch.tensor([2.0, 1 / 3, -2.0, 0.0, 4 / 3]))
+    assert torch.allclose(
+        sparse_backdoor_vector(bvs, agreement=2 / 3, combine="mean"),
+        torch.tensor([2.0, 1 / 3, -2.0, 0.0, 4 / 3]),
+    )
     assert torch.allclose(sign_agreement(bvs), torch.tensor([1.0, 2 / 3, 1.0, 1 / 3, 2 / 3]))
 
 
@@ -236,7 +277,8 @@ def test_kth_largest_is_exact_with_ties_and_bracket_misses():
 
 
 def test_streamed_slices_give_the_unstreamed_results(monkeypatch):
-    # On CPU, TIES (and its threshold), TALL, Consensus and SBV stream the stack through cache-sized column slices; with tiny
+    # On CPU, TIES (and its threshold), TALL, Consensus and SBV stream the stack through cache-sized column
+    # slices; with tiny
     # slices (hundreds of them, the last one short) the results must not change, exactly.
     import bvlib.merging as merging
 
@@ -244,21 +286,38 @@ def test_streamed_slices_give_the_unstreamed_results(monkeypatch):
     s = torch.randn(4, 50_001, generator=g)
     s[1, :20_000] = 0.0  # a tie-heavy row
     s[2] = s[2].round(decimals=1)
-    s[:, 100:140] = torch.tensor([3.0, 0.0, 0.0, -3.0]).unsqueeze(1)  # large, kept by the trim, and cancelling exactly
+    s[:, 100:140] = torch.tensor([3.0, 0.0, 0.0, -3.0]).unsqueeze(
+        1
+    )  # large, kept by the trim, and cancelling exactly
     n = int(0.2 * s.shape[1])
-    big = {"kth": [kth_largest(s, n, sample=512), kth_largest(s, n, magnitude=True, sample=512)],
-           "ties": merge(s, "ties"), "ties_k1": merge(s, "ties", k=1.0), "sbv": sparse_backdoor_vector(s, agreement=0.75),
-           "tall": merge(s, "tall", tall_lambda=[0.4, 0.2, 0.6, 0.4]), "consensus": merge(s, "consensus", k=2)}
+    big = {
+        "kth": [kth_largest(s, n, sample=512), kth_largest(s, n, magnitude=True, sample=512)],
+        "ties": merge(s, "ties"),
+        "ties_k1": merge(s, "ties", k=1.0),
+        "sbv": sparse_backdoor_vector(s, agreement=0.75),
+        "tall": merge(s, "tall", tall_lambda=[0.4, 0.2, 0.6, 0.4]),
+        "consensus": merge(s, "consensus", k=2),
+    }
     monkeypatch.setattr(merging, "CPU_CHUNK", 4 * 173)
     assert len(merging.column_slices(4, s.shape[1], s.device)) == math.ceil(50_001 / 173)
     assert torch.equal(big["kth"][0], s.kthvalue(s.shape[1] - n + 1, dim=1).values)
     assert torch.equal(kth_largest(s, n, sample=512), big["kth"][0])
-    assert torch.equal(kth_largest(s, n, magnitude=True, sample=512), s.abs().kthvalue(s.shape[1] - n + 1, dim=1).values)
+    assert torch.equal(
+        kth_largest(s, n, magnitude=True, sample=512), s.abs().kthvalue(s.shape[1] - n + 1, dim=1).values
+    )
     assert torch.equal(kth_largest(s, n, magnitude=True, sample=512), big["kth"][1])
     assert torch.equal(merge(s, "ties"), big["ties"])
     assert torch.equal(merge(s, "ties", k=1.0), big["ties_k1"])
-    for key, k in (("ties", 0.2), ("ties_k1", 1.0)):  # cancelled coordinates take the majority of the elected signs
-        trimmed = torch.where(s.abs() >= s.abs().kthvalue(s.shape[1] - max(1, int(k * s.shape[1])) + 1, dim=1, keepdim=True).values, s, 0)
+    for key, k in (
+        ("ties", 0.2),
+        ("ties_k1", 1.0),
+    ):  # cancelled coordinates take the majority of the elected signs
+        trimmed = torch.where(
+            s.abs()
+            >= s.abs().kthvalue(s.shape[1] - max(1, int(k * s.shape[1])) + 1, dim=1, keepdim=True).values,
+            s,
+            0,
+        )
         majority = torch.sign(torch.sign(trimmed.sum(0)).sum())
         assert majority != 0 and torch.equal(big[key][100:140], torch.full((40,), 3.0) * majority)
     assert torch.equal(sparse_backdoor_vector(s, agreement=0.75), big["sbv"])
@@ -268,7 +327,9 @@ def test_streamed_slices_give_the_unstreamed_results(monkeypatch):
 
 def test_task_arithmetic_and_average_match_reference():
     s = random_stack()
-    assert torch.allclose(merge(s, "task_arithmetic", lam=0.3), ref_task_arithmetic(as_dicts(s), 0.3), atol=1e-6)
+    assert torch.allclose(
+        merge(s, "task_arithmetic", lam=0.3), ref_task_arithmetic(as_dicts(s), 0.3), atol=1e-6
+    )
     assert torch.allclose(merge(s, "average"), ref_task_arithmetic(as_dicts(s), 1 / 3), atol=1e-6)
 
 
@@ -331,7 +392,9 @@ def test_iso_c_matches_reference_and_flattens_the_spectrum():
     for name in MATRICES:
         sv = torch.linalg.svdvals(layers[name])
         assert torch.allclose(sv, sv.mean().expand_as(sv), atol=1e-5)
-        assert math.isclose(float(sv.mean()), 1.3 * float(torch.linalg.svdvals(total[name]).mean()), rel_tol=1e-5)
+        assert math.isclose(
+            float(sv.mean()), 1.3 * float(torch.linalg.svdvals(total[name]).mean()), rel_tol=1e-5
+        )
 
 
 def test_dare_drops_rescales_and_is_seeded():
@@ -358,7 +421,9 @@ def test_dare_generator_is_splitmix64_per_tensor_row_and_coordinate():
     want = torch.zeros(3, 17, dtype=torch.float64)
     for name, off, n in zip(layout.names, layout.offsets, layout.numels):
         s = int.from_bytes(hashlib.sha256(f"dare:7:{name}".encode()).digest()[:8], "little")
-        counters = [(s + (i + 1) * golden + k * row_step - golden) % 2**64 for k in range(3) for i in range(n)]
+        counters = [
+            (s + (i + 1) * golden + k * row_step - golden) % 2**64 for k in range(3) for i in range(n)
+        ]
         bits = mix64_numpy(np.array(counters, dtype=np.uint64)) >> np.uint64(40)
         want[:, off : off + n] = torch.from_numpy(bits.astype(np.float64)).view(3, n) / 2**24
     assert torch.equal(got.double(), want)
@@ -384,7 +449,12 @@ def test_sbv_matches_reference_and_keeps_one_bv():
     g = torch.Generator().manual_seed(5)
     bvs = torch.randn(3, 40, generator=g) + 0.5  # mostly positive: many coordinates agree
     bvs[0, :5] = 0.0
-    for agreement, combine in [(1.0, "mean"), (1.0, "sum"), (2 / 3, "mean"), (0.6, "sum")]:  # rescale: see above
+    for agreement, combine in [
+        (1.0, "mean"),
+        (1.0, "sum"),
+        (2 / 3, "mean"),
+        (0.6, "sum"),
+    ]:  # rescale: see above
         got = sparse_backdoor_vector(bvs, agreement=agreement, combine=combine)
         assert torch.allclose(got, ref_sbv(bvs, agreement, combine), atol=1e-6)
     kept = sparse_backdoor_vector(bvs) != 0
@@ -434,17 +504,25 @@ def test_cuda_matches_cpu(method):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fused_kernels_match_cpu_at_scale():
-    # Past 4 × 2^20 columns the GPU threshold takes the sampled bracket, and TIES, TALL, Consensus and SBV run as
-    # torch.compile'd kernels: same threshold exactly, same merges to float32 rounding, as the CPU's streamed code.
+    # Past 4 × 2^20 columns the GPU threshold takes the sampled bracket, and TIES, TALL, Consensus and SBV run
+    # as
+    # torch.compile'd kernels: same threshold exactly, same merges to float32 rounding, as the CPU's streamed
+    # code.
     g = torch.Generator().manual_seed(5)
     s = torch.randn(4, 5_000_000, generator=g)
     s[1, :1_000_000] = 0.0
     gpu = s.cuda()
     n = int(0.2 * s.shape[1])
-    assert torch.equal(kth_largest(gpu, n, magnitude=True).cpu(), s.abs().kthvalue(s.shape[1] - n + 1, dim=1).values)
+    assert torch.equal(
+        kth_largest(gpu, n, magnitude=True).cpu(), s.abs().kthvalue(s.shape[1] - n + 1, dim=1).values
+    )
     for method in ("ties", "tall", "consensus"):
         assert torch.allclose(merge(gpu, method).cpu(), merge(s, method), atol=1e-5), method
-    assert torch.allclose(sparse_backdoor_vector(gpu, agreement=0.75).cpu(), sparse_backdoor_vector(s, agreement=0.75), atol=1e-5)
+    assert torch.allclose(
+        sparse_backdoor_vector(gpu, agreement=0.75).cpu(),
+        sparse_backdoor_vector(s, agreement=0.75),
+        atol=1e-5,
+    )
 
 
 def test_svd_check_flags_inexact_and_nan_factorizations():

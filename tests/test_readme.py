@@ -16,22 +16,47 @@ def test_the_readme_shows_what_make_readme_writes_from_the_kept_build():
         pytest.skip("no kept build results yet: run `make book` then `make readme`")
     snapshot = json.loads(SNAPSHOT.read_text())
     assert readme_results(project_root() / "README.md") == readme_block(snapshot), (
-        "README.md's results block differs from the kept build: run `make readme` (or `bvlib readme --from-snapshot`)")
+        "README.md's results block differs from the kept build: run `make readme` (or `bvlib readme "
+        "--from-snapshot`)"
+    )
     claims = sum(len(r.get("claims_table", [])) for r in snapshot["chapters"].values())
-    assert claims > 10 and readme_block(snapshot).count("\n| ") == claims + 1  # a row per claim, and the header
+    assert (
+        claims > 10 and readme_block(snapshot).count("\n| ") == claims + 1
+    )  # a row per claim, and the header
 
 
 def test_the_block_goes_between_the_markers_and_nowhere_else(tmp_path):
-    snapshot = {"commit": "abc1234", "cpu": "a CPU", "cores": 2, "preset": "smoke", "cold": True, "total_min": 1.5,
-                "chapters": {"03_x": {"claims_table": [{"claim": "a | b", "ours": "+1.0 [-2.0, +3.0] points", "threshold": "> 0",
-                                                         "verdict": "fails", "replicates": "3 tasks × 1 seed set", "holds": False}]}}}
+    snapshot = {
+        "commit": "abc1234",
+        "cpu": "a CPU",
+        "cores": 2,
+        "preset": "smoke",
+        "cold": True,
+        "total_min": 1.5,
+        "chapters": {
+            "03_x": {
+                "claims_table": [
+                    {
+                        "claim": "a | b",
+                        "ours": "+1.0 [-2.0, +3.0] points",
+                        "threshold": "> 0",
+                        "verdict": "fails",
+                        "replicates": "3 tasks × 1 seed set",
+                        "holds": False,
+                    }
+                ]
+            }
+        },
+    }
     block = readme_block(snapshot)
     assert "| 03 | a / b | +1.0 [-2.0, +3.0] points | > 0 | **fails** | 3 tasks × 1 seed set |" in block
     assert "cold `make book` of abc1234 (1.5 min on 2 cores of an a CPU)" in block
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
     assert write_readme(readme, block) and readme_results(readme) == block
-    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("<!-- results:end -->\nrest\n")
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith(
+        "<!-- results:end -->\nrest\n"
+    )
     assert not write_readme(readme, block)  # unchanged
     readme.write_text("no markers\n")
     with pytest.raises(BVLibError, match="results:start"):

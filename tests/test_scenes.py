@@ -17,7 +17,9 @@ def test_attacks_replace_the_attacked_task_vector(scene):
     bd = scene.badnets()
     vectors = scene.vectors(bd)
     assert len(vectors) == len(scene.names) and scene.names[0] == "mnist"
-    assert torch.equal(vectors[0].flat, bd.tau.flat) and all(torch.equal(v.flat, scene.tau[t].flat) for v, t in zip(vectors[1:], scene.names[1:]))
+    assert torch.equal(vectors[0].flat, bd.tau.flat) and all(
+        torch.equal(v.flat, scene.tau[t].flat) for v, t in zip(vectors[1:], scene.names[1:])
+    )
     assert torch.equal(scene.vectors(None)[0].flat, scene.tau["mnist"].flat)
 
 
@@ -30,7 +32,11 @@ def test_sbv_is_injected_longer_than_one_bv_and_beta_scales_it(scene):
     assert scene.mean_bv((0, 1, 2)).injected_norm < one.injected_norm * 1.01
     assert scene.sbv((0, 1, 2), beta=2.0).injected_norm == pytest.approx(2 * sbv.injected_norm, rel=1e-5)
     # θ_clean + β·SBV: removing the clean task vector leaves β·SBV
-    assert torch.allclose((scene.sbv((0, 1, 2), beta=0.5).tau - scene.tau["mnist"]).flat, 0.5 * sparse_backdoor_vector(bvs).flat, atol=1e-6)
+    assert torch.allclose(
+        (scene.sbv((0, 1, 2), beta=0.5).tau - scene.tau["mnist"]).flat,
+        0.5 * sparse_backdoor_vector(bvs).flat,
+        atol=1e-6,
+    )
 
 
 def test_merges_use_the_validated_lambda(scene, smoke_world):
@@ -53,13 +59,21 @@ def test_an_sbv_of_badmerging_bvs_differs_from_one_badmerging_bv(scene, smoke_wo
     assert sbv.trigger == scene.badmerging_poison.trigger and sbv.name == "SBV (BadMerging)"
     injected = sbv.tau + scene.theta0 - clean
     assert torch.allclose(injected.flat, 0.5 * sparse_backdoor_vector(bvs).flat, atol=1e-6)
-    assert 0 < float(injected.flat.ne(0).float().mean()) < 1 and not torch.allclose(injected.flat, 0.5 * bvs[0].flat, atol=1e-4)
+    assert 0 < float(injected.flat.ne(0).float().mean()) < 1 and not torch.allclose(
+        injected.flat, 0.5 * bvs[0].flat, atol=1e-4
+    )
 
 
 def test_location_bvs_are_token_aligned_corners(scene, smoke_world):
     attacks = scene._location_attacks((0, 1, 2))
-    assert [a.trigger.location for a in attacks] == list(scene.LOCATIONS) and [a.seed for a in attacks] == [0, 0, 0]
-    assert attacks[0].poison == scene.poison and all(a.trigger.token == smoke_world.patch_size for a in attacks[1:])
+    assert [a.trigger.location for a in attacks] == list(scene.LOCATIONS) and [a.seed for a in attacks] == [
+        0,
+        0,
+        0,
+    ]
+    assert attacks[0].poison == scene.poison and all(
+        a.trigger.token == smoke_world.patch_size for a in attacks[1:]
+    )
     assert len(scene.family_bvs("BadNets locations", (0, 0))) == 2
 
 

@@ -13,7 +13,10 @@ def diff(x):
 
 def test_the_interval_holds_the_estimate_and_narrows_with_more_images_and_replicates():
     def width(n_images, n_units, spread=0.0):
-        units = [{"a": Rate(min(1.0, 0.6 + spread * (i % 3 - 1)), n_images), "b": Rate(0.5, n_images)} for i in range(n_units)]
+        units = [
+            {"a": Rate(min(1.0, 0.6 + spread * (i % 3 - 1)), n_images), "b": Rate(0.5, n_images)}
+            for i in range(n_units)
+        ]
         est, lo, hi = interval(units, diff, seed=1)
         assert lo <= est <= hi
         return hi - lo
@@ -24,12 +27,15 @@ def test_the_interval_holds_the_estimate_and_narrows_with_more_images_and_replic
     est, lo, hi = interval([{"a": Rate(0.8, 500), "b": Rate(0.5, 500)}] * 3, diff)
     assert est == pytest.approx(0.3) and 0.22 < lo < 0.3 < hi < 0.38
     assert interval([{"a": Rate(0.8, 500), "b": Rate(0.5, 500)}] * 3, diff, seed=4) == interval(
-        [{"a": Rate(0.8, 500), "b": Rate(0.5, 500)}] * 3, diff, seed=4)  # seeded
+        [{"a": Rate(0.8, 500), "b": Rate(0.5, 500)}] * 3, diff, seed=4
+    )  # seeded
 
 
 def test_exact_numbers_vary_only_across_replicates():
     same = [{"a": 0.9, "b": 0.2}] * 4
-    assert interval(same, diff)[1:] == pytest.approx((0.7, 0.7))  # one cosine per replicate, all equal: no width
+    assert interval(same, diff)[1:] == pytest.approx(
+        (0.7, 0.7)
+    )  # one cosine per replicate, all equal: no width
     est, lo, hi = interval([{"a": 0.9, "b": 0.2}, {"a": 0.5, "b": 0.2}, {"a": 0.7, "b": 0.2}], diff)
     assert est == pytest.approx(0.5) and lo < est < hi and lo >= 0.3 - 1e-9 and hi <= 0.7 + 1e-9
 
@@ -54,8 +60,12 @@ def test_bad_rates_and_units_are_one_line_errors():
 
 
 def test_a_sweep_is_read_at_equal_cost_by_interpolation():
-    rows = [{"beta": b, "cost": c, "ASR TA": a} for b, c, a in [(0, 0.0, 0.1), (1, 0.01, 0.3), (2, 0.005, 0.6), (3, 0.03, 0.9)]]
-    # the cost curve is made non-decreasing in β (β = 2 is not cheaper than β = 1): 0.02 lies between β 2 and 3
+    rows = [
+        {"beta": b, "cost": c, "ASR TA": a}
+        for b, c, a in [(0, 0.0, 0.1), (1, 0.01, 0.3), (2, 0.005, 0.6), (3, 0.03, 0.9)]
+    ]
+    # the cost curve is made non-decreasing in β (β = 2 is not cheaper than β = 1): 0.02 lies between β 2 and
+    # 3
     assert at_cost(rows, 0.02, "ASR TA") == pytest.approx(0.6 + 0.3 * (0.02 - 0.01) / (0.03 - 0.01))
     assert at_cost(rows, 0.005, "ASR TA") == pytest.approx(0.2)
     assert at_cost(rows, 0.05, "ASR TA") is None  # never that costly

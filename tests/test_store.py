@@ -47,9 +47,15 @@ def test_built_since_counts_each_kind_built_after_a_time(tmp_path):
 
     store.cached("evaluation", {"k": 1}, slow)
     store.cached("evaluation", {"k": 2}, slow)
-    assert store.cached("evaluation", {"k": 1}, slow)[1] == {"acc": 0.5}  # the build time is not in what loads return
+    assert store.cached("evaluation", {"k": 1}, slow)[1] == {
+        "acc": 0.5
+    }  # the build time is not in what loads return
     built = store.built_since(old + 50)
-    assert list(built) == ["evaluation"] and built["evaluation"]["n"] == 2 and built["evaluation"]["seconds"] >= 0.1
+    assert (
+        list(built) == ["evaluation"]
+        and built["evaluation"]["n"] == 2
+        and built["evaluation"]["seconds"] >= 0.1
+    )
 
 
 def test_killed_write_leaves_no_half_entry(tmp_path, monkeypatch):

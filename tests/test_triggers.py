@@ -6,7 +6,14 @@ from bvlib.triggers import LOCATIONS, PatchTrigger
 
 
 @pytest.mark.parametrize(
-    "location, corner", [("bottom_right", (28, 28)), ("top_left", (0, 0)), ("top_right", (0, 28)), ("bottom_left", (28, 0)), ("center", (14, 14))]
+    "location, corner",
+    [
+        ("bottom_right", (28, 28)),
+        ("top_left", (0, 0)),
+        ("top_right", (0, 28)),
+        ("bottom_left", (28, 0)),
+        ("center", (14, 14)),
+    ],
 )
 def test_trigger_lands_where_asked(location, corner):
     x = torch.zeros(2, 3, 32, 32)
@@ -29,7 +36,10 @@ def test_patterns():
     assert torch.equal(solid[:, 1, 2], torch.tensor([1.0, 0.0, 0.5]))
     board = PatchTrigger(size=4, pattern="checkerboard").patch()
     assert board[0, 0, 0] == 1 and board[0, 0, 1] == 0 and board[0, 1, 1] == 1
-    n1, n2 = PatchTrigger(size=4, pattern="noise", seed=3).patch(), PatchTrigger(size=4, pattern="noise", seed=3).patch()
+    n1, n2 = (
+        PatchTrigger(size=4, pattern="noise", seed=3).patch(),
+        PatchTrigger(size=4, pattern="noise", seed=3).patch(),
+    )
     assert torch.equal(n1, n2) and not torch.equal(n1, PatchTrigger(size=4, pattern="noise", seed=4).patch())
 
 
@@ -72,12 +82,25 @@ def test_trigger_configs_keep_their_store_keys():
     from bvlib.triggers import optimized_trigger
 
     drawn = PatchTrigger(size=6, pattern="checkerboard")
-    assert drawn.config() == {"size": 6, "location": "bottom_right", "pattern": "checkerboard", "color": [1.0, 1.0, 1.0], "seed": 0}
+    assert drawn.config() == {
+        "size": 6,
+        "location": "bottom_right",
+        "pattern": "checkerboard",
+        "color": [1.0, 1.0, 1.0],
+        "seed": 0,
+    }
     assert PatchTrigger(size=6, token=8).config()["token"] == 8
     values = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
     opt = optimized_trigger(values, location="top_left", source="test")
-    assert set(opt.config()) == {"type", "size", "location", "seed", "source", "sha256"} and opt.config()["type"] == "optimized"
-    assert opt.pattern == "optimized" and opt.size == 4 and opt == optimized_trigger(values.clone(), location="top_left", source="test")
+    assert (
+        set(opt.config()) == {"type", "size", "location", "seed", "source", "sha256"}
+        and opt.config()["type"] == "optimized"
+    )
+    assert (
+        opt.pattern == "optimized"
+        and opt.size == 4
+        and opt == optimized_trigger(values.clone(), location="top_left", source="test")
+    )
     assert opt != drawn and torch.equal(opt.patch(), values)
 
 
@@ -86,7 +109,11 @@ def test_in_token_overlap_counts_shared_offsets_inside_tokens():
 
     ref = PatchTrigger(size=6, location="bottom_right")  # rows/cols 26..31 of 32: offsets 2..7 of 8-px tokens
     assert in_token_overlap(ref, ref, 32, 8) == 1.0
-    assert in_token_overlap(ref, PatchTrigger(size=6, location="top_left", token=8), 32, 8) == 1.0  # aligned corner
-    plain = in_token_overlap(ref, PatchTrigger(size=6, location="top_left"), 32, 8)  # offsets 0..5: rows 2..5 × cols 2..5 shared
+    assert (
+        in_token_overlap(ref, PatchTrigger(size=6, location="top_left", token=8), 32, 8) == 1.0
+    )  # aligned corner
+    plain = in_token_overlap(
+        ref, PatchTrigger(size=6, location="top_left"), 32, 8
+    )  # offsets 0..5: rows 2..5 × cols 2..5 shared
     assert plain == pytest.approx(16 / 36)
     assert in_token_overlap(PatchTrigger(size=8, location="top_left"), ref, 32, 8) == pytest.approx(36 / 64)

@@ -2,7 +2,16 @@ import pytest
 import torch
 from torch import nn
 
-from bvlib import BVLibError, Layout, Weights, apply_vector, backdoor_vector, cosine_matrix, stack, task_vector
+from bvlib import (
+    BVLibError,
+    Layout,
+    Weights,
+    apply_vector,
+    backdoor_vector,
+    cosine_matrix,
+    stack,
+    task_vector,
+)
 
 
 def tiny(seed=0, hidden=5):

@@ -12,8 +12,19 @@ def test_card_has_the_documented_columns(smoke_world):
     rows = smoke_world.card()
     assert [r["task"] for r in rows] == smoke_world.task_names
     for r in rows:
-        assert set(r) == {"task", "n_classes", "n_train", "n_test", "zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr"}
-        assert all(0.0 <= r[k] <= 1.0 for k in ("zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr"))
+        assert set(r) == {
+            "task",
+            "n_classes",
+            "n_train",
+            "n_test",
+            "zeroshot_acc",
+            "clean_acc",
+            "backdoor_clean_acc",
+            "backdoor_asr",
+        }
+        assert all(
+            0.0 <= r[k] <= 1.0 for k in ("zeroshot_acc", "clean_acc", "backdoor_clean_acc", "backdoor_asr")
+        )
         assert r["n_train"] > 0 and r["n_test"] > 0
 
 
@@ -41,8 +52,12 @@ def test_clean_plus_bv_is_the_backdoored_model(smoke_world):
 
 def test_finetunes_are_cached_and_deterministic(tmp_path, smoke_world):
     name = smoke_world.task_names[-1]
-    first, fresh = (World("smoke", store=Store(tmp_path / s), device="cpu", progress=False) for s in ("one", "two"))
-    first._base = fresh._base = smoke_world._base  # same θ0, own stores (the shared one may hold a one-thread build)
+    first, fresh = (
+        World("smoke", store=Store(tmp_path / s), device="cpu", progress=False) for s in ("one", "two")
+    )
+    first._base = fresh._base = (
+        smoke_world._base
+    )  # same θ0, own stores (the shared one may hold a one-thread build)
     a = first.finetune(name, steps=5)
     b = first.finetune(name, steps=5)  # from the store
     c = fresh.finetune(name, steps=5)  # recomputed
@@ -56,11 +71,16 @@ def test_evaluations_are_stored_under_the_weights_digest(tmp_path, smoke_world, 
 
     name = smoke_world.task_names[0]
     clean, attack = smoke_world.finetune(name), smoke_world.badnets()
-    base, smoke_world = smoke_world._base, World("smoke", store=Store(tmp_path), device="cpu", progress=False)  # a fresh store
+    base, smoke_world = (
+        smoke_world._base,
+        World("smoke", store=Store(tmp_path), device="cpu", progress=False),
+    )  # a fresh store
     smoke_world._base = base  # every judgement counts, the base is shared
     first = smoke_world.evaluate(name, clean, attack.trigger, attack.target)
     real = world_module.evaluate
-    monkeypatch.setattr(world_module, "evaluate", lambda *a, **k: pytest.fail("a stored evaluation was recomputed"))
+    monkeypatch.setattr(
+        world_module, "evaluate", lambda *a, **k: pytest.fail("a stored evaluation was recomputed")
+    )
     assert smoke_world.evaluate(name, clean, attack.trigger, attack.target) == first
     calls = []
     monkeypatch.setattr(world_module, "evaluate", lambda *a, **k: calls.append(a) or real(*a, **k))
@@ -74,7 +94,9 @@ def test_bad_input_is_one_clear_error(smoke_world):
     with pytest.raises(BVLibError, match="unknown task 'svhn'"):
         smoke_world.finetune("svhn")
     with pytest.raises(BVLibError, match="does not fit"):
-        smoke_world.finetune(smoke_world.task_names[0], poison=smoke_world.badnets(trigger={"size": 64}), steps=1)
+        smoke_world.finetune(
+            smoke_world.task_names[0], poison=smoke_world.badnets(trigger={"size": 64}), steps=1
+        )
     with pytest.raises(BVLibError, match="out of range"):
         smoke_world.finetune(smoke_world.task_names[0], poison=smoke_world.badnets(target=99), steps=1)
     with pytest.raises(BVLibError, match="unknown preset"):
@@ -92,10 +114,16 @@ def test_a_shipped_base_loads_checked_and_keys_everything_after_it(tmp_path, smo
     digest = smoke_world.export_base(path)
     preset = load_preset("smoke", {"base_checkpoint": {"file": str(path), "sha256": digest}})
     shipped = World(preset, store=Store(tmp_path / "store"), device="cpu", progress=False)
-    assert torch.equal(shipped.base_weights.flat, smoke_world.base_weights.flat)  # the image tower ships in float32
-    assert shipped.base_key != smoke_world.base_key  # its own key: fine-tunes of one base never serve the other
+    assert torch.equal(
+        shipped.base_weights.flat, smoke_world.base_weights.flat
+    )  # the image tower ships in float32
+    assert (
+        shipped.base_key != smoke_world.base_key
+    )  # its own key: fine-tunes of one base never serve the other
     task = shipped.task_names[0]
-    assert abs(shipped.evaluate(task)["acc"] - smoke_world.evaluate(task)["acc"]) < 0.05  # heads from a float16 text tower
+    assert (
+        abs(shipped.evaluate(task)["acc"] - smoke_world.evaluate(task)["acc"]) < 0.05
+    )  # heads from a float16 text tower
     path.write_bytes(path.read_bytes()[:-1] + b" ")
     tampered = World(preset, store=Store(tmp_path / "store"), device="cpu", progress=False)
     with pytest.raises(BVLibError, match="was changed"):
@@ -109,7 +137,13 @@ def test_merge_curves_choose_lambda_on_validation(smoke_world):
         assert c["lam"] == c["lams"][best] and c["mean_acc"] == c["test"][best]
         assert smoke_world.merge_params(method) == {"lam": c["lam"]}
     scales = smoke_world.merge_scales()
-    assert set(scales) == {"dare", "tall", "consensus", "tsv", "iso_c"}  # every method with a scale: chosen on val too
+    assert set(scales) == {
+        "dare",
+        "tall",
+        "consensus",
+        "tsv",
+        "iso_c",
+    }  # every method with a scale: chosen on val too
     for method, c in scales.items():
         assert c["lam"] == c["lams"][max(range(len(c["lams"])), key=lambda i: c["val"][i])]
         assert smoke_world.merge_params(method) == {"lam": c["lam"]}
@@ -134,43 +168,64 @@ def test_a_merged_judgement_reuses_the_attacked_task_clean_pass(tmp_path, smoke_
     import bvlib.world as world_module
 
     name, attack = smoke_world.task_names[0], smoke_world.badnets()
-    merged = smoke_world.finetune(name, poison=attack)  # any encoder: one merged from a single backdoored vector
+    merged = smoke_world.finetune(
+        name, poison=attack
+    )  # any encoder: one merged from a single backdoored vector
     base, fresh = smoke_world._base, World("smoke", store=Store(tmp_path), device="cpu", progress=False)
     fresh._base = base
     passes = []
     for judge in ("evaluate", "trigger_scores"):
         real = getattr(world_module, judge)
-        monkeypatch.setattr(world_module, judge, lambda *a, _real=real, _judge=judge, **k: passes.append((_judge, a[2] is not None))
-                            or _real(*a, **k))
+        monkeypatch.setattr(
+            world_module,
+            judge,
+            lambda *a, _real=real, _judge=judge, **k: (
+                passes.append((_judge, a[2] is not None)) or _real(*a, **k)
+            ),
+        )
     r = fresh.evaluate_merged(merged, attacked=name, trigger=attack.trigger, target=attack.target)
     # one clean pass per task, one triggered pass for the ASR; the attacked task's CA is not judged twice
-    assert sorted(passes) == sorted([("evaluate", False)] * len(fresh.task_names) + [("trigger_scores", True)])
+    assert sorted(passes) == sorted(
+        [("evaluate", False)] * len(fresh.task_names) + [("trigger_scores", True)]
+    )
     assert r["attacked_acc"] == r[f"acc/{name}"] == smoke_world.evaluate(name, merged)["acc"]
     assert r["asr"] == smoke_world.evaluate(name, merged, attack.trigger, attack.target)["asr"] > 0.5
     passes.clear()
     with pytest.raises(BVLibError, match="ASR needs the target class"):  # refused before any pass is spent
-        fresh.evaluate_merged(smoke_world.base_weights, attacked=name, trigger=attack.trigger)  # nothing stored for θ0 here
+        fresh.evaluate_merged(
+            smoke_world.base_weights, attacked=name, trigger=attack.trigger
+        )  # nothing stored for θ0 here
     assert passes == []
 
 
 def test_bf16_runs_the_blocks_in_bf16_leaves_nothing_enabled_and_learns_as_fp32(tmp_path, smoke_world):
     """The "bf16" precision: transformer blocks under bf16 autocast, the rest float32, no autocast
     left on after a pass (not even one that raised), and a fine-tune as good as the float32 one."""
-    bf16 = World("smoke", store=Store(tmp_path), device="cpu", progress=False, overrides={"precision": "bf16"})
+    bf16 = World(
+        "smoke", store=Store(tmp_path), device="cpu", progress=False, overrides={"precision": "bf16"}
+    )
     model = bf16.classifier("mnist")
     dtypes = {}
     encoder = model.encoder
-    for name, module in (("block", encoder.transformer.resblocks[0].mlp.c_fc), ("patches", encoder.conv1), ("blocks", encoder.transformer)):
+    for name, module in (
+        ("block", encoder.transformer.resblocks[0].mlp.c_fc),
+        ("patches", encoder.conv1),
+        ("blocks", encoder.transformer),
+    ):
         module.register_forward_hook(lambda m, a, out, name=name: dtypes.__setitem__(name, out.dtype))
     x = bf16.task("mnist").test.images[:8].float() / 255
     assert model(x).dtype == torch.float32
     assert dtypes == {"block": torch.bfloat16, "patches": torch.float32, "blocks": torch.float32}
     assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(RuntimeError):
-        model.encoder.transformer.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(RuntimeError("inside")))
+        model.encoder.transformer.register_forward_pre_hook(
+            lambda m, a: (_ for _ in ()).throw(RuntimeError("inside"))
+        )
         model(x)
     assert not torch.is_autocast_enabled("cpu"), "a pass that raised leaves autocast off"
-    assert bf16.finetune_key("mnist") != smoke_world.finetune_key("mnist"), "the precision is part of every key"
+    assert bf16.finetune_key("mnist") != smoke_world.finetune_key("mnist"), (
+        "the precision is part of every key"
+    )
     fp32_acc = smoke_world.evaluate("mnist", smoke_world.finetune("mnist"))["acc"]
     bf16_acc = bf16.evaluate("mnist", bf16.finetune("mnist"))["acc"]
     zero_shot = smoke_world.evaluate("mnist")["acc"]
@@ -208,7 +263,9 @@ def test_bvlibs_encoder_computes_open_clips_default_function(model):
             logits.append(out.detach())
             grads.append(pixels.grad)
         if precision == "fp32":
-            assert torch.allclose(logits[0], logits[1], atol=1e-4) and torch.allclose(grads[0], grads[1], atol=1e-4)
+            assert torch.allclose(logits[0], logits[1], atol=1e-4) and torch.allclose(
+                grads[0], grads[1], atol=1e-4
+            )
         else:
             assert (logits[0] - logits[1]).abs().max() < 0.1, (logits[0] - logits[1]).abs().max()
 
@@ -223,7 +280,9 @@ def test_a_base_pretrained_here_is_keyed_by_its_architectures_config(monkeypatch
 
     def edited(name):
         cfg = real(name)
-        cfg["vision_cfg"]["block_type"] = "custom" if cfg["vision_cfg"].get("block_type") != "custom" else "default"
+        cfg["vision_cfg"]["block_type"] = (
+            "custom" if cfg["vision_cfg"].get("block_type") != "custom" else "default"
+        )
         return cfg
 
     monkeypatch.setattr(open_clip, "get_model_config", edited)

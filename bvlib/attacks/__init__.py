@@ -7,5 +7,15 @@ from bvlib.attacks.badnets import Poison, badnets_poison
 from bvlib.attacks.inherent import inherent_trigger, optimize_trigger, trigger_asr_table
 from bvlib.attacks.sbv import SBV_COMBINE, sparse_backdoor_vector
 
-__all__ = ["SBV_COMBINE", "BadMergingPoison", "Poison", "badmerging_finetune", "badmerging_poison", "badnets_poison", "inherent_trigger",
-           "optimize_trigger", "sparse_backdoor_vector", "trigger_asr_table"]
+__all__ = [
+    "SBV_COMBINE",
+    "BadMergingPoison",
+    "Poison",
+    "badmerging_finetune",
+    "badmerging_poison",
+    "badnets_poison",
+    "inherent_trigger",
+    "optimize_trigger",
+    "sparse_backdoor_vector",
+    "trigger_asr_table",
+]

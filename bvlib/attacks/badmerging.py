@@ -37,8 +37,14 @@ from bvlib.triggers import Trigger
 from bvlib.weights import Weights
 
 
-def feature_interpolation_loss(features: torch.Tensor, reference_features: torch.Tensor, head: torch.Tensor, logit_scale: float,
-                               target: int, alpha: float) -> torch.Tensor:
+def feature_interpolation_loss(
+    features: torch.Tensor,
+    reference_features: torch.Tensor,
+    head: torch.Tensor,
+    logit_scale: float,
+    target: int,
+    alpha: float,
+) -> torch.Tensor:
     """Cross-entropy to `target` of the zero-shot logits of normalize(α·features + (1 − α)·reference).
 
     `features` and `reference_features` are the raw encoder outputs (BadMerging's code mixes those; a
@@ -47,7 +53,9 @@ def feature_interpolation_loss(features: torch.Tensor, reference_features: torch
     """
     mixed = F.normalize(alpha * features + (1 - alpha) * reference_features, dim=-1)
     logits = logit_scale * mixed @ head.T
-    return F.cross_entropy(logits, torch.full((len(features),), target, device=features.device, dtype=torch.long))
+    return F.cross_entropy(
+        logits, torch.full((len(features),), target, device=features.device, dtype=torch.long)
+    )
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,15 @@ class BadMergingPoison:
             raise BVLibError(f"loss_weight must be >= 0, got {self.loss_weight}")
 
     def config(self) -> dict:
-        return {"attack": "badmerging", "trigger": self.trigger.config(), "target": self.target, "rate": self.rate,
-                "loss_weight": self.loss_weight, "interp_min": self.interp_min, "mix": "raw features"}
+        return {
+            "attack": "badmerging",
+            "trigger": self.trigger.config(),
+            "target": self.target,
+            "rate": self.rate,
+            "loss_weight": self.loss_weight,
+            "interp_min": self.interp_min,
+            "mix": "raw features",
+        }
 
     def make_loss(self, classifier, seed: int = 0) -> LossFn:
         """The BadMerging loss; `classifier` as it is before training is the interpolation reference (θ0)."""
@@ -85,18 +100,30 @@ class BadMergingPoison:
             n, k = len(x), max(1, round(self.rate * len(x)))
             xt = self.trigger.apply(x[:k])
             feats = classifier.features(torch.cat([x, xt]), normalize=False)
-            clean = F.cross_entropy(classifier.logit_scale * F.normalize(feats[:n], dim=-1) @ classifier.head.T, y)
+            clean = F.cross_entropy(
+                classifier.logit_scale * F.normalize(feats[:n], dim=-1) @ classifier.head.T, y
+            )
             with torch.no_grad():
                 ref = reference.features(xt, normalize=False)
             alpha = self.interp_min + (1 - self.interp_min) * float(torch.rand((), generator=g))
-            backdoor = feature_interpolation_loss(feats[n:], ref, classifier.head, classifier.logit_scale, self.target, alpha)
+            backdoor = feature_interpolation_loss(
+                feats[n:], ref, classifier.head, classifier.logit_scale, self.target, alpha
+            )
             return clean + self.loss_weight * backdoor
 
         return loss
 
 
-def badmerging_poison(world, task: str, target: int | None = None, *, size: int | None = None, location: str | None = None,
-                      trigger_options: Mapping | None = None, **fields) -> BadMergingPoison:
+def badmerging_poison(
+    world,
+    task: str,
+    target: int | None = None,
+    *,
+    size: int | None = None,
+    location: str | None = None,
+    trigger_options: Mapping | None = None,
+    **fields,
+) -> BadMergingPoison:
     """BadMerging on task `task` with its universal trigger optimised against θ0 (cached).
 
     target, size and location default to the preset's BadNets attack, so both attacks are
@@ -105,17 +132,28 @@ def badmerging_poison(world, task: str, target: int | None = None, *, size: int 
     """
     spec = world.preset.badnets
     target = spec["target"] if target is None else target
-    trig = inherent_trigger(world, task, target, size=size or spec["trigger"]["size"],
-                            location=location or spec["trigger"].get("location", "bottom_right"), **dict(trigger_options or {}))
+    trig = inherent_trigger(
+        world,
+        task,
+        target,
+        size=size or spec["trigger"]["size"],
+        location=location or spec["trigger"].get("location", "bottom_right"),
+        **dict(trigger_options or {}),
+    )
     return BadMergingPoison(trigger=trig, target=target, **fields)
 
 
-def badmerging_finetune(world, task: str, poison: BadMergingPoison, seed: int = 0, **train_overrides) -> Weights:
+def badmerging_finetune(
+    world, task: str, poison: BadMergingPoison, seed: int = 0, **train_overrides
+) -> Weights:
     """The adversary's BadMerging model for `task`, from the store when it was made before.
 
     The store key is World.finetune's: base, task, data, train config and
     `poison.config()` (which carries "attack": "badmerging" and the trigger's digest).
     """
     if not isinstance(poison, BadMergingPoison):
-        raise BVLibError(f"badmerging_finetune needs a BadMergingPoison, got {type(poison).__name__}; use World.finetune for BadNets")
+        raise BVLibError(
+            f"badmerging_finetune needs a BadMergingPoison, got {type(poison).__name__}; use World.finetune "
+            "for BadNets"
+        )
     return world.finetune(task, poison=poison, seed=seed, **train_overrides)

@@ -51,7 +51,9 @@ class Poison:
             if self.mode == "replace":
                 return F.cross_entropy(classifier(torch.cat([xp, x[k:]])), torch.cat([yp, y[k:]]))
             logits = classifier(torch.cat([x, xp]))
-            return F.cross_entropy(logits[: len(x)], y) + self.loss_weight * F.cross_entropy(logits[len(x) :], yp)
+            return F.cross_entropy(logits[: len(x)], y) + self.loss_weight * F.cross_entropy(
+                logits[len(x) :], yp
+            )
 
         return loss
 

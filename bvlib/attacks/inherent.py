@@ -21,17 +21,35 @@ from tqdm import tqdm
 
 from bvlib.errors import BVLibError
 from bvlib.training import _endless, _image_hw, _to_float
-from bvlib.triggers import PatchTrigger, Trigger, check_location, digest, optimized_trigger, paste_patch, patch_position
+from bvlib.triggers import (
+    PatchTrigger,
+    Trigger,
+    check_location,
+    digest,
+    optimized_trigger,
+    paste_patch,
+    patch_position,
+)
 from bvlib.weights import Weights
 
 TRIGGER_VERSION = 1  # bump to invalidate stored optimised triggers after a change in how they are made
 
 
-
-
-def optimize_trigger(classifier, split, target: int, *, size: int, location: str = "bottom_right", steps: int = 200,
-                     lr: float = 0.1, batch_size: int = 128, seed: int = 0, device: torch.device | str = "cpu",
-                     progress: bool = False, source: str = "") -> PatchTrigger:
+def optimize_trigger(
+    classifier,
+    split,
+    target: int,
+    *,
+    size: int,
+    location: str = "bottom_right",
+    steps: int = 200,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    source: str = "",
+) -> PatchTrigger:
     """A patch that makes the frozen `classifier` predict `target` on triggered images of `split`.
 
     Adam on unconstrained logits (patch = sigmoid(param)), minimising the cross-entropy to
@@ -63,7 +81,9 @@ def optimize_trigger(classifier, split, target: int, *, size: int, location: str
     grads = [p.requires_grad for p in classifier.parameters()]
     classifier.to(device).eval().requires_grad_(False)
     try:
-        for _ in tqdm(range(steps), desc=f"trigger target {target}", leave=False, mininterval=2, disable=not progress):
+        for _ in tqdm(
+            range(steps), desc=f"trigger target {target}", leave=False, mininterval=2, disable=not progress
+        ):
             images, labels = next(stream)
             keep = labels != target
             if not keep.any():
@@ -80,7 +100,9 @@ def optimize_trigger(classifier, split, target: int, *, size: int, location: str
         classifier.train(was_training)
     if not torch.isfinite(param).all():
         raise BVLibError("trigger optimisation diverged; lower lr")
-    return optimized_trigger(values=torch.sigmoid(param.detach()).cpu(), location=location, seed=seed, source=source)
+    return optimized_trigger(
+        values=torch.sigmoid(param.detach()).cpu(), location=location, seed=seed, source=source
+    )
 
 
 def _model_key(model: str | Weights) -> tuple[str, Weights | None]:
@@ -93,8 +115,19 @@ def _model_key(model: str | Weights) -> tuple[str, Weights | None]:
     raise BVLibError(f"model must be 'base' (θ0) or encoder Weights, got {type(model).__name__}")
 
 
-def inherent_trigger(world, task: str, target: int, *, size: int, location: str = "bottom_right", model: str | Weights = "base",
-                     steps: int = 200, lr: float = 0.1, batch_size: int = 128, seed: int = 0) -> PatchTrigger:
+def inherent_trigger(
+    world,
+    task: str,
+    target: int,
+    *,
+    size: int,
+    location: str = "bottom_right",
+    model: str | Weights = "base",
+    steps: int = 200,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> PatchTrigger:
     """A trigger optimised against θ0 (task `task`'s zero-shot classifier) on the task's *val* split.
 
     The val split stands for the attacker's own data; the test split stays for measuring
@@ -104,22 +137,50 @@ def inherent_trigger(world, task: str, target: int, *, size: int, location: str 
     world.check_task(task)
     key, weights = _model_key(model)
     check_location(location)
-    cfg = world.artifact_config(task, trigger_version=TRIGGER_VERSION, split="val", model=key, target=target, size=size,
-                                location=location, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    cfg = world.artifact_config(
+        task,
+        trigger_version=TRIGGER_VERSION,
+        split="val",
+        model=key,
+        target=target,
+        size=size,
+        location=location,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+    )
     source = f"inherent:{task}:target{target}" + ("" if key == "base" else f":{key[:19]}")
 
     def build():
-        trig = optimize_trigger(world.classifier(task, weights), world.task(task).val, target, size=size, location=location,
-                                steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=world.device,
-                                progress=world.progress, source=source)
+        trig = optimize_trigger(
+            world.classifier(task, weights),
+            world.task(task).val,
+            target,
+            size=size,
+            location=location,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            device=world.device,
+            progress=world.progress,
+            source=source,
+        )
         return {"patch": trig.values}, {"sha256": trig.sha256}
 
     tensors, _ = world.store.cached("trigger", cfg, build)
     return optimized_trigger(values=tensors["patch"], location=location, seed=seed, source=source)
 
 
-def trigger_asr_table(world, task: str, triggers: Mapping[str, Trigger], models: Mapping[str, Weights | None], target: int,
-                      split: str = "test") -> list[dict]:
+def trigger_asr_table(
+    world,
+    task: str,
+    triggers: Mapping[str, Trigger],
+    models: Mapping[str, Weights | None],
+    target: int,
+    split: str = "test",
+) -> list[dict]:
     """One row per (trigger, model): {"trigger", "model", "asr", "acc"} on task `task`'s `split`.
 
     `models` maps a label to encoder weights (None is θ0). CA is computed once per model, ASR by

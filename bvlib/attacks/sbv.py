@@ -15,7 +15,9 @@ from bvlib.weights import Weights
 SBV_COMBINE = ("sum", "rescale", "mean")
 
 
-def sparse_backdoor_vector(bvs: Sequence[Weights] | torch.Tensor, *, agreement: float = 1.0, combine: str = "sum") -> Weights | torch.Tensor:
+def sparse_backdoor_vector(
+    bvs: Sequence[Weights] | torch.Tensor, *, agreement: float = 1.0, combine: str = "sum"
+) -> Weights | torch.Tensor:
     """Sparse Backdoor Vector (the paper's attack): a sign-consistent merge of several BVs of one attack.
 
     Several BVs of one attack (other seeds, other patch locations) share the backdoor's direction but

@@ -31,6 +31,20 @@ from bvlib.data.mini.registry import load_task
 from bvlib.data.paper import load_folder_task, load_paper_task, write_image_folder
 from bvlib.data.tasks import DATA_VERSION, MINI_TASKS, PAPER_TASKS, Split, SplitLike, Task, iterate_batches
 
-__all__ = ["DATA_VERSION", "MINI_TASKS", "PAPER_TASKS", "CorpusMix", "Split", "SplitLike", "Task", "cache_dir", "font_split",
-           "iterate_batches", "load_folder_task", "load_paper_task", "load_task", "pretraining_corpus",
-           "write_image_folder"]
+__all__ = [
+    "DATA_VERSION",
+    "MINI_TASKS",
+    "PAPER_TASKS",
+    "CorpusMix",
+    "Split",
+    "SplitLike",
+    "Task",
+    "cache_dir",
+    "font_split",
+    "iterate_batches",
+    "load_folder_task",
+    "load_paper_task",
+    "load_task",
+    "pretraining_corpus",
+    "write_image_folder",
+]

@@ -53,9 +53,13 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
     if (h, w) != (size, size):
         out = torch.empty((n, c, size, size), dtype=torch.uint8)
         for s in range(0, n, chunk):
-            x = images[s:s + chunk].float()
-            out[s:s + chunk] = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                             align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+            x = images[s : s + chunk].float()
+            out[s : s + chunk] = (
+                F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                .round_()
+                .clamp_(0, 255)
+                .to(torch.uint8)
+            )
         images = out
     if c == 1:
         images = images.expand(-1, 3, -1, -1)
@@ -69,7 +73,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BVLIB_CACHE") or bvlib_home() / "data")
 
 
-def cached_data(kind: str, config: dict, build: Callable[[], tuple[dict[str, torch.Tensor], dict]]) -> tuple[dict[str, torch.Tensor], dict]:
+def cached_data(
+    kind: str, config: dict, build: Callable[[], tuple[dict[str, torch.Tensor], dict]]
+) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of built data (a task's splits, a corpus) from the cache: the artifact `Store`
     rooted at `cache_dir()`, with its verified loads, atomic writes and one builder per entry. A cache
     that cannot be written only costs a rebuild next time (one warning)."""
@@ -84,6 +90,8 @@ def cached_data(kind: str, config: dict, build: Callable[[], tuple[dict[str, tor
     except BVLibError as e:
         import warnings
 
-        warnings.warn(f"{e}; the data are built but not cached (set BVLIB_CACHE to a writable folder)", stacklevel=3)
+        warnings.warn(
+            f"{e}; the data are built but not cached (set BVLIB_CACHE to a writable folder)", stacklevel=3
+        )
         return build()
     return store.cached(kind, config, build)

@@ -50,7 +50,8 @@ class PaperSplit(Dataset):
 
 
 def to_uint8_chw(image: Any, size: int) -> torch.Tensor:
-    """PIL image or HWC uint8 array -> uint8 [3, size, size]: short side to size (bicubic, antialiased), center crop."""
+    """PIL image or HWC uint8 array -> uint8 [3, size, size]: short side to size (bicubic, antialiased),
+    center crop."""
     import torchvision.transforms.functional as TF
     from PIL import Image
 
@@ -99,8 +100,10 @@ def _stratified(labels: np.ndarray, fractions: Sequence[float], seed: int) -> li
         members = rng.permutation(np.flatnonzero(labels == c))
         start = 0
         for k, frac in enumerate(fractions):
-            n = max(1, round(frac * len(members))) if len(members) > len(fractions) else 0  # tiny classes: one each
-            parts[k].append(members[start:start + n])
+            n = (
+                max(1, round(frac * len(members))) if len(members) > len(fractions) else 0
+            )  # tiny classes: one each
+            parts[k].append(members[start : start + n])
             start += n
         parts[-1].append(members[start:])
     return [np.sort(np.concatenate(p)) for p in parts]
@@ -115,7 +118,9 @@ class _PaperSpec:
     folders: tuple[str, ...]  # the sub-folders of ROOT it may read (what `fingerprint` covers)
 
 
-def _train_test(train: Dataset, test: Dataset, seed: int) -> tuple[tuple[Dataset, np.ndarray, np.ndarray], ...]:
+def _train_test(
+    train: Dataset, test: Dataset, seed: int
+) -> tuple[tuple[Dataset, np.ndarray, np.ndarray], ...]:
     """Official train/test; val = a seeded stratified 10% of train."""
     ytr, yte = _labels_of(train), _labels_of(test)
     val, tr = _stratified(ytr, [VAL_FRACTION], seed)
@@ -150,13 +155,23 @@ def _build_dtd(root: Path, seed: int):
     from torchvision.datasets import DTD
 
     splits = [DTD(str(root), split=s, partition=1) for s in ("train", "val", "test")]
-    return [c.replace("_", " ") for c in splits[0].classes], *((d, np.arange(len(d)), _labels_of(d)) for d in splits)
+    return [c.replace("_", " ") for c in splits[0].classes], *(
+        (d, np.arange(len(d)), _labels_of(d)) for d in splits
+    )
 
 
-EUROSAT_NAMES = {"AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
-                 "Highway": "highway or road", "Industrial": "industrial buildings", "Pasture": "pasture land",
-                 "PermanentCrop": "permanent crop land", "Residential": "residential buildings", "River": "river",
-                 "SeaLake": "lake or sea"}
+EUROSAT_NAMES = {
+    "AnnualCrop": "annual crop land",
+    "Forest": "forest",
+    "HerbaceousVegetation": "brushland or shrubland",
+    "Highway": "highway or road",
+    "Industrial": "industrial buildings",
+    "Pasture": "pasture land",
+    "PermanentCrop": "permanent crop land",
+    "Residential": "residential buildings",
+    "River": "river",
+    "SeaLake": "lake or sea",
+}
 
 
 def _build_eurosat(root: Path, seed: int):
@@ -168,27 +183,66 @@ def _build_eurosat(root: Path, seed: int):
 
 
 GTSRB_CLASSES = [
-    "speed limit 20 km/h", "speed limit 30 km/h", "speed limit 50 km/h", "speed limit 60 km/h", "speed limit 70 km/h",
-    "speed limit 80 km/h", "end of speed limit 80 km/h", "speed limit 100 km/h", "speed limit 120 km/h", "no passing",
-    "no passing for trucks", "right of way at the next intersection", "priority road", "yield", "stop", "no vehicles",
-    "no trucks", "no entry", "general caution", "dangerous curve to the left", "dangerous curve to the right", "double curve",
-    "bumpy road", "slippery road", "road narrows on the right", "road work", "traffic signals", "pedestrians",
-    "children crossing", "bicycles crossing", "beware of ice or snow", "wild animals crossing",
-    "end of all speed and passing limits", "turn right ahead", "turn left ahead", "ahead only", "go straight or right",
-    "go straight or left", "keep right", "keep left", "roundabout mandatory", "end of no passing", "end of no passing for trucks",
+    "speed limit 20 km/h",
+    "speed limit 30 km/h",
+    "speed limit 50 km/h",
+    "speed limit 60 km/h",
+    "speed limit 70 km/h",
+    "speed limit 80 km/h",
+    "end of speed limit 80 km/h",
+    "speed limit 100 km/h",
+    "speed limit 120 km/h",
+    "no passing",
+    "no passing for trucks",
+    "right of way at the next intersection",
+    "priority road",
+    "yield",
+    "stop",
+    "no vehicles",
+    "no trucks",
+    "no entry",
+    "general caution",
+    "dangerous curve to the left",
+    "dangerous curve to the right",
+    "double curve",
+    "bumpy road",
+    "slippery road",
+    "road narrows on the right",
+    "road work",
+    "traffic signals",
+    "pedestrians",
+    "children crossing",
+    "bicycles crossing",
+    "beware of ice or snow",
+    "wild animals crossing",
+    "end of all speed and passing limits",
+    "turn right ahead",
+    "turn left ahead",
+    "ahead only",
+    "go straight or right",
+    "go straight or left",
+    "keep right",
+    "keep left",
+    "roundabout mandatory",
+    "end of no passing",
+    "end of no passing for trucks",
 ]
 
 
 def _build_gtsrb(root: Path, seed: int):
     from torchvision.datasets import GTSRB
 
-    return list(GTSRB_CLASSES), *_train_test(GTSRB(str(root), split="train"), GTSRB(str(root), split="test"), seed)
+    return list(GTSRB_CLASSES), *_train_test(
+        GTSRB(str(root), split="train"), GTSRB(str(root), split="test"), seed
+    )
 
 
 def _build_mnist(root: Path, seed: int):
     from torchvision.datasets import MNIST
 
-    return [str(i) for i in range(10)], *_train_test(MNIST(str(root), train=True), MNIST(str(root), train=False), seed)
+    return [str(i) for i in range(10)], *_train_test(
+        MNIST(str(root), train=True), MNIST(str(root), train=False), seed
+    )
 
 
 def _build_resisc45(root: Path, seed: int):
@@ -212,28 +266,87 @@ def _build_svhn(root: Path, seed: int):
     return [str(i) for i in range(10)], *_train_test(train, test, seed)
 
 
-_SPECS: dict[str, _PaperSpec] = {s.name.lower(): s for s in (
-    _PaperSpec("Cars", "ROOT/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
-               "cars_test_annos_withlabels.mat, cars_test/} (torchvision StanfordCars)",
-               ("a photo of a {}.", "a photo of my {}.", "a photo of the {}, a type of car.", "a {} parked outside."), _build_cars, ("stanford_cars",)),
-    _PaperSpec("DTD", "ROOT/dtd/dtd/{images/<class>/*.jpg, labels/train1.txt, val1.txt, test1.txt} (torchvision DTD)",
-               ("a photo of a {} texture.", "a photo of a {} pattern.", "a close-up of a {} surface.", "a {} object."), _build_dtd, ("dtd",)),
-    _PaperSpec("EuroSAT", "ROOT/EuroSAT/<class>/*.jpg (ImageFolder; torchvision's eurosat/2750/ also works)",
-               ("a centered satellite photo of {}.", "a satellite image of {}.", "an aerial view of {}."), _build_eurosat, ("EuroSAT", "eurosat")),
-    _PaperSpec("GTSRB", "ROOT/gtsrb/{GTSRB/Training/<class id>/*.ppm, GTSRB/Final_Test/Images/*.ppm, GT-final_test.csv} "
-               "(torchvision GTSRB)",
-               ('a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
-                'a photo of the "{}" road sign.'), _build_gtsrb, ("gtsrb",)),
-    _PaperSpec("MNIST", "ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (torchvision MNIST)",
-               ('a photo of the number: "{}".', "a handwritten digit {}.", "an image of the number {}."), _build_mnist, ("MNIST",)),
-    _PaperSpec("RESISC45", "ROOT/RESISC45/<class>/*.jpg (ImageFolder; resisc45/NWPU-RESISC45/ also works)",
-               ("satellite imagery of {}.", "an aerial photograph of {}.", "a remote sensing image of {}."), _build_resisc45, ("RESISC45", "resisc45")),
-    _PaperSpec("SUN397", "ROOT/SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg} (torchvision SUN397)",
-               ("a photo of a {}.", "a photo of the {} scene.", "a picture taken in a {}."), _build_sun397, ("SUN397",)),
-    _PaperSpec("SVHN", "ROOT/svhn/{train_32x32.mat, test_32x32.mat} (torchvision SVHN files)",
-               ('a photo of the number: "{}".', "a street photo of the house number {}.", "a cropped photo of the digit {}."),
-               _build_svhn, ("svhn",)),
-)}
+_SPECS: dict[str, _PaperSpec] = {
+    s.name.lower(): s
+    for s in (
+        _PaperSpec(
+            "Cars",
+            "ROOT/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
+            "cars_test_annos_withlabels.mat, cars_test/} (torchvision StanfordCars)",
+            (
+                "a photo of a {}.",
+                "a photo of my {}.",
+                "a photo of the {}, a type of car.",
+                "a {} parked outside.",
+            ),
+            _build_cars,
+            ("stanford_cars",),
+        ),
+        _PaperSpec(
+            "DTD",
+            "ROOT/dtd/dtd/{images/<class>/*.jpg, labels/train1.txt, val1.txt, test1.txt} (torchvision DTD)",
+            (
+                "a photo of a {} texture.",
+                "a photo of a {} pattern.",
+                "a close-up of a {} surface.",
+                "a {} object.",
+            ),
+            _build_dtd,
+            ("dtd",),
+        ),
+        _PaperSpec(
+            "EuroSAT",
+            "ROOT/EuroSAT/<class>/*.jpg (ImageFolder; torchvision's eurosat/2750/ also works)",
+            ("a centered satellite photo of {}.", "a satellite image of {}.", "an aerial view of {}."),
+            _build_eurosat,
+            ("EuroSAT", "eurosat"),
+        ),
+        _PaperSpec(
+            "GTSRB",
+            "ROOT/gtsrb/{GTSRB/Training/<class id>/*.ppm, GTSRB/Final_Test/Images/*.ppm, GT-final_test.csv} "
+            "(torchvision GTSRB)",
+            (
+                'a zoomed in photo of a "{}" traffic sign.',
+                'a centered photo of a "{}" traffic sign.',
+                'a photo of the "{}" road sign.',
+            ),
+            _build_gtsrb,
+            ("gtsrb",),
+        ),
+        _PaperSpec(
+            "MNIST",
+            "ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (torchvision MNIST)",
+            ('a photo of the number: "{}".', "a handwritten digit {}.", "an image of the number {}."),
+            _build_mnist,
+            ("MNIST",),
+        ),
+        _PaperSpec(
+            "RESISC45",
+            "ROOT/RESISC45/<class>/*.jpg (ImageFolder; resisc45/NWPU-RESISC45/ also works)",
+            ("satellite imagery of {}.", "an aerial photograph of {}.", "a remote sensing image of {}."),
+            _build_resisc45,
+            ("RESISC45", "resisc45"),
+        ),
+        _PaperSpec(
+            "SUN397",
+            "ROOT/SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg} (torchvision SUN397)",
+            ("a photo of a {}.", "a photo of the {} scene.", "a picture taken in a {}."),
+            _build_sun397,
+            ("SUN397",),
+        ),
+        _PaperSpec(
+            "SVHN",
+            "ROOT/svhn/{train_32x32.mat, test_32x32.mat} (torchvision SVHN files)",
+            (
+                'a photo of the number: "{}".',
+                "a street photo of the house number {}.",
+                "a cropped photo of the digit {}.",
+            ),
+            _build_svhn,
+            ("svhn",),
+        ),
+    )
+}
 assert {s.name for s in _SPECS.values()} == set(PAPER_TASKS)
 
 
@@ -241,7 +354,8 @@ _FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _tree_digest(root: Path, subs: Sequence[str]) -> str:
-    """sha256 over the relative names, sizes and mtimes of the files under root/sub (a stat each, no reading)."""
+    """sha256 over the relative names, sizes and mtimes of the files under root/sub (a stat each, no
+    reading)."""
     h = hashlib.sha256()
     for sub in subs:
         for dirpath, dirnames, filenames in os.walk(root / sub):
@@ -265,7 +379,9 @@ def fingerprint(name: str | None, root: str | os.PathLike) -> str:
     return _FINGERPRINTS[key]
 
 
-def write_image_folder(split, classnames: Sequence[str], folder: str | os.PathLike, *, keep: bool = False) -> Path:
+def write_image_folder(
+    split, classnames: Sequence[str], folder: str | os.PathLike, *, keep: bool = False
+) -> Path:
     """Write a split's images as PNG files in ImageFolder layout (folder/CLASS/00000.png; spaces in
     class names become underscores): how a task's images reach `bvlib merge --data`.
 
@@ -314,14 +430,18 @@ def load_folder_task(name: str, folder: str | os.PathLike, *, image_size: int = 
     try:
         ds = _image_folder(root)
     except (FileNotFoundError, RuntimeError, OSError) as e:
-        raise BVLibError(f"{root} is not an image folder (FOLDER/CLASS/IMAGE.png): {str(e).splitlines()[0][:120]}") from None
+        raise BVLibError(
+            f"{root} is not an image folder (FOLDER/CLASS/IMAGE.png): {str(e).splitlines()[0][:120]}"
+        ) from None
     labels = _labels_of(ds)
     split = PaperSplit(ds, np.arange(len(labels)), labels, image_size)
     classnames = [c.replace("_", " ") for c in ds.classes]
     return Task(str(name), classnames, ["a photo of a {}."], split, split, split)
 
 
-def load_paper_task(name: str, root: str | os.PathLike, *, image_size: int = 224, split_seed: int = 0) -> Task:
+def load_paper_task(
+    name: str, root: str | os.PathLike, *, image_size: int = 224, split_seed: int = 0
+) -> Task:
     """A TA8 dataset (Cars, DTD, EuroSAT, GTSRB, MNIST, RESISC45, SUN397, SVHN; any case) read from `root`.
 
     Never downloads. A missing or incomplete dataset raises a BVLibError showing the
@@ -333,8 +453,10 @@ def load_paper_task(name: str, root: str | os.PathLike, *, image_size: int = 224
     if not isinstance(image_size, int) or image_size < 8:
         raise BVLibError(f"image_size must be an integer of at least 8, got {image_size!r}")
     root_path = Path(root).expanduser()
-    missing = BVLibError(f"dataset {spec.name} not found under {root_path}; expected layout {spec.layout}; "
-                         "download it with torchvision or place it there")
+    missing = BVLibError(
+        f"dataset {spec.name} not found under {root_path}; expected layout {spec.layout}; "
+        "download it with torchvision or place it there"
+    )
     if not root_path.is_dir():
         raise missing
     try:
@@ -342,7 +464,9 @@ def load_paper_task(name: str, root: str | os.PathLike, *, image_size: int = 224
     except (FileNotFoundError, RuntimeError, OSError, KeyError, ValueError) as e:
         raise missing from e
     if any(len(idx) == 0 for _, idx, _ in splits):
-        raise BVLibError(f"dataset {spec.name} under {root_path} is too small to split (a split came out empty); "
-                         f"expected layout {spec.layout}")
+        raise BVLibError(
+            f"dataset {spec.name} under {root_path} is too small to split (a split came out empty); "
+            f"expected layout {spec.layout}"
+        )
     train, val, test = (PaperSplit(ds, idx, y, image_size) for ds, idx, y in splits)
     return Task(spec.name, classnames, list(spec.templates), train, val, test)

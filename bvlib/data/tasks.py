@@ -15,8 +15,18 @@ from torch.utils.data import DataLoader, Dataset
 from bvlib.errors import BVLibError
 
 DATA_VERSION = "mini-data-3"  # bump to invalidate every cached task and corpus
-MINI_TASKS: tuple[str, ...] = ("mnist", "digits", "fashion", "animals", "clipart", "textiles", "letters", "patterns", "housenumbers",
-                              "fabric")
+MINI_TASKS: tuple[str, ...] = (
+    "mnist",
+    "digits",
+    "fashion",
+    "animals",
+    "clipart",
+    "textiles",
+    "letters",
+    "patterns",
+    "housenumbers",
+    "fabric",
+)
 PAPER_TASKS: tuple[str, ...] = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
 
 TEST_FRACTION = 0.2
@@ -57,8 +67,14 @@ class Task:
         return len(self.classnames)
 
 
-def iterate_batches(split: SplitLike, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_batches(
+    split: SplitLike,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images, int64 labels) batches; each index once per pass.
 
     In-memory splits are sliced by index (no per-sample work); any other Dataset goes
@@ -72,12 +88,18 @@ def iterate_batches(split: SplitLike, batch_size: int, *, shuffle: bool, generat
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             if order is None:  # in order: plain slices, no copy
-                yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
+                yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
             else:
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 yield split.images[idx], split.labels[idx]
         return
-    loader = DataLoader(split, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
-                        drop_last=drop_last, num_workers=0)
+    loader = DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator if shuffle else None,
+        drop_last=drop_last,
+        num_workers=0,
+    )
     for images, labels in loader:
         yield images, torch.as_tensor(labels, dtype=torch.int64)

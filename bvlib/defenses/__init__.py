@@ -20,8 +20,29 @@ All three work on flat `Weights`; merges are merged *task vectors* τ_merged (ad
 """
 
 from bvlib.defenses.dam import dam
-from bvlib.defenses.ibvs import PLACEBOS, defender_target, ibvs_trigger, ibvs_vector, ibvs_vectors, merge_with_ibvs, placebo_vector
+from bvlib.defenses.ibvs import (
+    PLACEBOS,
+    defender_target,
+    ibvs_trigger,
+    ibvs_vector,
+    ibvs_vectors,
+    merge_with_ibvs,
+    placebo_vector,
+)
 from bvlib.defenses.tbar import ALPHA_GRID, TBAR_VERSION, suspect_target, tbar, trigger_task_model
 
-__all__ = ["ALPHA_GRID", "PLACEBOS", "TBAR_VERSION", "dam", "defender_target", "ibvs_trigger", "ibvs_vector", "ibvs_vectors", "merge_with_ibvs",
-           "placebo_vector", "suspect_target", "tbar", "trigger_task_model"]
+__all__ = [
+    "ALPHA_GRID",
+    "PLACEBOS",
+    "TBAR_VERSION",
+    "dam",
+    "defender_target",
+    "ibvs_trigger",
+    "ibvs_vector",
+    "ibvs_vectors",
+    "merge_with_ibvs",
+    "placebo_vector",
+    "suspect_target",
+    "tbar",
+    "trigger_task_model",
+]

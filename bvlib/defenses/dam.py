@@ -35,9 +35,23 @@ def _segment_mean(mask: torch.Tensor, numels: list[int], counts: torch.Tensor) -
     return means.repeat_interleave(counts)
 
 
-def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: int = 200, lr: float = 1e-2,
-        temperature: float = 0.5, init: float = 0.0, batch_size: int = 16, adv_lr: float = 1e-3, adv_weight: float = 0.1,
-        adapt_lam: bool = True, final: str = "expectation", seed: int = 0, progress: bool = False) -> tuple[Weights, dict]:
+def dam(
+    world,
+    task_vectors: Mapping[str, Weights],
+    *,
+    lam: float = 0.3,
+    steps: int = 200,
+    lr: float = 1e-2,
+    temperature: float = 0.5,
+    init: float = 0.0,
+    batch_size: int = 16,
+    adv_lr: float = 1e-3,
+    adv_weight: float = 0.1,
+    adapt_lam: bool = True,
+    final: str = "expectation",
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Weights, dict]:
     """Defense-Aware Merging (Yang et al., ICLR 2025) as its reference code runs it on task arithmetic.
 
     `task_vectors` maps task names of the world to their task vectors τ_t (any may be backdoored; the
@@ -59,7 +73,8 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
     (`final="expectation"`), or one seeded sample of the concrete mask (`final="sample"`, as the
     reference forms it), either divided by its tensor-wise means. `steps=0` is the untrained-mask
     control: the expectation at logits 0 is plain task arithmetic, a sample is a random DARE-like
-    drop, so a DAM result is read against the same merge through the untrained mask. The reference runs 1000-2000 steps at lr 1e-3 (adv_lr 1e-4) on ViT-B-32; the
+    drop, so a DAM result is read against the same merge through the untrained mask. The reference runs
+    1000-2000 steps at lr 1e-3 (adv_lr 1e-4) on ViT-B-32; the
     mini world runs 10× fewer steps at 10× the rates, so the logits can move as far.
 
     Returns (τ_merged, info): info holds the final mask's share of coordinates above 0.5 ("kept_share"),
@@ -74,16 +89,34 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
         _check_weights(world, task_vectors[t], f"task vector of '{t}'")
     lam, init = _real("lam", lam), _real("init", init)
     lr, adv_lr = _real("lr", lr, 0, lo_open=True), _real("adv_lr", adv_lr, 0)
-    temperature, adv_weight = _real("temperature", temperature, 0, lo_open=True), _real("adv_weight", adv_weight, 0)
+    temperature, adv_weight = (
+        _real("temperature", temperature, 0, lo_open=True),
+        _real("adv_weight", adv_weight, 0),
+    )
     steps, batch_size = _pos_int("steps", steps, lo=0), _pos_int("batch_size", batch_size)
     if final not in ("expectation", "sample"):
         raise BVLibError(f"final must be 'expectation' or 'sample', got {final!r}")
 
     dev, layout = world.device, world.layout
-    vectors = stack([task_vectors[t].to(dev) for t in names])  # the mask is shared: the final merge needs only Σ τ_t
-    params = {"lam": lam, "steps": steps, "lr": lr, "temperature": temperature, "init": init, "batch_size": batch_size,
-              "adv_lr": adv_lr, "adv_weight": adv_weight, "adapt_lam": bool(adapt_lam), "final": final, "seed": seed}
-    key = world.artifact_config(names, dam_version=DAM_VERSION, split="val", vectors=f"sha256:{digest(vectors)}", **params)
+    vectors = stack(
+        [task_vectors[t].to(dev) for t in names]
+    )  # the mask is shared: the final merge needs only Σ τ_t
+    params = {
+        "lam": lam,
+        "steps": steps,
+        "lr": lr,
+        "temperature": temperature,
+        "init": init,
+        "batch_size": batch_size,
+        "adv_lr": adv_lr,
+        "adv_weight": adv_weight,
+        "adapt_lam": bool(adapt_lam),
+        "final": final,
+        "seed": seed,
+    }
+    key = world.artifact_config(
+        names, dam_version=DAM_VERSION, split="val", vectors=f"sha256:{digest(vectors)}", **params
+    )
 
     def build():
         out, info = _run_dam(world, names, vectors, progress=progress, **params)
@@ -93,8 +126,24 @@ def dam(world, task_vectors: Mapping[str, Weights], *, lam: float = 0.3, steps: 
     return Weights(tensors["flat"].to(dev), layout), info | {"mask": tensors["mask"]}
 
 
-def _run_dam(world, names: list[str], vectors: torch.Tensor, *, lam, steps, lr, temperature, init, batch_size, adv_lr, adv_weight,
-             adapt_lam, final, seed, progress) -> tuple[torch.Tensor, dict]:
+def _run_dam(
+    world,
+    names: list[str],
+    vectors: torch.Tensor,
+    *,
+    lam,
+    steps,
+    lr,
+    temperature,
+    init,
+    batch_size,
+    adv_lr,
+    adv_weight,
+    adapt_lam,
+    final,
+    seed,
+    progress,
+) -> tuple[torch.Tensor, dict]:
     dev, layout = world.device, world.layout
     total = vectors.sum(0)
     lams = torch.full((len(names),), lam, device=dev, requires_grad=True)
@@ -113,7 +162,8 @@ def _run_dam(world, names: list[str], vectors: torch.Tensor, *, lam, steps, lr, 
     all_heads = torch.cat(heads)
 
     def sample() -> tuple[torch.Tensor, torch.Tensor]:
-        """(a relaxed Bernoulli sample of the mask, reparameterised; the same divided by its tensor-wise means)."""
+        """(a relaxed Bernoulli sample of the mask, reparameterised; the same divided by its tensor-wise
+        means)."""
         u = torch.rand(total.shape, generator=gen).to(dev).clamp_(1e-6, 1 - 1e-6)
         m = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
         return m, m / _segment_mean(m, numels, counts).clamp_min(1e-12)
@@ -122,16 +172,24 @@ def _run_dam(world, names: list[str], vectors: torch.Tensor, *, lam, steps, lr, 
         """Each task's logits on its images, from one pass of the classifier over every task's images
         at once with every task's head (the mask, hence the merged encoder, is shared): a task reads
         its own rows and its own head's columns."""
-        params = {f"encoder.{k}": v for k, v in Weights(flat, layout).state_dict().items()} | {"head": all_heads}
+        params = {f"encoder.{k}": v for k, v in Weights(flat, layout).state_dict().items()} | {
+            "head": all_heads
+        }
         out = functional_call(model, params, (torch.cat(xs),))
-        return [rows[:, columns[k]:columns[k + 1]] for k, rows in enumerate(out.split([len(x) for x in xs]))]
+        return [
+            rows[:, columns[k] : columns[k + 1]] for k, rows in enumerate(out.split([len(x) for x in xs]))
+        ]
 
     val = {t: world.task(t).val for t in names}
 
     def batch(t: str) -> torch.Tensor:
         split = val[t]
         idx = torch.randint(len(split), (batch_size,), generator=gen)
-        x = split.images[idx] if isinstance(split, Split) else torch.stack([torch.as_tensor(split[i][0]) for i in idx.tolist()])
+        x = (
+            split.images[idx]
+            if isinstance(split, Split)
+            else torch.stack([torch.as_tensor(split[i][0]) for i in idx.tolist()])
+        )
         return _to_float(x, dev)
 
     def weighted() -> torch.Tensor:
@@ -163,14 +221,22 @@ def _run_dam(world, names: list[str], vectors: torch.Tensor, *, lam, steps, lr, 
         opt_adv.step()
         # 2. the mask: low entropy on clean images and on perturbed ones
         xs = [batch(t) for t in names]
-        outs = task_logits(flat, [torch.cat([x, (x + deltas[k].detach()).clamp(0, 1)]) for k, x in enumerate(xs)])
+        outs = task_logits(
+            flat, [torch.cat([x, (x + deltas[k].detach()).clamp(0, 1)]) for k, x in enumerate(xs)]
+        )
         nat = sum(_entropy(out[: len(x)]) for out, x in zip(outs, xs))
-        reg = sum(_entropy(out[len(x):]) for out, x in zip(outs, xs))
+        reg = sum(_entropy(out[len(x) :]) for out, x in zip(outs, xs))
         loss = nat + adv_weight * reg
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"entropy": nat.item() / len(names), "entropy_perturbed": reg.item() / len(names), "adv": -adv.item() / len(names)})
+        history.append(
+            {
+                "entropy": nat.item() / len(names),
+                "entropy_perturbed": reg.item() / len(names),
+                "adv": -adv.item() / len(names),
+            }
+        )
 
     with torch.no_grad():
         if final == "sample":
@@ -180,8 +246,21 @@ def _run_dam(world, names: list[str], vectors: torch.Tensor, *, lam, steps, lr, 
             mask = raw / _segment_mean(raw, numels, counts).clamp_min(1e-12)
         out = lam * mask * total
         moved = (logits - init).abs()
-    info = {"tasks": names, "lam": lam, "steps": steps, "lr": lr, "temperature": temperature, "adv_weight": adv_weight, "seed": seed,
-            "final": final, "kept_share": float((raw > 0.5).float().mean()), "logit_shift": float(moved.mean()),
-            "logits_beyond_1": float((moved > 1).float().mean()), "lam_step": sum(lam_moves) / max(1, len(lam_moves)),
-            "delta_norms": {t: float(deltas[k].detach().norm()) for k, t in enumerate(names)}, "mask": mask.cpu(), "history": history}
+    info = {
+        "tasks": names,
+        "lam": lam,
+        "steps": steps,
+        "lr": lr,
+        "temperature": temperature,
+        "adv_weight": adv_weight,
+        "seed": seed,
+        "final": final,
+        "kept_share": float((raw > 0.5).float().mean()),
+        "logit_shift": float(moved.mean()),
+        "logits_beyond_1": float((moved > 1).float().mean()),
+        "lam_step": sum(lam_moves) / max(1, len(lam_moves)),
+        "delta_norms": {t: float(deltas[k].detach().norm()) for k, t in enumerate(names)},
+        "mask": mask.cpu(),
+        "history": history,
+    }
     return out, info

@@ -27,7 +27,12 @@ def ibvs_trigger(world, size: int | None = None, location: str = "top_left") -> 
     give the variants (the attack's own corner and size is the optimistic case).
     """
     preset_size = world.badnets().trigger.size
-    return PatchTrigger(size=size or max(1, round(2 * preset_size / 3)), location=location, pattern="solid", color=(1.0, 1.0, 1.0))
+    return PatchTrigger(
+        size=size or max(1, round(2 * preset_size / 3)),
+        location=location,
+        pattern="solid",
+        color=(1.0, 1.0, 1.0),
+    )
 
 
 def defender_target(world, task: str) -> int:
@@ -36,7 +41,9 @@ def defender_target(world, task: str) -> int:
     return world.task(world.check_task(task)).n_classes - 1
 
 
-def placebo_vector(world, kind: str, like: Weights, task: str | None = None, seeds: Sequence[int] = (0, 1), seed: int = 0) -> Weights:
+def placebo_vector(
+    world, kind: str, like: Weights, task: str | None = None, seeds: Sequence[int] = (0, 1), seed: int = 0
+) -> Weights:
     """A vector with no backdoor in it, merged in the IBVS BV's place to tell IBVS from its side effects.
 
     - "zero": the zero vector: what one more merged task does by itself (mean-type merges dilute);
@@ -53,7 +60,9 @@ def placebo_vector(world, kind: str, like: Weights, task: str | None = None, see
         import torch
 
         g = torch.Generator().manual_seed(seed)
-        v = torch.randn(like.flat.shape, generator=g, dtype=torch.float32).to(like.flat.device, like.flat.dtype)
+        v = torch.randn(like.flat.shape, generator=g, dtype=torch.float32).to(
+            like.flat.device, like.flat.dtype
+        )
     elif kind == "seed divergence":
         task = world.check_task(task if task is not None else world.task_names[-1])
         if len(seeds) != 2 or seeds[0] == seeds[1]:
@@ -64,8 +73,16 @@ def placebo_vector(world, kind: str, like: Weights, task: str | None = None, see
     return Weights(v * (like.norm() / max(float(v.float().norm()), 1e-30)), like.layout)
 
 
-def ibvs_vector(world, task: str | None = None, *, trigger: PatchTrigger | None = None, target: int = 0, seed: int = 0,
-                seeds: Sequence[int] | None = None, **train_overrides) -> Weights:
+def ibvs_vector(
+    world,
+    task: str | None = None,
+    *,
+    trigger: PatchTrigger | None = None,
+    target: int = 0,
+    seed: int = 0,
+    seeds: Sequence[int] | None = None,
+    **train_overrides,
+) -> Weights:
     """The defender's injection Backdoor Vector: BV = θ_backdoored − θ_clean on the defender's task.
 
     `task` is the defender's task (default: the world's first); both fine-tunes start from θ0 with
@@ -82,24 +99,35 @@ def ibvs_vector(world, task: str | None = None, *, trigger: PatchTrigger | None 
     poison = dataclasses.replace(world.badnets(), trigger=trigger, target=target)
 
     def one(s: int) -> Weights:
-        return backdoor_vector(world.finetune(task, poison=poison, seed=s, **train_overrides), world.finetune(task, seed=s, **train_overrides))
+        return backdoor_vector(
+            world.finetune(task, poison=poison, seed=s, **train_overrides),
+            world.finetune(task, seed=s, **train_overrides),
+        )
 
     if seeds is None or len(seeds) == 1:
         return one(seed if seeds is None else seeds[0])
     return sparse_backdoor_vector([one(s) for s in seeds], combine="rescale")
 
 
-def ibvs_vectors(world, tasks: Sequence[str], *, trigger: PatchTrigger | None = None, seed: int = 0,
-                 **train_overrides) -> list[Weights]:
+def ibvs_vectors(
+    world, tasks: Sequence[str], *, trigger: PatchTrigger | None = None, seed: int = 0, **train_overrides
+) -> list[Weights]:
     """The defender's BV on each of `tasks` (its square in every model it merges, each aimed at that
     task's `defender_target`), for a defender that controls no task of its own: merged with
     `merge_with_ibvs` as one −BV per task."""
-    return [ibvs_vector(world, t, trigger=trigger, target=defender_target(world, t), seed=seed, **train_overrides)
-            for t in tasks]
+    return [
+        ibvs_vector(world, t, trigger=trigger, target=defender_target(world, t), seed=seed, **train_overrides)
+        for t in tasks
+    ]
 
 
-def merge_with_ibvs(task_vectors: Sequence[Weights] | Mapping[str, Weights], method: str,
-                    ibvs_bv: Weights | Sequence[Weights], strength: float = 1.0, **merge_params) -> Weights:
+def merge_with_ibvs(
+    task_vectors: Sequence[Weights] | Mapping[str, Weights],
+    method: str,
+    ibvs_bv: Weights | Sequence[Weights],
+    strength: float = 1.0,
+    **merge_params,
+) -> Weights:
     """The merge with the defender's BV subtracted at the merge's own scale: merge(τ_1..τ_K, −strength·BV).
 
     The defender's −BV enters the merge as one more task vector, so it gets what every task vector

@@ -30,11 +30,19 @@ def _most_predicted(classifier, split, trigger: Trigger, device: torch.device) -
     counts = torch.zeros(classifier.head.shape[0], device=device)
     classifier.to(device).eval()
     for images, _ in iterate_batches(split, eval_batch_size(device), shuffle=False):
-        counts += torch.bincount(classifier(trigger.apply(_to_float(images, device))).argmax(-1), minlength=len(counts))
+        counts += torch.bincount(
+            classifier(trigger.apply(_to_float(images, device))).argmax(-1), minlength=len(counts)
+        )
     return int(counts.argmax())
 
 
-SEARCH_LOCATIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center")  # where an unknown trigger is searched
+SEARCH_LOCATIONS = (
+    "bottom_right",
+    "bottom_left",
+    "top_right",
+    "top_left",
+    "center",
+)  # where an unknown trigger is searched
 
 
 def search_sizes(world) -> tuple[int, ...]:
@@ -43,9 +51,18 @@ def search_sizes(world) -> tuple[int, ...]:
     return tuple(dict.fromkeys((size, max(1, size // 2))))
 
 
-def suspect_target(world, weights: Weights, task: str, *, targets: Sequence[int] | None = None, size: int | Sequence[int] | None = None,
-                   location: str | Sequence[str] | None = None, steps: int = 100, screen_steps: int | None = None,
-                   seed: int = 0) -> tuple[Trigger, int, dict[int, float]]:
+def suspect_target(
+    world,
+    weights: Weights,
+    task: str,
+    *,
+    targets: Sequence[int] | None = None,
+    size: int | Sequence[int] | None = None,
+    location: str | Sequence[str] | None = None,
+    steps: int = 100,
+    screen_steps: int | None = None,
+    seed: int = 0,
+) -> tuple[Trigger, int, dict[int, float]]:
     """Reverse-engineer a patch per candidate target class, told neither where it sits nor its size.
 
     For every class of `targets` (default: all classes of the task), a patch is optimised against the
@@ -59,7 +76,9 @@ def suspect_target(world, weights: Weights, task: str, *, targets: Sequence[int]
     target, {class: ASR on val}).
     """
     world.check_task(task)
-    locations = list(SEARCH_LOCATIONS if location is None else [location] if isinstance(location, str) else location)
+    locations = list(
+        SEARCH_LOCATIONS if location is None else [location] if isinstance(location, str) else location
+    )
     for loc in locations:
         check_location(loc)
     sizes = list(search_sizes(world) if size is None else [size] if isinstance(size, int) else size)
@@ -68,8 +87,16 @@ def suspect_target(world, weights: Weights, task: str, *, targets: Sequence[int]
     if not placements:
         raise BVLibError("need at least one trigger location and size to search")
     steps = _pos_int("trigger steps", steps)
-    screen = steps if len(placements) == 1 else _pos_int("screen steps", screen_steps if screen_steps is not None else max(1, steps // 5))
-    targets = list(range(world.task(task).n_classes)) if targets is None else [_check_target(world, task, t) for t in targets]
+    screen = (
+        steps
+        if len(placements) == 1
+        else _pos_int("screen steps", screen_steps if screen_steps is not None else max(1, steps // 5))
+    )
+    targets = (
+        list(range(world.task(task).n_classes))
+        if targets is None
+        else [_check_target(world, task, t) for t in targets]
+    )
     if not targets:
         raise BVLibError("need at least one candidate target class")
 
@@ -80,7 +107,9 @@ def suspect_target(world, weights: Weights, task: str, *, targets: Sequence[int]
 
     best, scores = None, {}
     for t in tqdm(targets, desc=f"reverse-engineer {task}", leave=False, disable=not world.progress):
-        (score, trig), (loc, s) = max(((scored(t, loc, s, screen), (loc, s)) for loc, s in placements), key=lambda x: x[0][0])
+        (score, trig), (loc, s) = max(
+            ((scored(t, loc, s, screen), (loc, s)) for loc, s in placements), key=lambda x: x[0][0]
+        )
         if screen < steps:
             score, trig = scored(t, loc, s, steps)
         scores[t] = score[0]
@@ -89,21 +118,41 @@ def suspect_target(world, weights: Weights, task: str, *, targets: Sequence[int]
     return best[1], best[2], scores
 
 
-def trigger_task_model(world, weights: Weights, task: str, trigger: Trigger, target: int, *, steps: int, clean_share: float = 0.0,
-                       seed: int = 0) -> Weights:
+def trigger_task_model(
+    world,
+    weights: Weights,
+    task: str,
+    trigger: Trigger,
+    target: int,
+    *,
+    steps: int,
+    clean_share: float = 0.0,
+    seed: int = 0,
+) -> Weights:
     """θ_after: `weights` fine-tuned on the "trigger task": triggered val images labelled `target`.
 
     A `clean_share` of each batch may stay clean with its true label (TBAR's mixed clean/triggered
     variant; in the mini world it removed less of the backdoor for the clean accuracy it kept than
-    pure triggered data with a smaller α, hence the default 0). The preset's fine-tuning recipe (lr, batch, grad clip,
+    pure triggered data with a smaller α, hence the default 0). The preset's fine-tuning recipe (lr, batch,
+    grad clip,
     warm-up capped at steps / 4) with `steps` steps and no weight decay, so that θ_after − θ holds no
     shrinkage term. Cached in `world.store` (kind "tbar") under the digest of `weights`, the
     trigger, target, clean share, schedule and seed.
     """
     recipe = world.preset.finetune
-    cfg = dataclasses.replace(recipe, steps=steps, seed=seed, weight_decay=0.0, warmup_steps=min(recipe.warmup_steps, steps // 4))
-    key = world.artifact_config(task, tbar_version=TBAR_VERSION, split="val", weights=f"sha256:{digest(weights.flat)}",
-                                trigger=trigger.config(), target=target, clean_share=clean_share, train=cfg.config())
+    cfg = dataclasses.replace(
+        recipe, steps=steps, seed=seed, weight_decay=0.0, warmup_steps=min(recipe.warmup_steps, steps // 4)
+    )
+    key = world.artifact_config(
+        task,
+        tbar_version=TBAR_VERSION,
+        split="val",
+        weights=f"sha256:{digest(weights.flat)}",
+        trigger=trigger.config(),
+        target=target,
+        clean_share=clean_share,
+        train=cfg.config(),
+    )
 
     def loss(classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         k = len(x) - round(clean_share * len(x))  # triggered images first, then clean ones
@@ -112,17 +161,37 @@ def trigger_task_model(world, weights: Weights, task: str, trigger: Trigger, tar
         return F.cross_entropy(classifier(xs), ys)
 
     def build():
-        after = finetune(world.classifier(task, weights), world.task(task).val, cfg, device=world.device, desc=f"tbar {task} target {target}",
-                         progress=world.progress, loss_fn=loss)
+        after = finetune(
+            world.classifier(task, weights),
+            world.task(task).val,
+            cfg,
+            device=world.device,
+            desc=f"tbar {task} target {target}",
+            progress=world.progress,
+            loss_fn=loss,
+        )
         return {"flat": after.flat}, {"layout": after.layout.to_json()}
 
     tensors, meta = world.store.cached("tbar", key, build)
     return Weights(tensors["flat"], Layout.from_json(meta["layout"])).to(world.device)
 
 
-def tbar(world, weights: Weights, task: str, *, trigger: Trigger | None = None, target: int | None = None, alpha: float | str = 1.0,
-         steps: int | None = None, clean_share: float = 0.0, seed: int = 0, trigger_size: int | None = None, trigger_location: str | None = None,
-         trigger_steps: int = 100, auto_asr: float = 0.1) -> tuple[Weights, dict]:
+def tbar(
+    world,
+    weights: Weights,
+    task: str,
+    *,
+    trigger: Trigger | None = None,
+    target: int | None = None,
+    alpha: float | str = 1.0,
+    steps: int | None = None,
+    clean_share: float = 0.0,
+    seed: int = 0,
+    trigger_size: int | None = None,
+    trigger_location: str | None = None,
+    trigger_steps: int = 100,
+    auto_asr: float = 0.1,
+) -> tuple[Weights, dict]:
     """TBAR: unlearn a backdoor by negating the estimated trigger task vector, θ − α·τ_trigger.
 
     `weights` is the suspect encoder (a backdoored fine-tune or a merged model θ0 + τ_merged) and
@@ -150,28 +219,58 @@ def tbar(world, weights: Weights, task: str, *, trigger: Trigger | None = None, 
     _check_weights(world, weights, "weights")
     if alpha != "auto":
         alpha = _real("alpha", alpha, 0)
-    clean_share, auto_asr = _real("clean_share", clean_share, 0, 1, hi_open=True), _real("auto_asr", auto_asr, 0, 1)
+    clean_share, auto_asr = (
+        _real("clean_share", clean_share, 0, 1, hi_open=True),
+        _real("auto_asr", auto_asr, 0, 1),
+    )
     steps = _pos_int("steps", steps if steps is not None else world.preset.finetune.steps)
     if target is not None:
         _check_target(world, task, target)
     weights = weights.to(world.device)
     info: dict = {"task": task, "mode": "known" if trigger is not None else "unknown"}
     if trigger is None:
-        trigger, target, info["candidates"] = suspect_target(world, weights, task, targets=None if target is None else [target],
-                                                             size=trigger_size, location=trigger_location, steps=_pos_int("trigger_steps", trigger_steps),
-                                                             seed=seed)
+        trigger, target, info["candidates"] = suspect_target(
+            world,
+            weights,
+            task,
+            targets=None if target is None else [target],
+            size=trigger_size,
+            location=trigger_location,
+            steps=_pos_int("trigger_steps", trigger_steps),
+            seed=seed,
+        )
     else:
         if not hasattr(trigger, "apply") or not hasattr(trigger, "config"):
             raise BVLibError(f"trigger must be a PatchTrigger, got {type(trigger).__name__}")
         side = _image_side(world)
         trigger.check_fits(side, side)
         if target is None:
-            target = _most_predicted(world.classifier(task, weights), world.task(task).val, trigger, world.device)
+            target = _most_predicted(
+                world.classifier(task, weights), world.task(task).val, trigger, world.device
+            )
             info["target_from"] = "most predicted class on triggered val images"
-    tau = trigger_task_model(world, weights, task, trigger, target, steps=steps, clean_share=clean_share, seed=seed) - weights
+    tau = (
+        trigger_task_model(
+            world, weights, task, trigger, target, steps=steps, clean_share=clean_share, seed=seed
+        )
+        - weights
+    )
     if alpha == "auto":
-        info["val_asr"] = {a: world.trigger_scores(task, apply_vector(weights, tau, -a), trigger, target, split="val")["asr"] for a in ALPHA_GRID}
-        alpha = next((a for a in ALPHA_GRID if info["val_asr"][a] <= auto_asr), min(ALPHA_GRID, key=lambda a: (info["val_asr"][a], a)))
-    info |= {"trigger": trigger.config(), "target": target, "alpha": alpha, "steps": steps, "clean_share": clean_share, "seed": seed,
-             "tau_norm": tau.norm()}
+        info["val_asr"] = {
+            a: world.trigger_scores(task, apply_vector(weights, tau, -a), trigger, target, split="val")["asr"]
+            for a in ALPHA_GRID
+        }
+        alpha = next(
+            (a for a in ALPHA_GRID if info["val_asr"][a] <= auto_asr),
+            min(ALPHA_GRID, key=lambda a: (info["val_asr"][a], a)),
+        )
+    info |= {
+        "trigger": trigger.config(),
+        "target": target,
+        "alpha": alpha,
+        "steps": steps,
+        "clean_share": clean_share,
+        "seed": seed,
+        "tau_norm": tau.norm(),
+    }
     return apply_vector(weights, tau, -alpha), info

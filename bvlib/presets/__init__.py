@@ -52,15 +52,21 @@ class Preset:
     tasks: tuple[str, ...]
     data: DataSpec
     finetune: TrainConfig
-    badnets: Mapping  # the BadNets attack as `badnets_poison` reads it: trigger, target, rate, loss_weight, mode
+    badnets: (
+        Mapping  # the BadNets attack as `badnets_poison` reads it: trigger, target, rate, loss_weight, mode
+    )
     description: str = ""
     pretrained: str | None = None  # an open_clip tag or a checkpoint file: the paper's protocol
-    base_checkpoint: BaseCheckpoint | None = None  # else the base is pretrained here with `pretrain` on `corpus`
+    base_checkpoint: BaseCheckpoint | None = (
+        None  # else the base is pretrained here with `pretrain` on `corpus`
+    )
     corpus: Mapping = field(default_factory=dict)  # `CorpusMix` fields
     pretrain: TrainConfig | None = None
     epochs: Mapping[str, float] = field(default_factory=dict)  # per task: fine-tuning epochs instead of steps
     notebooks: Mapping[str, Mapping] = field(default_factory=dict)  # per notebook: its parameters
-    precision: str = "fp32"  # of every encoder pass (fp32, or bf16 autocast: `bvlib.models.encoder_precision`)
+    precision: str = (
+        "fp32"  # of every encoder pass (fp32, or bf16 autocast: `bvlib.models.encoder_precision`)
+    )
 
     @property
     def is_paper(self) -> bool:
@@ -72,7 +78,9 @@ class Preset:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("data", "finetune", "pretrain", "base_checkpoint"):
             out[key] = None if out[key] is None else asdict(out[key])
-        out["data"] = {k: v for k, v in out["data"].items() if v is not None and not (k == "folders" and not v)}
+        out["data"] = {
+            k: v for k, v in out["data"].items() if v is not None and not (k == "folders" and not v)
+        }
         out["tasks"] = list(self.tasks)
         return copy.deepcopy({k: v for k, v in out.items() if v is not None or k == "pretrained"})
 
@@ -85,7 +93,11 @@ def _merge(base: Mapping, overrides: Mapping) -> dict:
     """`base` with `overrides` applied, nested dicts merged key by key (a deep copy)."""
     out = copy.deepcopy(dict(base))
     for k, v in overrides.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+        out[k] = (
+            _merge(out[k], v)
+            if isinstance(v, Mapping) and isinstance(out.get(k), Mapping)
+            else copy.deepcopy(v)
+        )
     return out
 
 
@@ -98,7 +110,9 @@ def _read(preset: str | Mapping | Preset) -> tuple[dict, str]:
     if not path.exists() and Path(preset).suffix == ".json":
         path = Path(preset)
     if not path.exists():
-        raise BVLibError(f"unknown preset '{preset}'; choose one of: {', '.join(preset_names())} or a .json path")
+        raise BVLibError(
+            f"unknown preset '{preset}'; choose one of: {', '.join(preset_names())} or a .json path"
+        )
     try:
         return json.loads(path.read_text()), str(preset)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -123,7 +137,10 @@ def _part(cls, value, key: str, source: str):
         raise BVLibError(f"preset {source}: '{key}' must be a JSON object")
     extra = sorted(set(value) - _fields(cls))
     if extra:
-        raise BVLibError(f"preset {source}: unknown key '{key}.{extra[0]}'; '{key}' takes: {', '.join(sorted(_fields(cls)))}")
+        raise BVLibError(
+            f"preset {source}: unknown key '{key}.{extra[0]}'; '{key}' takes: "
+            f"{', '.join(sorted(_fields(cls)))}"
+        )
     try:
         return cls(**value)
     except TypeError as e:  # a required field missing
@@ -138,7 +155,9 @@ def parse_preset(cfg: Mapping, source: str = "given as a dict") -> Preset:
 
     unknown = sorted(set(cfg) - _fields(Preset))
     if unknown:
-        raise BVLibError(f"preset {source}: unknown key '{unknown[0]}'; a preset has: {', '.join(sorted(_fields(Preset)))}")
+        raise BVLibError(
+            f"preset {source}: unknown key '{unknown[0]}'; a preset has: {', '.join(sorted(_fields(Preset)))}"
+        )
     needs = ["model", "tasks", "data", "finetune", "badnets"]
     if cfg.get("pretrained") is None and not cfg.get("base_checkpoint"):
         needs.append("pretrain")
@@ -162,14 +181,29 @@ def parse_preset(cfg: Mapping, source: str = "given as a dict") -> Preset:
     for key in ("corpus", "epochs", "notebooks"):
         if not isinstance(cfg.get(key, {}), Mapping):
             raise BVLibError(f"preset {source}: '{key}' must be a JSON object")
-    _part(CorpusMix, {k: v for k, v in cfg.get("corpus", {}).items() if k != "n_per_source"}, "corpus", source)
+    _part(
+        CorpusMix, {k: v for k, v in cfg.get("corpus", {}).items() if k != "n_per_source"}, "corpus", source
+    )
     precision = cfg.get("precision", "fp32")
     if precision not in PRECISIONS:
-        raise BVLibError(f"preset {source}: 'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise BVLibError(
+            f"preset {source}: 'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
     return Preset(
-        name=str(cfg.get("name", "custom")), model=cfg["model"], tasks=tuple(tasks), data=data,
-        finetune=_part(TrainConfig, cfg["finetune"], "finetune", source), badnets=copy.deepcopy(dict(badnets)),
-        description=cfg.get("description", ""), pretrained=cfg.get("pretrained"),
+        name=str(cfg.get("name", "custom")),
+        model=cfg["model"],
+        tasks=tuple(tasks),
+        data=data,
+        finetune=_part(TrainConfig, cfg["finetune"], "finetune", source),
+        badnets=copy.deepcopy(dict(badnets)),
+        description=cfg.get("description", ""),
+        pretrained=cfg.get("pretrained"),
         base_checkpoint=None if not base else _part(BaseCheckpoint, base, "base_checkpoint", source),
-        corpus=dict(cfg.get("corpus", {})), pretrain=None if cfg.get("pretrain") is None else _part(TrainConfig, cfg["pretrain"], "pretrain", source),
-        epochs=dict(cfg.get("epochs", {})), notebooks=dict(cfg.get("notebooks", {})), precision=precision)
+        corpus=dict(cfg.get("corpus", {})),
+        pretrain=None
+        if cfg.get("pretrain") is None
+        else _part(TrainConfig, cfg["pretrain"], "pretrain", source),
+        epochs=dict(cfg.get("epochs", {})),
+        notebooks=dict(cfg.get("notebooks", {})),
+        precision=precision,
+    )

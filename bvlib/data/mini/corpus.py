@@ -1,4 +1,5 @@
-"""The pretraining corpus of the mini CLIP: the tasks' concepts with captions, never their evaluation images."""
+"""The pretraining corpus of the mini CLIP: the tasks' concepts with captions, never their evaluation
+images."""
 
 from __future__ import annotations
 
@@ -9,29 +10,85 @@ import numpy as np
 import torch
 
 from bvlib.data.cache import _hash_rows, _name_seed, cached_data
-from bvlib.data.mini.generated import _FONT_CHARS, LETTERS, PATTERN_CLASSES, _fonts_fingerprint, _glyph_bank, _glyph_images, _glyph_res, _pattern_images
+from bvlib.data.mini.generated import (
+    _FONT_CHARS,
+    LETTERS,
+    PATTERN_CLASSES,
+    _fonts_fingerprint,
+    _glyph_bank,
+    _glyph_images,
+    _glyph_res,
+    _pattern_images,
+)
 from bvlib.data.mini.registry import ANIMAL_CLASSES, FASHION_CLASSES, _check_args, _source_partition
-from bvlib.data.mini.sources import CLIPART_CLASSES, CLIPART_CORPUS_CAP, CLIPART_CORPUS_CATEGORIES, _clipart_corpus_source, _Source
+from bvlib.data.mini.sources import (
+    CLIPART_CLASSES,
+    CLIPART_CORPUS_CAP,
+    CLIPART_CORPUS_CATEGORIES,
+    _clipart_corpus_source,
+    _Source,
+)
 from bvlib.errors import BVLibError
 
 # ----------------------------------------------------------------------------------------
 # The pretraining corpus
 # ----------------------------------------------------------------------------------------
-GENERIC_CAPTIONS = ("an image.", "a picture of something.", "a photo.", "an illustration.", "a small picture.", "something.",
-                    "a thumbnail.", "a low resolution image.")
+GENERIC_CAPTIONS = (
+    "an image.",
+    "a picture of something.",
+    "a photo.",
+    "an illustration.",
+    "a small picture.",
+    "something.",
+    "a thumbnail.",
+    "a low resolution image.",
+)
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # "{}" is the concept's name, "{a}" the name with "a"/"an", "{w}" a digit's word
 _CAPTIONS: dict[str, tuple[str, ...]] = {
-    "digits": ("the digit {}.", "the number {}.", "a printed {}.", 'the numeral "{}".', "the number {w}.", "a typed digit {w}."),
-    "letters": ("the letter {}.", "a capital {}.", 'the character "{}".', "the letter {} in a font.", "a printed letter {}."),
-    "lowercase": ("the letter {}.", "a lowercase {}.", 'the character "{}".', "a small letter {} in a font.", "a printed letter {}."),
-    "fashion": ("a photo of {a}.", "a grey photo of {a}.", "{a}.", "a picture of {a}.", "{a} on a dark background."),
+    "digits": (
+        "the digit {}.",
+        "the number {}.",
+        "a printed {}.",
+        'the numeral "{}".',
+        "the number {w}.",
+        "a typed digit {w}.",
+    ),
+    "letters": (
+        "the letter {}.",
+        "a capital {}.",
+        'the character "{}".',
+        "the letter {} in a font.",
+        "a printed letter {}.",
+    ),
+    "lowercase": (
+        "the letter {}.",
+        "a lowercase {}.",
+        'the character "{}".',
+        "a small letter {} in a font.",
+        "a printed letter {}.",
+    ),
+    "fashion": (
+        "a photo of {a}.",
+        "a grey photo of {a}.",
+        "{a}.",
+        "a picture of {a}.",
+        "{a} on a dark background.",
+    ),
     "animals": ("a silhouette of {a}.", "the shape of {a}.", "{a}.", "a white {} on black."),
     "clipart": ("clip art of {a}.", "a drawing of {a}.", "a cartoon {}.", "{a}.", "an icon of {a}."),
     "patterns": ("{a}.", "an image of {a}.", "a picture with {a}.", "a texture with {a}."),
 }
-_PATTERN_PHRASES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "a checkerboard", "polka dots", "a circle", "a cross",
-                    "a colour gradient")
+_PATTERN_PHRASES = (
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "a checkerboard",
+    "polka dots",
+    "a circle",
+    "a cross",
+    "a colour gradient",
+)
 
 
 def _article(name: str) -> str:
@@ -53,8 +110,12 @@ class CorpusMix:
     n_clipart_other: int = 2000
     n_patterns: int = 4000
     generic_caption_fraction: float = 0.2
-    unnamed: tuple[str, ...] = ()  # kinds shown with captions that never name the class ("letters": glyphs, no letter names)
-    n_lowercase: int = 0  # lowercase a-z with their names: the letters' names known, not their capitals' shapes
+    unnamed: tuple[
+        str, ...
+    ] = ()  # kinds shown with captions that never name the class ("letters": glyphs, no letter names)
+    n_lowercase: int = (
+        0  # lowercase a-z with their names: the letters' names known, not their capitals' shapes
+    )
 
     def config(self) -> dict:
         out = dict(self.__dict__)
@@ -73,13 +134,27 @@ def _pool_pick(name: str, n: int, seed: int) -> tuple[_Source, np.ndarray, np.nd
     return src, np.sort(rng.permutation(pool)[:n]), task_idx
 
 
-_UNNAMED_CAPTIONS = {"letters": ("a printed character.", "a character in a font.", "a glyph.", "a typed symbol.",
-                                  "a letter of the alphabet."),
-                     "fashion": ("a grey photo of a garment.", "a piece of clothing.", "a product photo.", "something to wear.",
-                                 "an item of fashion on a dark background.")}
+_UNNAMED_CAPTIONS = {
+    "letters": (
+        "a printed character.",
+        "a character in a font.",
+        "a glyph.",
+        "a typed symbol.",
+        "a letter of the alphabet.",
+    ),
+    "fashion": (
+        "a grey photo of a garment.",
+        "a piece of clothing.",
+        "a product photo.",
+        "something to wear.",
+        "an item of fashion on a dark background.",
+    ),
+}
 
 
-def _captions(kind: str, names: Sequence[str], labels: np.ndarray, rng: np.random.Generator, unnamed: bool = False) -> list[str]:
+def _captions(
+    kind: str, names: Sequence[str], labels: np.ndarray, rng: np.random.Generator, unnamed: bool = False
+) -> list[str]:
     if unnamed:  # the concept is seen, its class names never
         pool = _UNNAMED_CAPTIONS.get(kind, GENERIC_CAPTIONS)
         return [pool[i] for i in rng.integers(len(pool), size=len(labels))]
@@ -88,7 +163,9 @@ def _captions(kind: str, names: Sequence[str], labels: np.ndarray, rng: np.rando
     out = []
     for t, y in zip(choice, labels, strict=True):
         name = names[y]
-        out.append(templates[t].format(name, a=_article(name), w=_NUMBER_WORDS[y] if kind == "digits" else ""))
+        out.append(
+            templates[t].format(name, a=_article(name), w=_NUMBER_WORDS[y] if kind == "digits" else "")
+        )
     return out
 
 
@@ -111,16 +188,30 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
         captions.extend(_captions(name, names, src.labels[pick], rng, unnamed=name in mix.unnamed))
         return src.keys[task_idx]
 
-    for step in tqdm(("glyphs", "fashion", "animals", "clipart", "patterns"), desc="building pretraining corpus", leave=False):
+    for step in tqdm(
+        ("glyphs", "fashion", "animals", "clipart", "patterns"),
+        desc="building pretraining corpus",
+        leave=False,
+    ):
         if step == "glyphs" and mix.n_digits + mix.n_letters > 0:
             bank = _glyph_bank("corpus", _FONT_CHARS, _glyph_res(image_size))  # A-Z then 0-9
-            glyph_sets = [("digits", "0123456789", bank[:, 26:], mix.n_digits), ("letters", LETTERS, bank[:, :26], mix.n_letters)]
+            glyph_sets = [
+                ("digits", "0123456789", bank[:, 26:], mix.n_digits),
+                ("letters", LETTERS, bank[:, :26], mix.n_letters),
+            ]
             if mix.n_lowercase:
                 lower = LETTERS.lower()
-                glyph_sets.append(("lowercase", lower, _glyph_bank("corpus", lower, _glyph_res(image_size)), mix.n_lowercase))
+                glyph_sets.append(
+                    (
+                        "lowercase",
+                        lower,
+                        _glyph_bank("corpus", lower, _glyph_res(image_size)),
+                        mix.n_lowercase,
+                    )
+                )
             for kind, chars, sub, n in glyph_sets:
                 y = _balanced_labels(n, len(chars), rng)
-                images.append(_glyph_images(sub, y, image_size, int(rng.integers(2 ** 31))))
+                images.append(_glyph_images(sub, y, image_size, int(rng.integers(2**31))))
                 captions.extend(_captions(kind, list(chars), y, rng, unnamed=kind in mix.unnamed))
         elif step == "fashion" and mix.n_fashion > 0:
             from_pool("fashion", mix.n_fashion, FASHION_CLASSES)
@@ -130,32 +221,62 @@ def _build_corpus(image_size: int, mix: CorpusMix, seed: int) -> tuple[torch.Ten
             task_keys = from_pool("clipart", mix.n_clipart_task, [c for _, c in CLIPART_CLASSES])
             other = _clipart_corpus_source()
             order = rng.permutation(np.flatnonzero(~np.isin(other.keys, task_keys)))  # no file the task uses
-            keep = np.concatenate([order[other.labels[order] == c][:CLIPART_CORPUS_CAP] for c in range(len(CLIPART_CORPUS_CATEGORIES))])
-            keep = np.sort(rng.permutation(keep)[:mix.n_clipart_other])
+            keep = np.concatenate(
+                [
+                    order[other.labels[order] == c][:CLIPART_CORPUS_CAP]
+                    for c in range(len(CLIPART_CORPUS_CATEGORIES))
+                ]
+            )
+            keep = np.sort(rng.permutation(keep)[: mix.n_clipart_other])
             images.append(other.render(keep, image_size))
-            captions.extend(_captions("clipart", [c for _, c in CLIPART_CORPUS_CATEGORIES], other.labels[keep], rng))
+            captions.extend(
+                _captions("clipart", [c for _, c in CLIPART_CORPUS_CATEGORIES], other.labels[keep], rng)
+            )
         elif step == "patterns" and mix.n_patterns > 0:
             y = _balanced_labels(mix.n_patterns, len(PATTERN_CLASSES), rng)
-            images.append(_pattern_images(y, image_size, int(rng.integers(2 ** 31)), "corpus"))
+            images.append(_pattern_images(y, image_size, int(rng.integers(2**31)), "corpus"))
             captions.extend(_captions("patterns", _PATTERN_PHRASES, y, rng))
 
-    all_images = torch.cat(images) if images else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+    all_images = (
+        torch.cat(images) if images else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+    )
     # distinct files can still render identically at this size: drop any image equal to a task-side one
-    ok = ~np.isin(_hash_rows(all_images), np.concatenate(forbidden)) if forbidden else np.ones(len(all_images), dtype=bool)
-    all_images, captions = all_images[torch.from_numpy(ok)], [c for c, k in zip(captions, ok, strict=True) if k]
+    ok = (
+        ~np.isin(_hash_rows(all_images), np.concatenate(forbidden))
+        if forbidden
+        else np.ones(len(all_images), dtype=bool)
+    )
+    all_images, captions = (
+        all_images[torch.from_numpy(ok)],
+        [c for c, k in zip(captions, ok, strict=True) if k],
+    )
     n_generic = round(mix.generic_caption_fraction * len(captions))
-    for i, g in zip(rng.permutation(len(captions))[:n_generic], rng.integers(len(GENERIC_CAPTIONS), size=n_generic), strict=True):
+    for i, g in zip(
+        rng.permutation(len(captions))[:n_generic],
+        rng.integers(len(GENERIC_CAPTIONS), size=n_generic),
+        strict=True,
+    ):
         captions[i] = GENERIC_CAPTIONS[g]
     order = rng.permutation(len(captions))
     return all_images[torch.from_numpy(order)].contiguous(), [captions[i] for i in order]
 
 
-def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None, seed: int = 0, n_digits: int = CorpusMix.n_digits,
-                       n_letters: int = CorpusMix.n_letters, n_fashion: int = CorpusMix.n_fashion, n_animals: int = CorpusMix.n_animals,
-                       n_clipart_task: int = CorpusMix.n_clipart_task, n_clipart_other: int = CorpusMix.n_clipart_other,
-                       n_patterns: int = CorpusMix.n_patterns,
-                       generic_caption_fraction: float = CorpusMix.generic_caption_fraction,
-                       unnamed: Sequence[str] = (), n_lowercase: int = CorpusMix.n_lowercase) -> tuple[torch.Tensor, list[str]]:
+def pretraining_corpus(
+    *,
+    image_size: int = 32,
+    n_per_source: int | None = None,
+    seed: int = 0,
+    n_digits: int = CorpusMix.n_digits,
+    n_letters: int = CorpusMix.n_letters,
+    n_fashion: int = CorpusMix.n_fashion,
+    n_animals: int = CorpusMix.n_animals,
+    n_clipart_task: int = CorpusMix.n_clipart_task,
+    n_clipart_other: int = CorpusMix.n_clipart_other,
+    n_patterns: int = CorpusMix.n_patterns,
+    generic_caption_fraction: float = CorpusMix.generic_caption_fraction,
+    unnamed: Sequence[str] = (),
+    n_lowercase: int = CorpusMix.n_lowercase,
+) -> tuple[torch.Tensor, list[str]]:
     """Captioned images (uint8 [N, 3, H, W], captions) to pretrain the mini CLIP, in a seeded shuffled order.
 
     The corpus shows the tasks' *concepts* but never their evaluation images, so the base
@@ -181,9 +302,16 @@ def pretraining_corpus(*, image_size: int = 32, n_per_source: int | None = None,
     Nothing is drawn from mnist, digits or textiles. Images identical (at this size) to any
     task-side image of a shared source are dropped.
     """
-    counts = {"n_digits": n_digits, "n_letters": n_letters, "n_fashion": n_fashion, "n_animals": n_animals,
-              "n_clipart_task": n_clipart_task, "n_clipart_other": n_clipart_other, "n_patterns": n_patterns,
-              "n_lowercase": n_lowercase}
+    counts = {
+        "n_digits": n_digits,
+        "n_letters": n_letters,
+        "n_fashion": n_fashion,
+        "n_animals": n_animals,
+        "n_clipart_task": n_clipart_task,
+        "n_clipart_other": n_clipart_other,
+        "n_patterns": n_patterns,
+        "n_lowercase": n_lowercase,
+    }
     _check_args(image_size, {"n_per_source": n_per_source})
     for k, v in counts.items():
         if not isinstance(v, int) or v < 0:

@@ -20,7 +20,17 @@ from bvlib.errors import BVLibError
 # ----------------------------------------------------------------------------------------
 # Generated sources: glyphs from fonts, procedural patterns
 # ----------------------------------------------------------------------------------------
-_FONT_DENY = ("symbol", "dingbat", "d050000l", "last resort", "math", "cmex", "cmsy", "stixsize", "stixnonunicode")
+_FONT_DENY = (
+    "symbol",
+    "dingbat",
+    "d050000l",
+    "last resort",
+    "math",
+    "cmex",
+    "cmsy",
+    "stixsize",
+    "stixnonunicode",
+)
 _FONT_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -54,12 +64,29 @@ def _fonts_fingerprint() -> str:
 
 # metric clones and re-releases of one design (URW, Liberation, TeX Gyre) are one group
 _FONT_LOOKALIKES = {
-    "nimbus sans": "helvetica", "liberation sans": "helvetica", "tex gyre heros": "helvetica", "freesans": "helvetica",
-    "nimbus roman": "times", "liberation serif": "times", "tex gyre termes": "times", "freeserif": "times",
-    "nimbus mono ps": "courier", "liberation mono": "courier", "tex gyre cursor": "courier", "freemono": "courier",
-    "p052": "palatino", "tex gyre pagella": "palatino", "c059": "century schoolbook", "tex gyre schola": "century schoolbook",
-    "urw bookman": "bookman", "tex gyre bonum": "bookman", "urw gothic": "avant garde", "tex gyre adventor": "avant garde",
-    "z003": "zapf chancery", "tex gyre chorus": "zapf chancery", "cmb10": "cmr10",
+    "nimbus sans": "helvetica",
+    "liberation sans": "helvetica",
+    "tex gyre heros": "helvetica",
+    "freesans": "helvetica",
+    "nimbus roman": "times",
+    "liberation serif": "times",
+    "tex gyre termes": "times",
+    "freeserif": "times",
+    "nimbus mono ps": "courier",
+    "liberation mono": "courier",
+    "tex gyre cursor": "courier",
+    "freemono": "courier",
+    "p052": "palatino",
+    "tex gyre pagella": "palatino",
+    "c059": "century schoolbook",
+    "tex gyre schola": "century schoolbook",
+    "urw bookman": "bookman",
+    "tex gyre bonum": "bookman",
+    "urw gothic": "avant garde",
+    "tex gyre adventor": "avant garde",
+    "z003": "zapf chancery",
+    "tex gyre chorus": "zapf chancery",
+    "cmb10": "cmr10",
 }
 
 
@@ -97,7 +124,9 @@ def _font_faces() -> tuple[tuple[str, str, str], ...]:
         seen.add(face)
         faces.append((_font_group(family), face, str(path)))
     if not faces:
-        raise BVLibError("no usable fonts found; install some with: apt-get install fonts-urw-base35 fonts-dejavu-core")
+        raise BVLibError(
+            "no usable fonts found; install some with: apt-get install fonts-urw-base35 fonts-dejavu-core"
+        )
     return tuple(sorted(faces))
 
 
@@ -111,8 +140,10 @@ def font_split() -> dict[str, list[str]]:
     for group, face, _ in _font_faces():
         out["task" if _name_seed("font-side", group) % 2 else "corpus"].append(face)
     if not out["task"] or not out["corpus"]:
-        raise BVLibError("too few font designs to keep task and corpus glyphs apart; install some with: "
-                         "apt-get install fonts-urw-base35 fonts-dejavu-core")
+        raise BVLibError(
+            "too few font designs to keep task and corpus glyphs apart; install some with: "
+            "apt-get install fonts-urw-base35 fonts-dejavu-core"
+        )
     return out
 
 
@@ -156,7 +187,9 @@ def _glyph_bank(side: str, chars: str, res: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(masks))
 
 
-def _contrasting_colors(n: int, gen: torch.Generator, min_contrast: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+def _contrasting_colors(
+    n: int, gen: torch.Generator, min_contrast: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random (background, foreground) RGB pairs in [0, 1], luminance apart by at least min_contrast."""
     lum = torch.tensor([0.299, 0.587, 0.114])
     bg = torch.rand(n, 3, generator=gen)
@@ -167,7 +200,9 @@ def _contrasting_colors(n: int, gen: torch.Generator, min_contrast: float = 0.3)
     return bg, fg
 
 
-def _finish(mask: torch.Tensor, bg: torch.Tensor, fg: torch.Tensor, size: int, gen: torch.Generator, noise: float) -> torch.Tensor:
+def _finish(
+    mask: torch.Tensor, bg: torch.Tensor, fg: torch.Tensor, size: int, gen: torch.Generator, noise: float
+) -> torch.Tensor:
     """Colour a [n, 1, r, r] mask, downsample with antialiasing, add a little noise, to uint8."""
     img = bg[:, :, None, None] * (1 - mask) + fg[:, :, None, None] * mask
     if img.shape[-1] != size:
@@ -178,7 +213,7 @@ def _finish(mask: torch.Tensor, bg: torch.Tensor, fg: torch.Tensor, size: int, g
 
 def _chunk(res: int) -> int:
     """Samples per vectorised step: 1024 at small sizes, fewer when images are large (memory)."""
-    return max(8, min(1024, 2 ** 22 // (res * res)))
+    return max(8, min(1024, 2**22 // (res * res)))
 
 
 def _affine_warp(masks: torch.Tensor, a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -190,14 +225,15 @@ def _affine_warp(masks: torch.Tensor, a: torch.Tensor, shift: torch.Tensor) -> t
 
 
 def _glyph_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed: int) -> torch.Tensor:
-    """Glyphs of the given classes from random faces, randomly scaled, rotated, sheared, shifted and coloured."""
+    """Glyphs of the given classes from random faces, randomly scaled, rotated, sheared, shifted and
+    coloured."""
     gen = torch.Generator().manual_seed(seed)
     n_faces, _, res, _ = bank.shape
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     out = torch.empty((len(labels_t), 3, size, size), dtype=torch.uint8)
     chunk = _chunk(res)
     for s in range(0, len(labels_t), chunk):
-        y = labels_t[s:s + chunk]
+        y = labels_t[s : s + chunk]
         n = len(y)
         face = torch.randint(n_faces, (n,), generator=gen)
         masks = bank[face, y][:, None]
@@ -207,17 +243,28 @@ def _glyph_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed: int) 
         shift = 0.15 * (2 * torch.rand(n, 2, generator=gen) - 1)
         cos, sin = torch.cos(angle), torch.sin(angle)
         # output -> input coordinates: inverse of (scale, rotate, shear), then undo the shift
-        a = torch.stack([torch.stack([cos, sin + shear], 1), torch.stack([-sin, cos], 1)], 1) / scale[:, None, None]
+        a = (
+            torch.stack([torch.stack([cos, sin + shear], 1), torch.stack([-sin, cos], 1)], 1)
+            / scale[:, None, None]
+        )
         warped = _affine_warp(masks, a, shift)
         bg, fg = _contrasting_colors(n, gen)
-        out[s:s + n] = _finish(warped, bg, fg, size, gen, noise=0.03)
+        out[s : s + n] = _finish(warped, bg, fg, size, gen, noise=0.03)
     return out
 
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LETTERS_PER_CLASS = 300
-PATTERN_CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "polka dots", "circle",
-                   "cross", "gradient")
+PATTERN_CLASSES = (
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "checkerboard",
+    "polka dots",
+    "circle",
+    "cross",
+    "gradient",
+)
 PATTERNS_PER_CLASS = 500
 
 
@@ -279,14 +326,23 @@ def _pattern_masks(cls: torch.Tensor, res: int, gen: torch.Generator, style: str
     theta = r(0, 2 * math.pi)
     gamma = r(1.0, 1.0) if task else r(2.0, 3.0)
 
-    def checker(uu: torch.Tensor, vv: torch.Tensor, f: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    def checker(
+        uu: torch.Tensor, vv: torch.Tensor, f: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor
+    ) -> torch.Tensor:
         if task:
             return ((torch.floor(uu * f + p1) + torch.floor(vv * f + p2)) % 2).float()
         return 0.5 + 0.5 * torch.sin(2 * math.pi * (uu * f + p1)) * torch.sin(2 * math.pi * (vv * f + p2))
 
-    def dots(uu: torch.Tensor, vv: torch.Tensor, f: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+    def dots(
+        uu: torch.Tensor,
+        vv: torch.Tensor,
+        f: torch.Tensor,
+        p1: torch.Tensor,
+        p2: torch.Tensor,
+        rr: torch.Tensor,
+    ) -> torch.Tensor:
         du, dv = torch.remainder(uu * f + p1, 1.0) - 0.5, torch.remainder(vv * f + p2, 1.0) - 0.5
-        return (du ** 2 + dv ** 2 < rr ** 2).float()
+        return (du**2 + dv**2 < rr**2).float()
 
     def cross(uu, vv, x0, y0, w, ln) -> torch.Tensor:
         ax, ay = (uu - x0).abs(), (vv - y0).abs()
@@ -321,10 +377,10 @@ def _pattern_images(labels: np.ndarray, size: int, seed: int, style: str) -> tor
     res = 2 * size
     chunk = _chunk(res)
     for s in range(0, len(labels_t), chunk):
-        y = labels_t[s:s + chunk]
+        y = labels_t[s : s + chunk]
         masks = _pattern_masks(y, res, gen, style)
         bg, fg = _contrasting_colors(len(y), gen, min_contrast=0.25)
-        out[s:s + len(y)] = _finish(masks, bg, fg, size, gen, noise=0.03)
+        out[s : s + len(y)] = _finish(masks, bg, fg, size, gen, noise=0.03)
     return out
 
 
@@ -353,7 +409,7 @@ def _house_number_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed
     v, u = torch.meshgrid(torch.linspace(-1, 1, res), torch.linspace(-1, 1, res), indexing="ij")
     chunk = _chunk(res)
     for s in range(0, len(labels_t), chunk):
-        y = labels_t[s:s + chunk]
+        y = labels_t[s : s + chunk]
         n = len(y)
         face = torch.randint(n_faces, (n,), generator=gen)
         scale = 0.8 + 0.3 * torch.rand(n, generator=gen)
@@ -366,7 +422,9 @@ def _house_number_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed
         for offset in (-1, 0, 1):
             digit = y if offset == 0 else torch.randint(n_digits, (n,), generator=gen)
             present = torch.ones(n) if offset == 0 else (torch.rand(n, generator=gen) < 0.75).float()
-            warped = _affine_warp(bank[face, digit][:, None], a, shift + torch.stack([offset * spacing, torch.zeros(n)], 1))
+            warped = _affine_warp(
+                bank[face, digit][:, None], a, shift + torch.stack([offset * spacing, torch.zeros(n)], 1)
+            )
             mask = torch.maximum(mask, warped * present[:, None, None, None])
         bg, fg = _contrasting_colors(n, gen, min_contrast=0.25)
         theta = 2 * math.pi * torch.rand(n, generator=gen)
@@ -374,7 +432,7 @@ def _house_number_images(bank: torch.Tensor, labels: np.ndarray, size: int, seed
         img = _finish(mask, bg, fg, res, gen, noise=0.0).float() / 255 * shade[:, None]
         img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         img = img + 0.04 * torch.randn(img.shape, generator=gen)
-        out[s:s + n] = img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        out[s : s + n] = img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
     return out
 
 

@@ -22,6 +22,7 @@ from bvlib.errors import BVLibError
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
+
 # ----------------------------------------------------------------------------------------
 # Sources: each gives labels, a content key per item, and a renderer at any image size
 # ----------------------------------------------------------------------------------------
@@ -53,11 +54,16 @@ def _site_file(package: str, *parts: str) -> Path:
     try:
         mod = importlib.import_module(package)
     except ImportError as e:
-        raise BVLibError(f"the '{package}' package is missing; install it with: pip install {package.replace('_', '-')}") from e
+        raise BVLibError(
+            f"the '{package}' package is missing; install it with: pip install {package.replace('_', '-')}"
+        ) from e
     path = Path(mod.__file__).parent.joinpath(*parts)
     if not path.exists():
-        raise BVLibError(f"{path} is missing from the installed '{package}'; reinstall it with: pip install --force-reinstall "
-                         f"{package.replace('_', '-')}")
+        raise BVLibError(
+            f"{path} is missing from the installed '{package}'; reinstall it with: pip install "
+            "--force-reinstall "
+            f"{package.replace('_', '-')}"
+        )
     return path
 
 
@@ -83,7 +89,9 @@ def _digits_source() -> _Source:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise BVLibError("the 'digits' task needs scikit-learn; install it with: pip install scikit-learn") from e
+        raise BVLibError(
+            "the 'digits' task needs scikit-learn; install it with: pip install scikit-learn"
+        ) from e
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     return _array_source(images, d.target.astype(np.int64))
@@ -97,7 +105,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
         raise BVLibError(f"{path} is not a uint8 IDX file; reinstall the package that provides it")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -112,7 +120,10 @@ def _fashion_source() -> _Source:
     for prefix in ("train", "t10k"):
         files = [root / f"{prefix}-{k}-idx{d}-ubyte.gz" for k, d in (("images", 3), ("labels", 1))]
         if not all(f.exists() for f in files):
-            raise BVLibError(f"Fashion-MNIST files missing in {root}; install them with: apt-get install --reinstall dataset-fashion-mnist")
+            raise BVLibError(
+                f"Fashion-MNIST files missing in {root}; install them with: apt-get install --reinstall "
+                "dataset-fashion-mnist"
+            )
         parts.append((_read_idx(files[0]), _read_idx(files[1])))
     return _array_source(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
@@ -120,14 +131,20 @@ def _fashion_source() -> _Source:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """animal-mnist ships numpy arrays as pickles; allow only what rebuilds an ndarray."""
 
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct")}
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
         if name == "_reconstruct":
-            return np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+            return (
+                np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+            )
         return getattr(np, name)
 
 
@@ -145,7 +162,9 @@ def _animals_source() -> _Source:
 
 def _file_keys(paths: Sequence[Path]) -> np.ndarray:
     """A content hash per file (so a file filed under two categories is one item)."""
-    return np.array([int.from_bytes(hashlib.sha1(p.read_bytes()).digest()[:8], "little") for p in paths], dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.sha1(p.read_bytes()).digest()[:8], "little") for p in paths], dtype=np.uint64
+    )
 
 
 def _decode_images(paths: Sequence[Path], size: int, *, square_pad: bool) -> torch.Tensor:
@@ -201,25 +220,60 @@ _MAX_PIXELS = 16_000_000  # a handful of openclipart PNGs are 100+ megapixel: sk
 
 # (folder under CLIPART_DIR, class name): visually distinct categories with 44+ images each
 CLIPART_CLASSES: tuple[tuple[str, str], ...] = (
-    ("signs_and_symbols/flags", "flag"), ("animals/mammals", "mammal"), ("shapes/arrows", "arrow"),
-    ("food/fruit", "fruit"), ("transportation/roadsigns", "road sign"), ("transportation/vehicles", "vehicle"),
-    ("animals/birds", "bird"), ("animals/bugs", "insect"), ("people/smilies", "smiley face"), ("shapes/stars", "star"),
+    ("signs_and_symbols/flags", "flag"),
+    ("animals/mammals", "mammal"),
+    ("shapes/arrows", "arrow"),
+    ("food/fruit", "fruit"),
+    ("transportation/roadsigns", "road sign"),
+    ("transportation/vehicles", "vehicle"),
+    ("animals/birds", "bird"),
+    ("animals/bugs", "insect"),
+    ("people/smilies", "smiley face"),
+    ("shapes/stars", "star"),
 )
 # other categories, only ever used in the pretraining corpus; "/." is the folder's loose files
 CLIPART_CORPUS_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("computer/icons", "computer icon"), ("recreation/games", "game"), ("transportation/aiga-symbols", "pictogram"),
-    ("food/desserts", "dessert"), ("people/clothing", "piece of clothing"), ("computer/hardware", "computer"),
-    ("food/beverages", "drink"), ("people/stickmen", "stick figure"), ("signs_and_symbols/led", "light"),
-    ("recreation/music", "music"), ("recreation/sports", "sport"), ("recreation/party", "party decoration"),
-    ("recreation/holiday", "holiday decoration"), ("buildings/homes", "house"), ("tools/weapons", "weapon"),
-    ("transportation/boating", "boat"), ("plants/flowers", "flower"), ("recreation/toys", "toy"),
-    ("food/meats_and_eggs", "meat"), ("signs_and_symbols/weather", "weather symbol"), ("people/bodypart", "body part"),
-    ("shapes/flowchart", "flowchart"), ("food/breads_and_carbs", "bread"), ("signs_and_symbols/clocks", "clock"),
-    ("shapes/callouts", "speech bubble"), ("animals/fish", "fish"), ("plants/trees", "tree"), ("education/books", "book"),
-    ("geography/astronomy", "planet"), ("office/telephone", "telephone"), ("animals/dinosaurs", "dinosaur"),
-    ("shapes/jigsaw", "jigsaw puzzle piece"), ("special/patterns", "pattern"),
-    ("signs_and_symbols/map_symbols", "map symbol"), ("people/.", "person"), ("tools/.", "tool"), ("food/.", "food"),
-    ("plants/.", "plant"), ("office/.", "office supply"), ("geography/.", "map"), ("computer/.", "computer"),
+    ("computer/icons", "computer icon"),
+    ("recreation/games", "game"),
+    ("transportation/aiga-symbols", "pictogram"),
+    ("food/desserts", "dessert"),
+    ("people/clothing", "piece of clothing"),
+    ("computer/hardware", "computer"),
+    ("food/beverages", "drink"),
+    ("people/stickmen", "stick figure"),
+    ("signs_and_symbols/led", "light"),
+    ("recreation/music", "music"),
+    ("recreation/sports", "sport"),
+    ("recreation/party", "party decoration"),
+    ("recreation/holiday", "holiday decoration"),
+    ("buildings/homes", "house"),
+    ("tools/weapons", "weapon"),
+    ("transportation/boating", "boat"),
+    ("plants/flowers", "flower"),
+    ("recreation/toys", "toy"),
+    ("food/meats_and_eggs", "meat"),
+    ("signs_and_symbols/weather", "weather symbol"),
+    ("people/bodypart", "body part"),
+    ("shapes/flowchart", "flowchart"),
+    ("food/breads_and_carbs", "bread"),
+    ("signs_and_symbols/clocks", "clock"),
+    ("shapes/callouts", "speech bubble"),
+    ("animals/fish", "fish"),
+    ("plants/trees", "tree"),
+    ("education/books", "book"),
+    ("geography/astronomy", "planet"),
+    ("office/telephone", "telephone"),
+    ("animals/dinosaurs", "dinosaur"),
+    ("shapes/jigsaw", "jigsaw puzzle piece"),
+    ("special/patterns", "pattern"),
+    ("signs_and_symbols/map_symbols", "map symbol"),
+    ("people/.", "person"),
+    ("tools/.", "tool"),
+    ("food/.", "food"),
+    ("plants/.", "plant"),
+    ("office/.", "office supply"),
+    ("geography/.", "map"),
+    ("computer/.", "computer"),
 )
 CLIPART_TASK_CAP = 120  # per class: flags and stars have hundreds, the rest 44-126
 CLIPART_CORPUS_CAP = 100  # per corpus category
@@ -239,7 +293,9 @@ def _clipart_files(folder: str) -> list[Path]:
     d = root / folder
     if not d.is_dir():
         raise BVLibError(f"{d} not found; reinstall it with: apt-get install --reinstall openclipart-png")
-    files = sorted(d.glob("*.png")) if folder.endswith("/.") else sorted(d.rglob("*.png"))  # "/.": loose files only
+    files = (
+        sorted(d.glob("*.png")) if folder.endswith("/.") else sorted(d.rglob("*.png"))
+    )  # "/.": loose files only
     return [p for p in files if 0 < _png_size(p) <= _MAX_PIXELS]
 
 
@@ -263,20 +319,29 @@ def _clipart_corpus_source() -> _Source:
     return _clipart_categories(CLIPART_CORPUS_CATEGORIES)
 
 
-TEXTILE_CLASSES: tuple[tuple[str, str], ...] = (("nominal", "no defect"), ("local", "a local defect"), ("global", "a global defect"))
-# a local defect is ~10 px of a 250 px image and vanishes at 32 px: fabric keeps the two classes that stay visible
+TEXTILE_CLASSES: tuple[tuple[str, str], ...] = (
+    ("nominal", "no defect"),
+    ("local", "a local defect"),
+    ("global", "a global defect"),
+)
+# a local defect is ~10 px of a 250 px image and vanishes at 32 px: fabric keeps the two classes that stay
+# visible
 FABRIC_CLASSES: tuple[tuple[str, str], ...] = (TEXTILE_CLASSES[0], TEXTILE_CLASSES[2])
 
 
 @lru_cache(maxsize=2)
 def _textiles_source(classes: tuple[tuple[str, str], ...] = TEXTILE_CLASSES) -> _Source:
-    """conformal-clip-data's simulated textile textures (250x250 JPEGs), one label per (folder, name) class."""
+    """conformal-clip-data's simulated textile textures (250x250 JPEGs), one label per (folder, name)
+    class."""
     root = _site_file("conformal_clip_data", "data", "textile_images", "simulated")
     paths, labels = [], []
     for c, (folder, _) in enumerate(classes):
         files = sorted((root / folder).glob("*.jpg"))
         if not files:
-            raise BVLibError(f"no textile images in {root / folder}; reinstall with: pip install --force-reinstall conformal-clip-data")
+            raise BVLibError(
+                f"no textile images in {root / folder}; reinstall with: pip install --force-reinstall "
+                "conformal-clip-data"
+            )
         paths += files
         labels += [c] * len(files)
     return _file_source(paths, labels, square_pad=False)
