@@ -60,8 +60,9 @@ device-check:          ## on a GPU machine with torch (no venv, no network): the
 	[ ! -d .whl ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bvlib-site .whl/*.whl
 	PYTHONPATH=$(CURDIR):/tmp/bvlib-site PYTHONUNBUFFERED=1 python3 scripts/device_check.py $(if $(OUT),--out $(OUT)/device-check.json) $(if $(SKIP),--skip $(SKIP))
 
-lint: setup
-	$(BIN)/ruff check bvlib tests benchmarks notebooks
+lint: setup            ## format the code at pyproject's line length, then lint it
+	$(BIN)/ruff format bvlib tests benchmarks notebooks scripts
+	$(BIN)/ruff check bvlib tests benchmarks notebooks scripts
 
 clean:
 	rm -rf _build book/*.ipynb book/results
