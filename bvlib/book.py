@@ -423,6 +423,7 @@ LONGEST_FIRST = (
     "05_defenses",
     "03_merging_resilience",
     "02_similarity_transfer",
+    "07_scan",
     "06_own_models",
     "04_inherent_triggers",
     "01_backdoor_vectors",
@@ -666,6 +667,22 @@ def readme_block(snapshot: dict) -> str:
             f"{w['ta_mean_acc']:.1%} (normalized {w['ta_normalized_acc']:.2f}, λ {w['ta_lam']:g}), TIES "
             f"{w['ties_mean_acc']:.1%} "
             f"(normalized {w['ties_normalized_acc']:.2f}).",
+            "",
+        ]
+    s = chapters.get("07_scan", {}).get("scores")
+    if s:
+        main, plain = (
+            s["anomaly index of the excess over θ0 (the scan)"],
+            s["anomaly index of the ASR (no θ0 correction)"],
+        )
+        n = chapters["07_scan"]
+        lo, hi = main["auc_interval"]
+        tlo, thi = main["tpr_interval"]
+        lines += [
+            f"**Scanning a checkpoint** (`bvlib scan`, chapter 07; {n['n_models']} models, "
+            f"{n['n_clean']} clean): AUC {main['auc']:.2f} [{lo:.2f}, {hi:.2f}] with the θ0 correction, "
+            f"{plain['auc']:.2f} without; detection {main['tpr_at_fpr']:.0%} [{tlo:.0%}, {thi:.0%}] at "
+            f"{main['fpr']:.0%} false positives (threshold {main['threshold']:.2f}).",
             "",
         ]
     rows = [(name, c) for name, r in chapters.items() for c in r.get("claims_table", [])]

@@ -1,4 +1,4 @@
-"""Command line: `bvlib world | finetune | eval | merge | inspect | pretrain | notebook | book`.
+"""Command line: `bvlib world | finetune | eval | merge | inspect | scan | pretrain | notebook | book`.
 
 Errors are one line on stderr, exit code 2."""
 
@@ -328,6 +328,59 @@ def cmd_inspect(args) -> None:
         )
 
 
+def cmd_scan(args) -> None:
+    from pathlib import Path
+
+    from bvlib.defenses.scan import scan
+    from bvlib.store import load_state_dict
+    from bvlib.weights import Weights
+
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise BVLibError(f"--json {args.json}: its folder does not exist")
+    if args.base:  # your own files: a whole CLIP base, its architecture, the candidate, an image folder
+        from bvlib.checkpoints import EncoderFile
+        from bvlib.world import World
+
+        if args.task or args.checkpoint:
+            raise BVLibError("--task and --checkpoint are for a preset's world; with --base give CHECKPOINT")
+        if not (args.model and args.data and args.candidate):
+            raise BVLibError("bvlib scan --base CLIP needs --model ARCH, --data FOLDER and the CHECKPOINT")
+        task = Path(args.data).resolve().name
+        world = World.from_files(args.base, args.model, {task: args.data}, preset=args.preset, progress=False)
+        f = EncoderFile(args.candidate)
+        f.check_like(world.layout, "the base")
+        weights, source = Weights(f.flat(world.layout.names), world.layout), args.candidate
+    else:
+        if args.candidate or args.model or args.data:
+            raise BVLibError("CHECKPOINT, --model and --data go with --base; for a preset use --checkpoint")
+        if not (args.task and args.checkpoint):
+            raise BVLibError(
+                "bvlib scan needs --task and --checkpoint (or --base, --model, --data CHECKPOINT)"
+            )
+        world = _world(args)
+        task = world.check_task(args.task)
+        state = load_state_dict(args.checkpoint)
+        weights, source = Weights.from_state_dict(state, world.layout), args.checkpoint
+    weights = weights.to(world.device).check_finite(source)
+    reference = None
+    if args.reference_bv:
+        reference = Weights.from_state_dict(load_state_dict(args.reference_bv), world.layout).to(world.device)
+    report = {"checkpoint": str(source)} | scan(
+        world, weights, task, reference_bv=reference, threshold=args.threshold
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    for r in report["classes"]:
+        r_line = (
+            f"  class {r['class']:>3} {r['name'][:14]:<14} {r['patch']:<16} ASR {r['asr']:6.1%}  "
+            f"base {r['base_asr']:6.1%}  excess {r['excess']:+6.1%}  index {r['index']:+6.1f}"
+        )
+        print(r_line)
+    cal = report["calibration"]
+    print(f"threshold {report['threshold']:g}: {cal['measured']}")
+    print(report["line"])
+
+
 def cmd_jobs(args) -> None:
     from bvlib.jobs import run_jobs, world_jobs
 
@@ -531,6 +584,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "scan", help="is this fine-tuned checkpoint backdoored? a trigger search judged against the base's"
+    )
+    with_overrides(p)
+    p.add_argument("candidate", nargs="?", help="with --base: the fine-tuned checkpoint to scan")
+    p.add_argument("--task", help="a task of the preset's world (with --checkpoint)")
+    p.add_argument("--checkpoint", help="the preset world's encoder weights to scan (.safetensors)")
+    p.add_argument("--base", help="your own base: a whole CLIP checkpoint (its text tower makes the head)")
+    p.add_argument("--model", help="with --base: its open_clip architecture, e.g. ViT-B-32")
+    p.add_argument("--data", help="with --base: the task's images, FOLDER/CLASS/IMAGE (the folder names it)")
+    p.add_argument("--reference-bv", help="a known Backdoor Vector file: its cosine is reported")
+    p.add_argument("--threshold", type=float, help="anomaly index to flag at (default: the measured one)")
+    p.add_argument("--json", help="also write the whole report to this JSON file")
+    p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser(
         "jobs",

@@ -61,3 +61,17 @@ def test_the_block_goes_between_the_markers_and_nowhere_else(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(BVLibError, match="results:start"):
         write_readme(readme, block)
+
+
+def test_the_scans_default_threshold_is_the_one_the_kept_build_measured():
+    from bvlib.defenses.scan import SCAN_CALIBRATION
+
+    if not SNAPSHOT.is_file() or "07_scan" not in json.loads(SNAPSHOT.read_text())["chapters"]:
+        pytest.skip("no kept build of chapter 07 yet: run `make book` then `make readme`")
+    scan = json.loads(SNAPSHOT.read_text())["chapters"]["07_scan"]
+    main = scan["scores"]["anomaly index of the excess over θ0 (the scan)"]
+    assert SCAN_CALIBRATION["threshold"] == pytest.approx(main["threshold"], abs=0.01), (
+        "bvlib.defenses.scan.SCAN_CALIBRATION differs from chapter 07's measurement: copy it from there"
+    )
+    assert f"AUC {main['auc']:.2f}" in SCAN_CALIBRATION["measured"]
+    assert f"{main['tpr_at_fpr']:.0%}" in SCAN_CALIBRATION["measured"]

@@ -29,11 +29,20 @@ from bvlib.defenses.ibvs import (
     merge_with_ibvs,
     placebo_vector,
 )
-from bvlib.defenses.tbar import ALPHA_GRID, TBAR_VERSION, suspect_target, tbar, trigger_task_model
+from bvlib.defenses.scan import SCAN_CALIBRATION, scan
+from bvlib.defenses.tbar import (
+    ALPHA_GRID,
+    TBAR_VERSION,
+    search_patches,
+    suspect_target,
+    tbar,
+    trigger_task_model,
+)
 
 __all__ = [
     "ALPHA_GRID",
     "PLACEBOS",
+    "SCAN_CALIBRATION",
     "TBAR_VERSION",
     "dam",
     "defender_target",
@@ -42,6 +51,8 @@ __all__ = [
     "ibvs_vectors",
     "merge_with_ibvs",
     "placebo_vector",
+    "scan",
+    "search_patches",
     "suspect_target",
     "tbar",
     "trigger_task_model",

@@ -51,9 +51,9 @@ def search_sizes(world) -> tuple[int, ...]:
     return tuple(dict.fromkeys((size, max(1, size // 2))))
 
 
-def suspect_target(
+def search_patches(
     world,
-    weights: Weights,
+    weights: Weights | None,
     task: str,
     *,
     targets: Sequence[int] | None = None,
@@ -61,19 +61,19 @@ def suspect_target(
     location: str | Sequence[str] | None = None,
     steps: int = 100,
     screen_steps: int | None = None,
+    batch_size: int = 128,
     seed: int = 0,
-) -> tuple[Trigger, int, dict[int, float]]:
-    """Reverse-engineer a patch per candidate target class, told neither where it sits nor its size.
+) -> dict[int, dict]:
+    """The best patch for each candidate target class of a model, told neither where it sits nor its size.
 
     For every class of `targets` (default: all classes of the task), a patch is optimised against the
-    model `weights` on the task's val split (`inherent_trigger` with model=weights: cached, keyed by
-    the weights' digest) at every placement of the search: each `location` (default: the four
-    corners and the centre, `SEARCH_LOCATIONS`) × each `size` (default: `search_sizes`, the preset's
-    patch size and half of it), `screen_steps` steps each (default steps // 5); the placement whose
-    patch reaches the highest val ASR is then optimised for `steps`. A single `size` and `location`
-    make a told search (the oracle). The suspected target is the class whose patch reaches the
-    highest val ASR, ties broken by the mean probability of the class. Returns (its trigger, the
-    target, {class: ASR on val}).
+    model `weights` (θ0 if None) on the task's val split (`inherent_trigger`: cached, keyed by the
+    weights' digest) at every placement of the search: each `location` (default: the four corners
+    and the centre, `SEARCH_LOCATIONS`) × each `size` (default: `search_sizes`, the preset's patch
+    size and half of it), `screen_steps` steps each (default steps // 5); the placement whose patch
+    reaches the highest val ASR is then optimised for `steps`. A single `size` and `location` make a
+    told search (the oracle). `batch_size` images per optimisation step. Returns {class: {"trigger",
+    "asr", "target_prob"}} (val split).
     """
     world.check_task(task)
     locations = list(
@@ -99,23 +99,38 @@ def suspect_target(
     )
     if not targets:
         raise BVLibError("need at least one candidate target class")
+    model = "base" if weights is None else weights
 
     def scored(t: int, loc: str, s: int, n: int):
-        trig = inherent_trigger(world, task, t, size=s, location=loc, model=weights, steps=n, seed=seed)
+        trig = inherent_trigger(
+            world, task, t, size=s, location=loc, model=model, steps=n, batch_size=batch_size, seed=seed
+        )
         r = world.trigger_scores(task, weights, trig, t, split="val")
         return (r["asr"], r["target_prob"]), trig
 
-    best, scores = None, {}
+    found = {}
     for t in tqdm(targets, desc=f"reverse-engineer {task}", leave=False, disable=not world.progress):
         (score, trig), (loc, s) = max(
             ((scored(t, loc, s, screen), (loc, s)) for loc, s in placements), key=lambda x: x[0][0]
         )
         if screen < steps:
             score, trig = scored(t, loc, s, steps)
-        scores[t] = score[0]
-        if best is None or score > best[0]:
-            best = (score, trig, t)
-    return best[1], best[2], scores
+        found[t] = {"trigger": trig, "asr": score[0], "target_prob": score[1]}
+    return found
+
+
+def suspect_target(
+    world,
+    weights: Weights,
+    task: str,
+    **search,
+) -> tuple[Trigger, int, dict[int, float]]:
+    """The class whose reverse-engineered patch (`search_patches`, same arguments) reaches the highest
+    val ASR, ties broken by the mean probability of the class. Returns (its trigger, the target,
+    {class: ASR on val})."""
+    found = search_patches(world, weights, task, **search)
+    target = max(found, key=lambda t: (found[t]["asr"], found[t]["target_prob"]))
+    return found[target]["trigger"], target, {t: f["asr"] for t, f in found.items()}
 
 
 def trigger_task_model(
