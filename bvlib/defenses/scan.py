@@ -25,8 +25,9 @@ MAD_SCALE = 1.4826  # MAD of a normal sample → its standard deviation (as Neur
 MAD_FLOOR = 0.02  # 2 ASR points: the spread below which classes count as equal (no division by ~0)
 SEARCH = {"steps": 10, "screen_steps": 3, "batch_size": 32}  # 10 placements screened, the best refined
 SCAN_CALIBRATION = {  # measured by chapter 07 on the cpu preset; `bvlib scan` prints these
-    "threshold": 3.5,
-    "measured": "not measured yet",
+    "threshold": 2.06,
+    "measured": "chapter 07 of the cpu book: 24 models (10 clean), AUC 0.96 [0.85, 1.00], "
+    "detection 93% [79%, 100%] at 5% false positives",
 }
 
 
