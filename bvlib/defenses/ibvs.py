@@ -137,7 +137,15 @@ def merge_with_ibvs(
     as that many more task vectors. strength = 0 is the plain merge.
     """
     vectors = _vector_list(task_vectors)
-    bvs = [ibvs_bv] if isinstance(ibvs_bv, Weights) else _vector_list(ibvs_bv, "IBVS BVs")
+    if isinstance(ibvs_bv, Weights):
+        bvs = [ibvs_bv]
+    elif isinstance(ibvs_bv, (list, tuple)) and ibvs_bv and all(isinstance(b, Weights) for b in ibvs_bv):
+        bvs = list(ibvs_bv)
+    else:
+        raise BVLibError(
+            "ibvs_bv must be Weights (a Backdoor Vector) or a non-empty list of them, got "
+            f"{type(ibvs_bv).__name__}"
+        )
     for bv in bvs:
         vectors[0].layout.check_same(bv.layout, "task vectors and the IBVS BV")
     strength = _real("strength", strength, 0)
