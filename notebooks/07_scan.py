@@ -175,7 +175,7 @@ by_kind = table.groupby("kind", sort=False).agg(
 by_kind.style.format({"flagged": "{:.0%}", "target_named": "{:.0%}"})
 
 # %%
-record(
+_ = record(
     "07_scan",
     {
         "preset": world.name,
