@@ -40,10 +40,12 @@ def anomaly_index(values) -> np.ndarray:
 
 
 def top_mass(vector: Weights, share: float = 0.01) -> float:
-    """Share of the squared norm in the largest `share` of the coordinates."""
-    sq = vector.flat.double().pow(2)
-    n = max(1, int(share * sq.numel()))
-    return float(sq.topk(n).values.sum() / sq.sum().clamp_min(1e-30))
+    """Share of the squared norm in the largest `share` of the coordinates (`bvlib inspect`'s TopMass)."""
+    from bvlib.checkpoints import TopMass
+
+    top = TopMass(vector.flat.numel(), share)
+    top.add(vector.flat)
+    return top.share()
 
 
 def scan(
