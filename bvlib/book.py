@@ -417,15 +417,16 @@ def _execute_timed(name: str, out_dir: Path, parameters: dict, root: Path) -> fl
     return time.perf_counter() - t
 
 
-# The chapters by their expected time in a cold build (cpu preset; 05 and 03 grew with their replicates
-# and controls), so that the longest does not start last; a fresh clone has no earlier build to ask.
+# The chapters by their expected time in a cold build (cpu preset, after the workers built the world's
+# and the shared fine-tunes: 05 and 07 then hold most of the work), so that the longest does not start
+# last; a fresh clone has no earlier build to ask.
 LONGEST_FIRST = (
     "05_defenses",
-    "03_merging_resilience",
-    "02_similarity_transfer",
     "07_scan",
-    "06_own_models",
+    "02_similarity_transfer",
+    "03_merging_resilience",
     "04_inherent_triggers",
+    "06_own_models",
     "01_backdoor_vectors",
 )
 
@@ -488,6 +489,22 @@ def _execute_all(
         timings[INTRO] = _execute_timed(INTRO, out_dir, parameters, root)
 
 
+SHARED_BY = "03_merging_resilience"  # its attack families cover those of 05 and 07
+
+
+def shared_jobs(world, root: Path) -> list:
+    """The fine-tunes the merging, defenses and scan chapters share (every member of chapter 03's attack
+    families on its attacked tasks, `bvlib.jobs.scene_jobs`), from that chapter's parameters for the
+    world's preset: built by the workers before the chapters start, so that no chapter waits idle for
+    another to finish them."""
+    from bvlib.jobs import scene_jobs
+
+    params = notebook_parameters(SHARED_BY, root) | preset_parameters(SHARED_BY, world.preset.to_dict())
+    tasks = params.get("attacked_tasks") or world.task_names[:3]
+    groups = params.get("seed_sets") or [[0]]
+    return [job for seeds in groups for job in scene_jobs(world, tasks, params.get("families", []), seeds)]
+
+
 def build(
     preset: str = "cpu",
     out_dir: Path | None = None,
@@ -520,7 +537,8 @@ def build(
             print(f"world '{world.name}': store {world.store.root}", flush=True)
             cold = not any(world.has_finetune(n) for n in world.task_names)
             if workers > 1:
-                timings["world/jobs"] = run_jobs(world, world_jobs(world), workers=workers)["seconds"]
+                jobs = world_jobs(world) + (shared_jobs(world, root) if cold else [])
+                timings["world/jobs"] = run_jobs(world, jobs, workers=workers)["seconds"]
             timings["world"] = time.perf_counter() - t
 
         # while the first chapters start; a chapter that needs them first waits for them

@@ -56,6 +56,40 @@ class Job:
         world.finetune(*args, **train)
 
 
+@dataclass(frozen=True)
+class SceneJob:
+    """The fine-tunes behind one member of an attack family of `bvlib.scenes.AttackedScene` on `task`
+    (the attacker's model and the clean one of its seed; for BadMerging its trigger first): what the
+    merging and defenses chapters share, built before they start so that neither waits on the other."""
+
+    preset: Mapping
+    task: str
+    family: str
+    seeds: tuple[int, ...]
+    member: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} {self.family} {self.member + 1}/{len(self.seeds)}"
+
+    def done(self, world) -> bool:
+        return False  # a member already built only loads from the store
+
+    def run(self, world) -> None:
+        from bvlib.scenes import AttackedScene
+
+        AttackedScene(world, self.task).member_bv(self.family, self.seeds, self.member)
+
+
+def scene_jobs(
+    world, tasks: Sequence[str], families: Sequence[str], seeds: Sequence[int] = (0, 1, 2)
+) -> list[SceneJob]:
+    """Every member of every family on every attacked task, the longest (BadMerging) first."""
+    preset, seeds = world.preset.to_dict(), tuple(seeds)
+    order = sorted(families, key=lambda f: f != "BadMerging")
+    return [SceneJob(preset, t, f, seeds, i) for f in order for i in range(len(seeds)) for t in tasks]
+
+
 def world_jobs(world, seeds: Sequence[int] = (0,)) -> list[Job]:
     """The world card's fine-tunes: per task and seed, a clean one and one with the preset's BadNets."""
     preset = world.preset.to_dict()
@@ -66,7 +100,7 @@ def world_jobs(world, seeds: Sequence[int] = (0,)) -> list[Job]:
 _WORLDS: dict[str, object] = {}
 
 
-def _run_job(job: Job, store_root: str) -> tuple[str, float]:
+def _run_job(job: Job | SceneJob, store_root: str) -> tuple[str, float]:
     """Build one job in this process (a pool or Ray worker); returns (label, seconds)."""
     import json
 
@@ -86,7 +120,7 @@ def _run_job(job: Job, store_root: str) -> tuple[str, float]:
 
 def run_jobs(
     world,
-    jobs: Sequence[Job],
+    jobs: Sequence[Job | SceneJob],
     *,
     executor: str = "local",
     workers: int | None = None,
@@ -111,13 +145,13 @@ def run_jobs(
     report = {"built": [], "skipped": 0, "failed": [], "seconds": 0.0}
     root = str(world.store.root.resolve())
 
-    def finished(job: Job, outcome) -> None:
+    def finished(job: Job | SceneJob, outcome) -> None:
         if isinstance(outcome, BaseException):
             line = (str(outcome).strip().splitlines() or [type(outcome).__name__])[0][:200]
             report["failed"].append((job.label, line))
             print(
                 f"job failed: {job.label} ({line}); config "
-                f"{dict(job.preset.get('finetune', {})) | dict(job.train)}",
+                f"{dict(job.preset.get('finetune', {})) | dict(getattr(job, 'train', {}))}",
                 file=sys.stderr,
             )
         else:
@@ -151,7 +185,9 @@ def run_jobs(
     return report
 
 
-def _run_on_ray(todo: Sequence[Job], root: str, workers: int, address: str | None, finished) -> None:
+def _run_on_ray(
+    todo: Sequence[Job | SceneJob], root: str, workers: int, address: str | None, finished
+) -> None:
     try:
         import ray
     except ImportError:

@@ -99,20 +99,23 @@ class AttackedScene:
 
     def family_bvs(self, family: str = "BadNets", seeds: Sequence[int] = (0, 1, 2)) -> list[Weights]:
         """The BVs θ_attacker − θ_clean of a family's members (both fine-tunes with the member's seed)."""
+        return [self.member_bv(family, seeds, i) for i in range(len(seeds))]
+
+    def member_bv(self, family: str, seeds: Sequence[int], member: int) -> Weights:
+        """The BV of member `member` of `family_bvs(family, seeds)` alone (one job of `bvlib.jobs`)."""
         if self._check_family(family) == "BadMerging":
             from bvlib.attacks.badmerging import badmerging_finetune
 
             if not seeds:
                 raise BVLibError("need at least one seed")
-            return [
-                badmerging_finetune(self.world, self.attacked, self.badmerging_poison, seed=s)
-                - self.world.finetune(self.attacked, seed=s)
-                for s in seeds
-            ]
+            s = seeds[member]
+            return badmerging_finetune(
+                self.world, self.attacked, self.badmerging_poison, seed=s
+            ) - self.world.finetune(self.attacked, seed=s)
         attacks = (
             self._location_attacks(seeds) if family == "BadNets locations" else self._seed_attacks(seeds)
         )
-        return [attack_bv(self.world, a) for a in attacks]
+        return attack_bv(self.world, attacks[member])
 
     def family_trigger(self, family: str):
         """(trigger, target) an attack of `family` is judged with."""

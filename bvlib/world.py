@@ -419,11 +419,19 @@ class World:
         return self._judged(evaluate, name, weights, trigger, target, split)
 
     def trigger_scores(
-        self, name: str, weights: Weights | None, trigger: PatchTrigger, target: int, split: str = "test"
+        self,
+        name: str,
+        weights: Weights | None,
+        trigger: PatchTrigger,
+        target: int,
+        split: str = "test",
+        images: int | None = None,
     ) -> dict[str, float]:
         """`bvlib.evaluation.trigger_scores` (ASR and the target's mean probability, one triggered
-        pass, no clean one) of encoder `weights` (θ0 if None) on task `name`, stored as `evaluate`."""
-        return self._judged(trigger_scores, name, weights, trigger, target, split, score="asr+target_prob")
+        pass, no clean one) of encoder `weights` (θ0 if None) on task `name`, stored as `evaluate`;
+        on the split's first `images` images only if given (a cheap screen: the splits are shuffled)."""
+        fields = {"score": "asr+target_prob"} | ({} if images is None else {"images": int(images)})
+        return self._judged(trigger_scores, name, weights, trigger, target, split, **fields)
 
     def _judged(
         self,
@@ -453,7 +461,7 @@ class World:
                 None,
                 judge(
                     self.classifier(name, weights),
-                    getattr(self.task(name), split),
+                    data.head(getattr(self.task(name), split), key_fields.get("images")),
                     trigger,
                     target,
                     device=self.device,

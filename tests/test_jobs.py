@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from bvlib.jobs import Job, run_jobs, world_jobs
+from bvlib.jobs import Job, run_jobs, scene_jobs, world_jobs
 from bvlib.store import Store
 from bvlib.world import World
 
@@ -102,3 +102,31 @@ def test_a_killed_run_resumes_without_rebuilding(smoke_world, tmp_path):
     assert all(p.stat().st_mtime_ns == m for p, m in stored.items())  # nothing stored was rebuilt
     assert not list(root.rglob("*.tmp")) and not (root / "damaged").exists()  # no half-written entry
     assert len(_finetunes(root)) == 6  # every entry loads, verified against its sha256
+
+
+def test_the_fine_tunes_chapters_share_are_jobs_the_scene_then_only_loads(smoke_world, tmp_path):
+    """`make book` builds every member of chapter 03's attack families with its workers before the
+    chapters start; the scene then finds each in the store (same keys) and builds nothing."""
+    from bvlib.book import project_root, shared_jobs
+    from bvlib.scenes import AttackedScene
+
+    world = _world_with_base(smoke_world, tmp_path)
+    jobs = scene_jobs(world, ["fashion"], ["BadNets", "BadNets locations"], seeds=(0, 1))
+    assert [j.label for j in jobs] == [
+        "fashion BadNets 1/2",
+        "fashion BadNets 2/2",
+        "fashion BadNets locations 1/2",
+        "fashion BadNets locations 2/2",
+    ]
+    report = run_jobs(world, jobs, workers=2, progress=False)
+    assert not report["failed"] and len(report["built"]) == len(jobs)
+    built = _finetunes(tmp_path)
+    scene = AttackedScene(world, "fashion")
+    scene.family_bvs("BadNets", (0, 1)), scene.family_bvs("BadNets locations", (0, 1))
+    assert _finetunes(tmp_path).keys() == built.keys()  # nothing new
+    # clean seed 0 of each task (the scene's), clean seed 1, BadNets seeds 0 and 1, one more corner
+    assert len(built) == len(world.task_names) + 1 + 2 + 1
+    cpu = World("cpu", progress=False)  # lazy: nothing is built to list its jobs
+    shared = shared_jobs(cpu, project_root())
+    assert {j.task for j in shared} == {"mnist", "fashion", "letters"} and len(shared) == 3 * 3 * 3
+    assert shared[0].family == "BadMerging"  # the longest first

@@ -29,7 +29,7 @@ def scanned(smoke_world):
     }
 
 
-SMOKE_THRESHOLD = 3.93  # the smoke world's own 5%-FPR threshold (its chapter 07 baseline, 9 models)
+SMOKE_THRESHOLD = 3.86  # the smoke world's own 5%-FPR threshold (its chapter 07 baseline, 9 models)
 
 
 def test_a_badnets_model_is_flagged_with_its_target_and_a_clean_one_is_not(scanned):
@@ -122,3 +122,25 @@ def test_bad_inputs_get_one_line(smoke_world, tmp_path, capsys):
         "error:",
     )
     _one_line_error(capsys, ["scan", "--preset", "smoke", "--task", TASK], "--checkpoint")
+
+
+def test_screening_scores_the_first_val_images_and_the_refined_patch_the_whole_split(smoke_world):
+    """`screen_images` makes a search cheap: screened placements are scored on the head of val (the
+    splits are shuffled), the refined patch on all of it, each stored under its own key."""
+    from bvlib import data
+    from bvlib.defenses.tbar import search_patches
+    from bvlib.evaluation import trigger_scores
+
+    w, n = smoke_world, 40
+    val = w.task(TASK).val
+    assert len(data.head(val, n)) == n and torch.equal(data.head(val, n).labels, val.labels[:n])
+    assert data.head(val, 10**6) is val
+    found = search_patches(
+        w, None, TASK, targets=[1], steps=4, screen_steps=1, batch_size=16, screen_images=n
+    )
+    trig = found[1]["trigger"]
+    whole = w.trigger_scores(TASK, None, trig, 1, split="val")
+    head = w.trigger_scores(TASK, None, trig, 1, split="val", images=n)
+    assert found[1]["asr"] == whole["asr"]
+    assert head == trigger_scores(w.classifier(TASK), data.head(val, n), trig, 1)
+    assert head["target_prob"] != whole["target_prob"]  # another sample of images, another mean

@@ -29,7 +29,16 @@ from bvlib.data.mini.corpus import CorpusMix, pretraining_corpus
 from bvlib.data.mini.generated import font_split
 from bvlib.data.mini.registry import load_task
 from bvlib.data.paper import load_folder_task, load_paper_task, write_image_folder
-from bvlib.data.tasks import DATA_VERSION, MINI_TASKS, PAPER_TASKS, Split, SplitLike, Task, iterate_batches
+from bvlib.data.tasks import (
+    DATA_VERSION,
+    MINI_TASKS,
+    PAPER_TASKS,
+    Split,
+    SplitLike,
+    Task,
+    head,
+    iterate_batches,
+)
 
 __all__ = [
     "DATA_VERSION",
@@ -41,6 +50,7 @@ __all__ = [
     "Task",
     "cache_dir",
     "font_split",
+    "head",
     "iterate_batches",
     "load_folder_task",
     "load_paper_task",

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from bvlib.errors import BVLibError
 
@@ -49,6 +49,17 @@ class Split:
 
 SplitLike = Split | Dataset
 """A split is in memory (mini world) or a Dataset of (uint8 CHW tensor, int) (paper scale)."""
+
+
+def head(split: SplitLike, n: int | None) -> SplitLike:
+    """The first `n` examples of a split (all of it if `n` is None or not smaller)."""
+    if n is None or n >= len(split):
+        return split
+    if n < 1:
+        raise BVLibError(f"need at least one image, got {n}")
+    if isinstance(split, Split):
+        return Split(split.images[:n], split.labels[:n])
+    return Subset(split, range(n))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from bvlib.weights import Weights
 
 MAD_SCALE = 1.4826  # MAD of a normal sample → its standard deviation (as Neural Cleanse uses it)
 MAD_FLOOR = 0.02  # 2 ASR points: the spread below which classes count as equal (no division by ~0)
-SEARCH = {"steps": 10, "screen_steps": 3, "batch_size": 32}  # 10 placements screened, the best refined
+SEARCH = {"steps": 10, "screen_steps": 3, "batch_size": 32, "screen_images": 128}  # 10 screened, 1 refined
 SCAN_CALIBRATION = {  # measured by chapter 07 on the cpu preset; `bvlib scan` prints these
     "threshold": 2.06,
     "measured": "chapter 07 of the cpu book: 24 models (10 clean), AUC 0.96 [0.85, 1.00], "
@@ -58,6 +58,7 @@ def scan(
     steps: int = SEARCH["steps"],
     screen_steps: int | None = SEARCH["screen_steps"],
     batch_size: int = SEARCH["batch_size"],
+    screen_images: int | None = SEARCH["screen_images"],
     seed: int = 0,
 ) -> dict:
     """Scan encoder `weights` fine-tuned on `task` of `world` for a patch backdoor.
@@ -71,7 +72,13 @@ def scan(
     task = world.check_task(task)
     weights = _check_weights(world, weights, "the scanned weights")
     threshold = SCAN_CALIBRATION["threshold"] if threshold is None else float(threshold)
-    search = {"steps": steps, "screen_steps": screen_steps, "batch_size": batch_size, "seed": seed}
+    search = {
+        "steps": steps,
+        "screen_steps": screen_steps,
+        "batch_size": batch_size,
+        "screen_images": screen_images,
+        "seed": seed,
+    }
     found = search_patches(world, weights, task, **search)
     on_base = search_patches(world, None, task, **search)  # the same search on θ0 (cached per task)
     names = world.task(task).classnames

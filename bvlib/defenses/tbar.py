@@ -62,6 +62,7 @@ def search_patches(
     steps: int = 100,
     screen_steps: int | None = None,
     batch_size: int = 128,
+    screen_images: int | None = None,
     seed: int = 0,
 ) -> dict[int, dict]:
     """The best patch for each candidate target class of a model, told neither where it sits nor its size.
@@ -72,8 +73,10 @@ def search_patches(
     and the centre, `SEARCH_LOCATIONS`) × each `size` (default: `search_sizes`, the preset's patch
     size and half of it), `screen_steps` steps each (default steps // 5); the placement whose patch
     reaches the highest val ASR is then optimised for `steps`. A single `size` and `location` make a
-    told search (the oracle). `batch_size` images per optimisation step. Returns {class: {"trigger",
-    "asr", "target_prob"}} (val split).
+    told search (the oracle). `batch_size` images per optimisation step. `screen_images` (default:
+    all) scores the screened patches on the first images of val only: most of a search is those
+    scores, not the optimisation. Returns {class: {"trigger", "asr", "target_prob"}}, the refined
+    patch scored on the whole val split.
     """
     world.check_task(task)
     locations = list(
@@ -101,17 +104,19 @@ def search_patches(
         raise BVLibError("need at least one candidate target class")
     model = "base" if weights is None else weights
 
-    def scored(t: int, loc: str, s: int, n: int):
+    def scored(t: int, loc: str, s: int, n: int, images: int | None = None):
         trig = inherent_trigger(
             world, task, t, size=s, location=loc, model=model, steps=n, batch_size=batch_size, seed=seed
         )
-        r = world.trigger_scores(task, weights, trig, t, split="val")
+        r = world.trigger_scores(task, weights, trig, t, split="val", images=images)
         return (r["asr"], r["target_prob"]), trig
 
+    screened = screen_images if screen < steps else None
     found = {}
     for t in tqdm(targets, desc=f"reverse-engineer {task}", leave=False, disable=not world.progress):
         (score, trig), (loc, s) = max(
-            ((scored(t, loc, s, screen), (loc, s)) for loc, s in placements), key=lambda x: x[0][0]
+            ((scored(t, loc, s, screen, screened), (loc, s)) for loc, s in placements),
+            key=lambda x: x[0][0],
         )
         if screen < steps:
             score, trig = scored(t, loc, s, steps)
