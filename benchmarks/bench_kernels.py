@@ -108,9 +108,7 @@ def main():
         with fused:
             rows[name].append(timed(new_passes[name], args.repeats))
     names, reference, plain = world.task_names, default_encoder(world), world.classifier
-    total = sum(
-        ((world.finetune(t) - world.base_weights).flat for t in names), torch.zeros(world.layout.numel)
-    )
+    vectors = torch.stack([(world.finetune(t) - world.base_weights).flat for t in names])
     dam_args = dict(
         lam=0.2,
         steps=3,
@@ -120,12 +118,14 @@ def main():
         batch_size=16,
         adv_lr=1e-3,
         adv_weight=0.1,
+        adapt_lam=True,
+        final="expectation",
         seed=0,
         progress=False,
     )
 
     def dam_step():
-        _run_dam(world, names, total, **dam_args)
+        _run_dam(world, names, vectors, **dam_args)
 
     def with_default(task, weights=None):  # DAM builds its classifier itself
         clf = plain(task, weights)
