@@ -366,10 +366,13 @@ FOLD_LINES = 12  # code cells longer than this are folded behind a "show code" t
 
 def _tidy(path: Path, intro: bool = False) -> None:
     """What a reader sees: the parameter cells (and papermill's injected one) folded, or removed on
-    the intro (prose only); set-up and other long code cells folded, unless tagged "show-input"."""
+    the intro (prose only); set-up and other long code cells folded, unless tagged "show-input".
+    Papermill's record of where the run was read and written (paths of the building machine) goes."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
+    for key in ("input_path", "output_path"):
+        nb.metadata.get("papermill", {}).pop(key, None)
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
