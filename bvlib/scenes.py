@@ -99,15 +99,17 @@ class AttackedScene:
 
     def family_bvs(self, family: str = "BadNets", seeds: Sequence[int] = (0, 1, 2)) -> list[Weights]:
         """The BVs θ_attacker − θ_clean of a family's members (both fine-tunes with the member's seed)."""
+        if not seeds:
+            raise BVLibError("need at least one seed")
         return [self.member_bv(family, seeds, i) for i in range(len(seeds))]
 
     def member_bv(self, family: str, seeds: Sequence[int], member: int) -> Weights:
         """The BV of member `member` of `family_bvs(family, seeds)` alone (one job of `bvlib.jobs`)."""
+        if not 0 <= member < len(seeds):
+            raise BVLibError(f"member {member} is out of range for {len(seeds)} seeds")
         if self._check_family(family) == "BadMerging":
             from bvlib.attacks.badmerging import badmerging_finetune
 
-            if not seeds:
-                raise BVLibError("need at least one seed")
             s = seeds[member]
             return badmerging_finetune(
                 self.world, self.attacked, self.badmerging_poison, seed=s

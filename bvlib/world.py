@@ -430,8 +430,9 @@ class World:
         """`bvlib.evaluation.trigger_scores` (ASR and the target's mean probability, one triggered
         pass, no clean one) of encoder `weights` (θ0 if None) on task `name`, stored as `evaluate`;
         on the split's first `images` images only if given (a cheap screen: the splits are shuffled)."""
-        fields = {"score": "asr+target_prob"} | ({} if images is None else {"images": int(images)})
-        return self._judged(trigger_scores, name, weights, trigger, target, split, **fields)
+        return self._judged(
+            trigger_scores, name, weights, trigger, target, split, images, score="asr+target_prob"
+        )
 
     def _judged(
         self,
@@ -441,11 +442,15 @@ class World:
         trigger: PatchTrigger | None,
         target: int | None,
         split: str,
+        images: int | None = None,
         **key_fields,
     ) -> dict[str, float]:
-        """`judge(classifier, split, trigger, target, device=...)` of encoder `weights` on task `name`,
-        from the store (kind "evaluation") under the weights' digest, or judged and stored."""
+        """`judge(classifier, split, trigger, target, device=...)` of encoder `weights` on task `name`
+        (on the split's first `images` images if given), from the store (kind "evaluation") under the
+        weights' digest, or judged and stored."""
         self.check_task(name)
+        if images is not None:  # keyed only when given: whole-split entries keep their keys
+            key_fields["images"] = int(images)
         key = self.artifact_config(
             name,
             split=split,
@@ -461,7 +466,7 @@ class World:
                 None,
                 judge(
                     self.classifier(name, weights),
-                    data.head(getattr(self.task(name), split), key_fields.get("images")),
+                    data.head(getattr(self.task(name), split), images),
                     trigger,
                     target,
                     device=self.device,
