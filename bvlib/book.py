@@ -428,8 +428,8 @@ LONGEST_FIRST = (
     "07_scan",
     "02_similarity_transfer",
     "03_merging_resilience",
-    "04_inherent_triggers",
     "06_own_models",
+    "04_inherent_triggers",
     "01_backdoor_vectors",
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bvlib.data import iterate_batches
+from bvlib.data import iterate_batches, outside
 from bvlib.errors import BVLibError
 from bvlib.triggers import PatchTrigger
 
@@ -53,8 +53,11 @@ def trigger_scores(
 ) -> dict[str, float]:
     """{"asr": ASR of `trigger` for `target`, "target_prob": the mean probability of `target` on the
     triggered images not labelled `target`}, from one pass over the triggered split."""
+    kept = outside(split, target)
+    if len(kept) == 0:
+        raise BVLibError(f"no images outside target class {target}: ASR is undefined")
     preds, probs, labels = [], [], []
-    for logits, y in _logits(classifier, split, trigger, batch_size, device):
+    for logits, y in _logits(classifier, kept, trigger, batch_size, device):
         preds.append(logits.argmax(dim=1).cpu())
         probs.append(logits.softmax(-1)[:, target].cpu())
         labels.append(y)
@@ -95,6 +98,8 @@ def evaluate(
             raise BVLibError("ASR needs the target class as well as the trigger")
         if not (labels != target).any():  # before the second pass
             raise BVLibError(f"no test images outside target class {target}: ASR is undefined")
-        tpreds, _ = predict(classifier, split, trigger=trigger, batch_size=batch_size, device=device)
-        result["asr"] = attack_success_rate(tpreds, labels, target)
+        tpreds, tlabels = predict(
+            classifier, outside(split, target), trigger=trigger, batch_size=batch_size, device=device
+        )
+        result["asr"] = attack_success_rate(tpreds, tlabels, target)
     return result

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bvlib.errors import BVLibError
+from bvlib.triggers import digest
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Weights:
     the difference is only what was subtracted from what.
     """
 
-    __slots__ = ("flat", "layout")
+    __slots__ = ("flat", "layout", "_digest")
 
     def __init__(self, flat: torch.Tensor, layout: Layout):
         if flat.dim() != 1 or flat.numel() != layout.numel:
@@ -108,6 +109,16 @@ class Weights:
         Layout.of({n: state[n] for n in layout.names}).check_same(layout, "checkpoint and model")
         flat = torch.cat([state[n].detach().reshape(-1).float() for n in layout.names])
         return cls(flat, layout)
+
+    def digest(self) -> str:
+        """sha256 of the values as float32 (`bvlib.triggers.digest`): their identity in store keys.
+        Remembered until the values change (torch counts in-place writes), as every judgement and
+        trigger search of the same weights asks for it again."""
+        mark = (self.flat.data_ptr(), self.flat._version, self.flat.device)
+        known = getattr(self, "_digest", None)
+        if known is None or known[0] != mark:
+            known = self._digest = (mark, digest(self.flat))
+        return known[1]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Views into the flat tensor, one per parameter (no copy). One split, not a slice per

@@ -32,6 +32,7 @@ target = 0  # target class
 sizes = []  # patch sides in px, empty for the preset's trigger size (the headline) and then 8 px
 location = "bottom_right"
 steps = 200  # optimisation steps of each trigger
+batch_size = 64  # val images per optimisation step (128 moved the ASR on θ0 by under a point)
 merge_lam = 0.0  # task arithmetic coefficient of the clean merge, 0 for the validated one (chapter 00)
 
 # %%
@@ -65,7 +66,9 @@ examples = {}
 for task in names:
     models = {"θ0 (base)": None, "clean fine-tune": clean[task], f"clean merge (TA, λ={merge_lam})": merged}
     for size in sizes:
-        optimised = inherent_trigger(world, task, target, size=size, location=location, steps=steps)
+        optimised = inherent_trigger(
+            world, task, target, size=size, location=location, steps=steps, batch_size=batch_size
+        )
         random = PatchTrigger(size=size, location=location, pattern="noise", seed=1)
         examples[(task, size)] = optimised
         for r in trigger_asr_table(

@@ -41,7 +41,7 @@ attacked_task = ""  # the task whose downloaded model is backdoored, empty for t
 defender_task = ""  # the task on which the defender makes its own BV, empty for the last task
 method = "ties"  # merging method of `bvlib merge`
 tbar_trigger_steps = 100  # TBAR: optimisation steps of each reverse-engineered trigger (one per class)
-dam_steps = 200  # DAM: steps of its mask
+dam_steps = 100  # DAM: steps of its mask
 
 # %%
 import warnings

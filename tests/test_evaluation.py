@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from bvlib import BVLibError
 from bvlib.data import Split
-from bvlib.evaluation import evaluate
+from bvlib.evaluation import evaluate, trigger_scores
 from bvlib.triggers import PatchTrigger
 
 
@@ -44,6 +45,29 @@ def test_asr_excludes_target_class_images():
     assert r["acc"] == pytest.approx(0.3) and r["asr"] == 1.0
     # the trigger flips to class 0, but the target is 2: no success, although 2 of 10 images are "hit"
     assert evaluate(Constant(1, triggered=0), split(), PatchTrigger(size=2), target=2)["asr"] == 0.0
+
+
+class Counting(Constant):
+    """A Constant that remembers how many images it was shown, with or without the trigger."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(len(x))
+        return super().forward(x)
+
+
+def test_the_triggered_pass_shows_the_model_the_non_target_images_only():
+    model, trig = Counting(1, 2), PatchTrigger(size=2)
+    r = evaluate(model, split(), trig, target=2)
+    assert sum(model.seen) == 10 + 5 and r["asr"] == 1.0  # the clean pass, then the 5 non-target images
+    model.seen.clear()
+    assert trigger_scores(model, split(), trig, target=0)["asr"] == 0.0 and sum(model.seen) == 8
+    target_only = Split(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), torch.tensor([1, 1, 1]))
+    with pytest.raises(BVLibError, match="outside target class 1"):
+        trigger_scores(model, target_only, trig, target=1)
 
 
 def test_the_cpu_eval_batch_gives_the_predictions_of_one_big_batch(smoke_world):

@@ -84,3 +84,16 @@ def test_from_state_dict_checks_and_nan_detection():
     bad.flat[3] = float("nan")
     with pytest.raises(BVLibError, match="NaN"):
         bad.check_finite()
+
+
+def test_digest_is_remembered_until_the_values_change():
+    from bvlib.triggers import digest
+
+    w = Weights.from_module(tiny())
+    first = w.digest()
+    assert first == digest(w.flat) == w.digest()
+    w.state_dict()["0.weight"].add_(1.0)  # an in-place write through a view
+    assert w.digest() == digest(w.flat) != first
+    w.flat = w.flat.clone()
+    w.flat[0] = 5.0
+    assert w.digest() == digest(w.flat)

@@ -50,6 +50,25 @@ def test_clean_plus_bv_is_the_backdoored_model(smoke_world):
     assert torch.allclose(model(x), ref(x), atol=1e-4)
 
 
+def test_frozen_classifier_is_a_fresh_one_reused(smoke_world):
+    """The one encoder judgements and trigger searches share gives a fresh classifier's logits bit for
+    bit, whatever task and weights the call before it took."""
+    first, last = smoke_world.task_names[0], smoke_world.task_names[-1]
+    tuned = smoke_world.finetune(first)
+    x = smoke_world.task(first).test.images[:32].float() / 255
+    with torch.no_grad():
+        expected = smoke_world.classifier(first, tuned)(x)
+        base = smoke_world.classifier(last)(x)
+        smoke_world.classifier(last, smoke_world.finetune(last), frozen=True)(x)
+        shared = smoke_world.classifier(first, tuned, frozen=True)
+        assert torch.equal(shared(x), expected)
+        again = smoke_world.classifier(last, frozen=True)  # θ0 again, the other task's head
+    assert again is shared and not any(p.requires_grad for p in again.parameters())
+    with torch.no_grad():
+        assert torch.equal(again(x), base)
+    assert smoke_world.classifier(first, tuned) is not smoke_world.classifier(first, tuned)
+
+
 def test_finetunes_are_cached_and_deterministic(tmp_path, smoke_world):
     name = smoke_world.task_names[-1]
     first, fresh = (

@@ -25,7 +25,6 @@ from bvlib.triggers import (
     PatchTrigger,
     Trigger,
     check_location,
-    digest,
     optimized_trigger,
     paste_patch,
     patch_position,
@@ -111,7 +110,7 @@ def _model_key(model: str | Weights) -> tuple[str, Weights | None]:
             raise BVLibError(f"model must be 'base' (θ0) or encoder Weights, got '{model}'")
         return "base", None
     if isinstance(model, Weights):
-        return f"sha256:{digest(model.flat)}", model
+        return f"sha256:{model.digest()}", model
     raise BVLibError(f"model must be 'base' (θ0) or encoder Weights, got {type(model).__name__}")
 
 
@@ -154,7 +153,7 @@ def inherent_trigger(
 
     def build():
         trig = optimize_trigger(
-            world.classifier(task, weights),
+            world.classifier(task, weights, frozen=True),
             world.task(task).val,
             target,
             size=size,

@@ -38,6 +38,7 @@ from bvlib.data.tasks import (
     Task,
     head,
     iterate_batches,
+    outside,
 )
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "cache_dir",
     "font_split",
     "head",
+    "outside",
     "iterate_batches",
     "load_folder_task",
     "load_paper_task",

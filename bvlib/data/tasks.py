@@ -62,6 +62,15 @@ def head(split: SplitLike, n: int | None) -> SplitLike:
     return Subset(split, range(n))
 
 
+def outside(split: SplitLike, target: int) -> SplitLike:
+    """The examples of an in-memory split not labelled `target`, the only ones an attack success rate
+    counts: a triggered pass skips the others (a Dataset is returned whole, its labels unread)."""
+    if not isinstance(split, Split):
+        return split
+    keep = split.labels != target
+    return split if bool(keep.all()) else Split(split.images[keep], split.labels[keep])
+
+
 @dataclass
 class Task:
     """A classification task: what a zero-shot head needs (class names, templates) and its splits."""

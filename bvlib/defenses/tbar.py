@@ -17,7 +17,7 @@ from bvlib.errors import BVLibError
 from bvlib.evaluation import eval_batch_size
 from bvlib.merging import _real
 from bvlib.training import _to_float, finetune
-from bvlib.triggers import Trigger, check_location, digest
+from bvlib.triggers import Trigger, check_location
 from bvlib.weights import Layout, Weights, apply_vector
 
 TBAR_VERSION = 1  # bump to invalidate stored TBAR trigger-task fine-tunes after a change in how they are made
@@ -167,7 +167,7 @@ def trigger_task_model(
         task,
         tbar_version=TBAR_VERSION,
         split="val",
-        weights=f"sha256:{digest(weights.flat)}",
+        weights=f"sha256:{weights.digest()}",
         trigger=trigger.config(),
         target=target,
         clean_share=clean_share,
@@ -210,6 +210,9 @@ def tbar(
     trigger_size: int | None = None,
     trigger_location: str | None = None,
     trigger_steps: int = 100,
+    screen_steps: int = 3,
+    screen_images: int | None = 128,
+    search_batch_size: int = 32,
     auto_asr: float = 0.1,
 ) -> tuple[Weights, dict]:
     """TBAR: unlearn a backdoor by negating the estimated trigger task vector, θ − α·τ_trigger.
@@ -224,7 +227,11 @@ def tbar(
     is reverse-engineered for each class (or for `target` only) by `suspect_target`, searched over the
     four corners, the centre and two sizes (`trigger_size` / `trigger_location` restrict the search to
     one: a defender told where the trigger is), the best one is the suspected attack, and TBAR
-    proceeds with it.
+    proceeds with it. Each placement is screened with `screen_steps` steps and scored on the first
+    `screen_images` val images (None: all), the best one optimised for `trigger_steps`, each step
+    on `search_batch_size` images (measured on three merges of the cpu world against screens of
+    `trigger_steps` // 5 steps scored on all of val and batches of 128: the same suspected class
+    and placement, its val ASR 1-2 points lower, in a quarter of the time).
 
     alpha="auto" picks the smallest α of `ALPHA_GRID` whose cleaned model has a val ASR (of the
     trigger used, known or reverse-engineered) at most `auto_asr`, else the α with the lowest val
@@ -257,6 +264,9 @@ def tbar(
             size=trigger_size,
             location=trigger_location,
             steps=_pos_int("trigger_steps", trigger_steps),
+            screen_steps=screen_steps,
+            screen_images=screen_images,
+            batch_size=search_batch_size,
             seed=seed,
         )
     else:
@@ -266,7 +276,7 @@ def tbar(
         trigger.check_fits(side, side)
         if target is None:
             target = _most_predicted(
-                world.classifier(task, weights), world.task(task).val, trigger, world.device
+                world.classifier(task, weights, frozen=True), world.task(task).val, trigger, world.device
             )
             info["target_from"] = "most predicted class on triggered val images"
     tau = (
