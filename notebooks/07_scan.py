@@ -16,7 +16,7 @@
 # A practitioner about to merge fine-tunes downloaded from a hub asks one question first: is any of
 # them backdoored? `bvlib scan` answers it for one file. For every class of the task it searches the
 # best patch (TBAR's unknown-trigger search: the four corners and the centre, two sizes, nothing told;
-# each placement screened with 2 steps and scored on the first 64 validation images, the best one
+# each placement screened with 2 steps and scored on the first 128 validation images, the best one
 # refined) and measures its attack success rate on all the task's validation images. A patch that
 # fools the model is only evidence where it does more than the **base** allows: this paper's point is
 # that strong attacks lean on triggers the pretrained model θ0 already has (chapter 04). So the same
@@ -37,7 +37,7 @@ preset = "cpu"  # cpu (default), smoke (tests), gpu
 scan_tasks = []  # tasks whose fine-tunes are scanned, empty for every task with 3 to 10 classes
 seeded_tasks = ["mnist", "fashion"]  # tasks whose clean and BadNets seeds 1 and 2 are scanned too
 attacked_extra = ["BadMerging", "SBV"]  # attacks on the seeded tasks beside BadNets
-steps = 10  # search steps of the best placement of each class (each screened with 2 on 64 val images)
+steps = 10  # search steps of the best placement of each class (each screened with 2 on 128 val images)
 fpr = 0.05  # the false-positive rate detection is read at
 
 # %%
