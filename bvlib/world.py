@@ -178,10 +178,9 @@ class World:
             "model": p.model,
             "pretrained": p.pretrained,
         }
-        if (
-            self.is_paper and Path(p.pretrained).expanduser().is_file()
-        ):  # the bytes, not the path, make the base
-            cfg["pretrained_sha256"] = file_sha256(Path(p.pretrained).expanduser())
+        if self.is_paper and Path(p.pretrained).expanduser().is_file():
+            # the bytes, not the path, make the base: a moved checkout or copied store keeps its keys
+            cfg["pretrained"] = f"sha256:{file_sha256(Path(p.pretrained).expanduser())}"
         if self.shipped_base:
             cfg |= {"checkpoint_sha256": self.shipped_base.sha256, "image_size": p.data.image_size}
         elif (

@@ -1,7 +1,10 @@
 """End to end on the smoke preset: pretraining, heads, (poisoned) fine-tuning, the store, the card."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from bvlib import BVLibError, Weights, backdoor_vector
 from bvlib.store import Store
@@ -307,3 +310,28 @@ def test_a_base_pretrained_here_is_keyed_by_its_architectures_config(monkeypatch
     monkeypatch.setattr(open_clip, "get_model_config", edited)
     assert World("smoke", progress=False).base_key != keys["smoke"]
     assert World("cpu", progress=False).base_key == keys["cpu"]
+
+
+def test_a_base_from_a_file_is_keyed_by_its_bytes_not_its_path(smoke_world, tmp_path):
+    """A moved checkout or a copied store finds what it stored: two copies of one base file make
+    the same keys; a base with other bytes makes others."""
+    import shutil
+
+    first = tmp_path / "a" / "base.safetensors"
+    smoke_world.export_base(first)
+    second = tmp_path / "b" / "renamed.safetensors"
+    second.parent.mkdir()
+    shutil.copy(first, second)
+    model = smoke_world.preset.model
+
+    def keys(base):
+        world = World.from_files(base, model, {"digits": tmp_path}, preset="smoke", progress=False)
+        return world.base_key, json.dumps(world.base_config)
+
+    assert keys(first)[0] == keys(second)[0]
+    assert str(tmp_path) not in keys(first)[1]
+    other = tmp_path / "other.safetensors"
+    state = load_file(str(first))
+    state["logit_scale"] = state["logit_scale"] + 1
+    save_file(state, str(other))
+    assert keys(other)[0] != keys(first)[0]
