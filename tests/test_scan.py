@@ -29,7 +29,7 @@ def scanned(smoke_world):
     }
 
 
-SMOKE_THRESHOLD = 3.93  # the smoke world's own 5%-FPR threshold (its chapter 07 baseline, 9 models)
+SMOKE_THRESHOLD = 3.89  # the smoke world's own 5%-FPR threshold (its chapter 07 baseline, 9 models)
 
 
 def test_a_badnets_model_is_flagged_with_its_target_and_a_clean_one_is_not(scanned):
